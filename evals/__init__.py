@@ -1,0 +1,1 @@
+"""Metrics and lm-eval task definitions for vlmlab."""

@@ -1,0 +1,86 @@
+"""Stage cache: reuse a finished stage when its key (its config + the keys of its inputs) is unchanged.
+
+An entry records the stage's outputs and the sha256 of every file it wrote; an entry whose files are missing or
+changed is reported and recomputed, never used. Entries live in `<output dir>/.cache/`; Ray Train's storage
+for a training stage lives beside them under the same key, so an interrupted stage resumes from its last
+checkpoint when the same command is run again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from harness.manifest import sha256_file
+
+CACHE_VERSION = 1
+SKIP_DIRS = {"ray", "trainer"}  # Ray's own storage and TRL's scratch dir are not stage outputs
+
+
+def _select(tree: dict, dotted: str):
+    node = tree
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def stage_key(name: str, config_keys: tuple[str, ...], resolved: dict, upstream: list[str]) -> str:
+    """sha256 over the stage name, the config fields it reads, and its upstream stages' keys."""
+    payload = {"version": CACHE_VERSION, "stage": name,
+               "config": {k: _select(resolved, k) for k in config_keys}, "upstream": upstream}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _files(stage_dir: Path) -> list[Path]:
+    return sorted(p for p in stage_dir.rglob("*")
+                  if p.is_file() and not SKIP_DIRS.intersection(p.relative_to(stage_dir).parts[:1]))
+
+
+class StageCache:
+    def __init__(self, root: Path, warn=print):
+        self.root = root
+        self.warn = warn
+
+    def _entry_path(self, name: str, key: str) -> Path:
+        return self.root / f"{name}-{key[:24]}.json"
+
+    def ray_storage(self, name: str, key: str) -> tuple[Path, str]:
+        """(storage_path, run name) for Ray Train: stable per key, so restarts find the checkpoints."""
+        return self.root / "ray", f"{name}-{key[:16]}"
+
+    def clear_ray(self, name: str, key: str) -> None:
+        storage, run_name = self.ray_storage(name, key)
+        shutil.rmtree(storage / run_name, ignore_errors=True)
+
+    def lookup(self, name: str, key: str) -> dict | None:
+        """The verified entry, or None. A damaged entry is reported, deleted and treated as a miss."""
+        path = self._entry_path(name, key)
+        if not path.exists():
+            return None
+        try:
+            entry = json.loads(path.read_text())
+            problem = None if entry.get("key") == key else "key mismatch"
+        except (OSError, ValueError) as exc:
+            entry, problem = None, f"unreadable entry ({exc})"
+        for file, digest in (entry or {}).get("files", {}).items():
+            if problem:
+                break
+            if not Path(file).is_file():
+                problem = f"missing file {file}"
+            elif sha256_file(Path(file)) != digest:
+                problem = f"hash mismatch for {file}"
+        if problem:
+            self.warn(f"cache: entry for stage '{name}' is damaged ({problem}); recomputing")
+            path.unlink(missing_ok=True)
+            self.clear_ray(name, key)
+            return None
+        return entry
+
+    def store(self, name: str, key: str, stage_dir: Path, record: dict, outputs: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        entry = {"key": key, "stage": name, "stage_dir": str(stage_dir), "record": record, "outputs": outputs,
+                 "files": {str(p): sha256_file(p) for p in _files(stage_dir)}}
+        tmp = self._entry_path(name, key).with_suffix(".tmp")
+        tmp.write_text(json.dumps(entry, indent=1, default=str))
+        tmp.replace(self._entry_path(name, key))

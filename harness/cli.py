@@ -1,0 +1,265 @@
+"""`harness`: run pipelines, validate configs, print the environment."""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from harness.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="vlmlab: train and score small vision-language models, reproducibly.")
+console = Console()
+err = Console(stderr=True)
+
+CONFIG_HELP = "Preset name in configs/ (default: tiny) or a YAML file."
+
+
+def _fail(exc: UserError) -> None:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False)
+    raise typer.Exit(code=2)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _interruptible() -> None:
+    """SIGTERM (a scheduler's stop, `kill`) is handled like Ctrl-C."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _load(config, overrides):
+    from harness.config import load_config
+
+    return load_config(config, overrides)
+
+
+def _summary(result: dict) -> None:
+    table = Table(title=f"{result['pipeline']} · {result['run_id']}")
+    for col in ("stage", "wall s", "accel-h", "cost USD", "key metrics"):
+        table.add_column(col, justify="right" if col != "key metrics" else "left")
+    for s in result["stages"]:
+        keys = {k: v for k, v in s["metrics"].items() if k.count("/") == 1 and "prior" not in k}
+        shown = ", ".join(f"{k.split('/', 1)[1]}={v:.3g}" for k, v in list(keys.items())[:6])
+        name = f"{s['name']} (cached)" if "reused_from" in s else s["name"]
+        table.add_row(name, f"{s['wall_seconds']:.1f}", f"{s['accelerator_hours']:.5f}",
+                      f"{s['cost_usd']:.5f}", shown)
+    table.add_row("total", f"{result['wall_seconds']:.1f}", f"{result['accelerator_hours']:.5f}",
+                  f"{result['cost_usd']:.5f}", "", style="bold")
+    console.print(table)
+    m = result["metrics"]
+    for task in ("vqa_accuracy", "chartqa_relaxed_accuracy"):
+        if f"eval/{task}" in m:
+            console.print(f"{task}: [bold]{m[f'eval/{task}']:.3f}[/] (base {m.get(f'eval/base_{task}', float('nan')):.3f},"
+                          f" question-only prior {m.get(f'eval/prior_{task}', float('nan')):.3f})")
+    console.print(f"run directory: [bold]{result['run_dir']}[/]")
+
+
+@app.command()
+def run(
+    pipeline: str = typer.Argument("sft", help="Pipeline name from the config's `pipelines` (sft, dpo, grpo...)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. sft.max_steps=50"),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Where run directories go."),
+    force: bool = typer.Option(False, "--force", help="Recompute every stage (ignore the stage cache)."),
+):
+    """Run a pipeline end to end (default: `sft` on the embedded tiny preset)."""
+    from harness.pipeline import run_pipeline
+
+    _interruptible()
+    try:
+        cfg = _load(config, overrides or [])
+        cfg.stages_of(pipeline)
+        result = run_pipeline(cfg, pipeline, output_dir, console=console, force=force)
+    except UserError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted[/]: MLflow runs marked KILLED; finished stages are cached and training "
+                  "resumes from its last checkpoint: rerun the same command to resume.")
+        raise typer.Exit(code=130)
+    _summary(result)
+
+
+@app.command()
+def reproduce(
+    target: str = typer.Argument(..., help="A run directory or its result.json."),
+    tolerance: float = typer.Option(0.01, "--tolerance", help="Largest allowed |now - recorded| per metric."),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Where the rerun goes "
+                                             "(default: beside the recorded run)."),
+):
+    """Rerun a recorded run's config from scratch and compare its metrics; exit 1 if any differs."""
+    from harness.config import PipelineConfig
+    from harness.pipeline import run_pipeline
+    from harness.reproduce import compare_metrics, load_result, manifest_differences
+
+    try:
+        recorded, path = load_result(target)
+        cfg = PipelineConfig.model_validate(recorded["config"] | {"run_name": None})
+        now = run_pipeline(cfg, recorded["pipeline"], output_dir or str(path.parent.parent), console=console,
+                           force=True)
+    except UserError as exc:
+        _fail(exc)
+    for warning in manifest_differences(recorded["manifest"], now["manifest"]):
+        err.print(f"[yellow]warning:[/] manifest differs: {warning}", highlight=False)
+    rows = compare_metrics(recorded["metrics"], now["metrics"], tolerance)
+    table = Table(title=f"reproduce {recorded['run_id']} (tolerance {tolerance})")
+    for col in ("metric", "recorded", "now", "delta", ""):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for r in rows:
+        fmt = lambda v: "missing" if v is None else f"{v:.6g}"  # noqa: E731
+        table.add_row(r["metric"], fmt(r["recorded"]), fmt(r["now"]), fmt(r["delta"]),
+                      "[green]ok[/]" if r["ok"] else "[red]DIFFERS[/]")
+    console.print(table)
+    bad = [r["metric"] for r in rows if not r["ok"]]
+    if bad:
+        err.print(f"[bold red]not reproduced[/]: {', '.join(bad)}", highlight=False)
+        raise typer.Exit(code=1)
+    console.print(f"[green]reproduced[/]: {len(rows)} metrics within {tolerance} (rerun: {now['run_dir']})")
+
+
+@app.command()
+def sweep(
+    preset: Optional[str] = typer.Argument(None, help="dpo-beta | grades (or leave out and give --space)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides for every trial"),
+    space: Optional[list[str]] = typer.Option(None, "--space", "-s", help="key=sampler(args): loguniform, "
+                                              "uniform, randint, choice, grid. Repeatable."),
+    pipeline: str = typer.Option(None, "--pipeline", "-p", help="Pipeline each trial runs (presets set it)."),
+    trials: int = typer.Option(4, "--trials", "-n", min=1, help="Trials (grid: the number of grid points)."),
+    objective: str = typer.Option("eval/mean_accuracy", "--objective", help="An eval metric, or "
+                                  "gain_per_usd:<metric> (accuracy gained over the base model per dollar)."),
+    mode: str = typer.Option("max", "--mode", help="max | min"),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="asha: early-stop weak trials."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Where the sweep directory goes."),
+):
+    """Sweep hyperparameters with Ray Tune; every trial is scored by the eval stage."""
+    from harness.sweep import PRESETS, parse_space, run_sweep
+
+    try:
+        fixed = list(overrides or [])
+        if preset is not None and "=" in preset:  # no preset: the first word is already an override
+            fixed, preset = [preset, *fixed], None
+        if preset is not None:
+            if preset not in PRESETS:
+                raise UserError(f"unknown sweep preset '{preset}' (known: {', '.join(PRESETS)})")
+            preset_pipeline, preset_fixed, builder = PRESETS[preset]
+            fixed = preset_fixed + fixed
+            pipeline = pipeline or preset_pipeline
+            swept = builder(trials) | parse_space(space or [])
+        else:
+            if not space:
+                raise UserError("give a preset (dpo-beta, grades) or at least one --space")
+            swept = parse_space(space)
+        if mode not in ("max", "min"):
+            raise UserError(f"--mode must be max or min (got {mode!r})")
+        cfg = _load(config, fixed)
+        result = run_sweep(cfg, pipeline or "sft", [], swept, trials, objective, mode, output_dir, console, scheduler)
+    except UserError as exc:
+        _fail(exc)
+    table = Table(title=f"sweep {result['sweep_id']} · {objective}")
+    for col in ("#", *swept, objective, "cost USD", "status"):
+        table.add_column(col, justify="right")
+    for i, t in enumerate(result["trials"], 1):
+        obj = "" if t["objective"] is None else f"{t['objective']:.4g}"
+        table.add_row(str(i), *[f"{t['params'][k]:.4g}" if isinstance(t["params"][k], float) else str(t["params"][k])
+                                for k in swept], obj, f"{t['cost_usd']:.5f}",
+                      t["status"] if not t["error"] else f"ERROR: {t['error'][:60]}")
+    console.print(table)
+    if result["best"]:
+        console.print(f"best: {result['best']['params']} -> {objective} = {result['best']['objective']:.4g}")
+    console.print(f"sweep directory: [bold]{result['sweep_dir']}[/] (total cost {result['cost_usd']:.5f} USD)")
+
+
+@app.command()
+def leaderboard(
+    experiment: str = typer.Option("vlmlab", "--experiment", "-e", help="MLflow experiment to read."),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help="Only runs of this pipeline."),
+    metric: str = typer.Option("eval/mean_accuracy", "--metric", "-m", help="Accuracy metric to rank by."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table | markdown | csv | json"),
+    plot_path: Optional[str] = typer.Option(None, "--plot", help="Write a cost-vs-accuracy PNG here."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="Default: $MLFLOW_TRACKING_URI "
+                                               "or sqlite:///mlflow.db"),
+):
+    """Runs ranked by accuracy with their cost; marks the Pareto front (no run both cheaper and better)."""
+    from harness import leaderboard as lb
+    from harness.config import TrackingConfig
+
+    if fmt not in ("table", "markdown", "csv", "json"):
+        _fail(UserError(f"--format must be table, markdown, csv or json (got {fmt!r})"))
+    uri = TrackingConfig(uri=tracking_uri).resolved_uri()
+    try:
+        rows = lb.collect(uri, experiment, pipeline, metric)
+    except Exception as exc:  # an unreachable or foreign store
+        _fail(UserError(f"cannot read MLflow at {uri}: {exc}"))
+    if not rows:
+        console.print(f"No finished vlmlab runs with '{metric}' in experiment '{experiment}' at {uri}. "
+                      "Run `harness run sft` first.")
+        return
+    if fmt != "table":
+        print(lb.render(rows, fmt))
+    else:
+        table = Table(title=f"leaderboard · {experiment} · {metric}")
+        for col in ("", "run", "pipeline", "model", "accuracy", "accel-h", "USD", "USD/point", "util"):
+            table.add_column(col, justify="left" if col in ("run", "pipeline", "model") else "right")
+        for r in rows:
+            util = "" if r["utilization"] is None else f"{r['utilization']:.2f}"
+            table.add_row("★" if r["pareto"] else "", r["run"], r["pipeline"], r["model"], f"{r['accuracy']:.3f}",
+                          f"{r['accelerator_hours']:.4f}", f"{r['usd']:.5f}", f"{r['usd_per_point']:.2e}", util)
+        console.print(table)
+        console.print("★ Pareto front: no other run is both cheaper and more accurate.")
+    if plot_path:
+        fig = lb.plot(rows, plot_path, metric)
+        from harness.tracking import Tracker
+        tracker = Tracker(uri, experiment)
+        run_id = tracker.start("leaderboard", tags={"vlmlab.kind": "leaderboard"})
+        tracker.client.log_figure(run_id, fig, "leaderboard.png")
+        tracker.end(run_id)
+        err.print(f"plot written to {plot_path} (and logged to MLflow run 'leaderboard')")
+
+
+@app.command()
+def validate(
+    config: str = typer.Argument(..., help=CONFIG_HELP),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides"),
+):
+    """Check a config (and overrides) without running anything."""
+    from stages import STAGES
+
+    try:
+        cfg = _load(config, overrides or [])
+        for chain in cfg.pipelines.values():
+            for name in chain:
+                STAGES[name].check(cfg)
+    except UserError as exc:
+        _fail(exc)
+    console.print(f"[green]ok[/]: {config} (pipelines: {', '.join(cfg.pipelines)}; config sha256 {cfg.config_hash()[:12]})")
+
+
+@app.command()
+def env(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """Print package versions and hardware."""
+    from harness.manifest import hardware, package_versions
+
+    info = {"packages": package_versions(), "hardware": hardware()}
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    table = Table(show_header=False)
+    for section, values in info.items():
+        for key, value in values.items():
+            table.add_row(section, key, str(value))
+    console.print(table)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

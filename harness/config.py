@@ -1,0 +1,350 @@
+"""The validated configuration: one pydantic model per stage, grouped fields, `key=value` overrides.
+
+A config file is YAML (parsed safely); overrides are a torchtune-style dotlist (`sft.max_steps=50`).
+Unknown keys, wrong types and missing files fail here, before any work, with the offending key named.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from harness.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_PRESET = "tiny"
+
+# Public on-demand list prices, USD per device-hour (2026). CPU is priced per core-hour.
+DEFAULT_PRICES = {
+    "T4": 0.35, "L4": 0.80, "A10G": 1.01, "A100": 1.29, "H100": 2.49, "H200": 3.50, "CPU": 0.045,
+}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~"))
+
+
+class TaskDataConfig(Section):
+    """Where one task's data comes from: the synthetic generator, a local directory, or a hub dataset id."""
+    source: str = "synthetic"
+    format: Literal["auto", "parquet", "hf_disk", "vqa_official", "chartqa_json", "hub"] = "auto"
+    train_split: str = "train"
+    test_split: str = "test"
+    columns: dict[str, str] = Field(default_factory=dict, description="canonical name -> source column")
+    train_size: int | None = Field(None, ge=1)
+    test_size: int | None = Field(None, ge=1)
+
+    @field_validator("source")
+    @classmethod
+    def _source_exists(cls, v: str) -> str:
+        if _looks_like_path(v) and not Path(v).expanduser().exists():
+            raise ValueError(f"data directory not found: {v}")
+        return v
+
+
+class DataConfig(Section):
+    image_size: int = Field(64, ge=16, le=2048)
+    vqa: TaskDataConfig | None = Field(default_factory=lambda: TaskDataConfig(train_size=8000, test_size=300))
+    chartqa: TaskDataConfig | None = Field(default_factory=lambda: TaskDataConfig(train_size=8000, test_size=300))
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> DataConfig:
+        if self.vqa is None and self.chartqa is None:
+            raise ValueError("at least one of data.vqa / data.chartqa must be set")
+        return self
+
+
+class TinyModelConfig(Section):
+    """Sizes of the tiny Idefics3 model built offline (`model.source: tiny`)."""
+    vocab_size: int = Field(400, ge=64)
+    patch_size: int = Field(8, ge=1)
+    scale_factor: int = Field(2, ge=1)
+    vision_hidden: int = Field(128, ge=8)
+    vision_layers: int = Field(3, ge=1)
+    vision_heads: int = Field(4, ge=1)
+    text_hidden: int = Field(192, ge=8)
+    text_intermediate: int = Field(768, ge=8)
+    text_layers: int = Field(4, ge=1)
+    text_heads: int = Field(4, ge=1)
+
+
+class ModelConfig(Section):
+    """`source: tiny` builds the tiny model; anything else is a local checkpoint dir or a hub id."""
+    source: str = "tiny"
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    @field_validator("source")
+    @classmethod
+    def _source_exists(cls, v: str) -> str:
+        if _looks_like_path(v) and not Path(v).expanduser().exists():
+            raise ValueError(f"model directory not found: {v}")
+        return v
+
+
+class ResourcesConfig(Section):
+    """Ray Train scaling: one CPU/GPU worker on a laptop or a T4, N GPU workers on a cluster."""
+    workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(2, gt=0)
+    gpus_per_worker: float = Field(1, gt=0)
+
+
+class LoraConfig(Section):
+    enabled: bool = False
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+
+
+class GradESSettings(Section):
+    """GradES: freeze each weight matrix once its per-interval L1 change falls under tau (after alpha)."""
+    enabled: bool = False
+    vision_tau: float = Field(0.3, ge=0)
+    language_tau: float = Field(6.0, ge=0)
+    alpha: float = Field(0.28, ge=0, le=1, description="grace period, as a fraction of max_steps")
+    compute_interval: int = Field(20, ge=1)
+    max_frozen_ratio: float = Field(1.0, gt=0, le=1, description="stop training at this frozen fraction")
+    patterns: dict[Literal["vision", "language"], list[str]] | None = Field(
+        None, description="regexes over parameter names per group (default: Idefics3, LLaVA, Qwen2-VL names)")
+
+    @field_validator("patterns")
+    @classmethod
+    def _valid_regexes(cls, v):
+        import re
+        for group, pats in (v or {}).items():
+            for pat in pats:
+                try:
+                    re.compile(pat)
+                except re.error as exc:
+                    raise ValueError(f"{group} pattern {pat!r} is not a valid regex: {exc}") from None
+        return v
+
+
+class TrainStageConfig(Section):
+    """Fields every training stage (sft, dpo, grpo) shares."""
+    max_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(32, ge=1, description="per worker")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    lr_scheduler: str = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(250, ge=1)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    grades: GradESSettings = Field(default_factory=GradESSettings)
+
+
+class SFTConfig(TrainStageConfig):
+    pass
+
+
+class PreferenceDataConfig(Section):
+    """DPO pairs: built from the task data (`source: tasks`), or a preference dataset in the RLAIF-V layout
+    (question / chosen / rejected / image; `columns` remaps) from a local directory or the hub."""
+    source: str = "tasks"
+    format: Literal["auto", "parquet", "hf_disk", "hub"] = "auto"
+    split: str = "train"
+    columns: dict[str, str] = Field(default_factory=dict, description="canonical name -> source column")
+    size: int | None = Field(None, ge=1)
+    rejected: Literal["same_type", "on_policy"] = Field(
+        "same_type", description="same_type: another answer of the same question type; on_policy: the "
+        "checkpoint's own wrong generation where it has one")
+    chosen_style: Literal["short", "sentence"] = Field(
+        "short", description="sentence: 'The answer is X.' (NanoVLM-Lab style; eval extracts X)")
+
+    @field_validator("source")
+    @classmethod
+    def _source_exists(cls, v: str) -> str:
+        if _looks_like_path(v) and not Path(v).expanduser().exists():
+            raise ValueError(f"preference data directory not found: {v}")
+        return v
+
+
+class DPOConfig(TrainStageConfig):
+    max_steps: int = Field(150, ge=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(2e-5, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "apo_zero"] = "sigmoid"
+    preference: PreferenceDataConfig = Field(default_factory=PreferenceDataConfig)
+
+
+class GRPOConfig(TrainStageConfig):
+    max_steps: int = Field(100, ge=1)
+    batch_size: int = Field(16, ge=1, description="completions per step per worker")
+    learning_rate: float = Field(1e-5, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    logging_steps: int = Field(1, ge=1)
+    num_generations: int = Field(4, ge=2)
+    max_completion_length: int = Field(8, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    beta: float = Field(0.0, ge=0, description="KL coefficient")
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "dapo"
+    rewards: list[str] = Field(default_factory=lambda: ["accuracy"],
+                               description="built-in (accuracy, format), module:function or file.py:function")
+    reward_weights: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _shapes(self) -> GRPOConfig:
+        if (self.batch_size * self.gradient_accumulation_steps) % self.num_generations:
+            raise ValueError("batch_size x gradient_accumulation_steps must be a multiple of num_generations")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ValueError("reward_weights needs one weight per entry of rewards")
+        if not self.rewards:
+            raise ValueError("rewards: name at least one reward function")
+        return self
+
+
+class EvalConfig(Section):
+    batch_size: int = Field(64, ge=1)
+    max_new_tokens: int = Field(8, ge=1)
+    limit: int | None = Field(None, ge=1, description="score at most this many items per task")
+    score_base: bool = True
+
+
+class CostConfig(Section):
+    price_per_hour: float | None = Field(None, ge=0, description="override the detected device's price")
+    prices: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
+
+
+class TrackingConfig(Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    experiment: str = "vlmlab"
+
+    def resolved_uri(self) -> str:
+        """The tracking URI, with a relative SQLite path made absolute (Ray workers run elsewhere)."""
+        uri = self.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+        prefix = "sqlite:///"
+        if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+            uri = prefix + str(Path(uri[len(prefix):]).resolve())
+        return uri
+
+
+class PipelineConfig(Section):
+    """The whole run: which pipelines exist, and each stage's settings."""
+    seed: int = 0
+    output_dir: str = "runs"
+    run_name: str | None = None
+    pipelines: dict[str, list[str]] = Field(default_factory=lambda: {"sft": ["data", "model", "sft", "eval"]})
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    cost: CostConfig = Field(default_factory=CostConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("pipelines")
+    @classmethod
+    def _known_stages(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        from stages import STAGES
+        for name, chain in v.items():
+            if not chain:
+                raise ValueError(f"pipeline '{name}' has no stages")
+            for stage in chain:
+                if stage not in STAGES:
+                    raise ValueError(f"pipeline '{name}': unknown stage '{stage}' (known: {', '.join(STAGES)})")
+        return v
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_run_name(cls, v: str | None) -> str | None:
+        if v is not None and (not v or "/" in v or "\\" in v or v.startswith(".")):
+            raise ValueError("run_name must be a plain name (no '/', '\\' or leading '.')")
+        return v
+
+    def stages_of(self, pipeline: str) -> list[str]:
+        if pipeline not in self.pipelines:
+            raise ConfigError(f"unknown pipeline '{pipeline}' (this config defines: {', '.join(self.pipelines)})")
+        return self.pipelines[pipeline]
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def resolve_config_path(config: str | None) -> Path:
+    """A preset name (`tiny`) or a file path; None means the default preset."""
+    name = config or DEFAULT_PRESET
+    path = Path(name)
+    if not path.suffix and not path.exists():
+        path = CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {name}")
+    return path
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`a.b=1 c=x` -> nested dict; values parsed as YAML scalars/lists (safe_load)."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with an earlier override")
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({exc})") from None
+    return tree
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format_errors(exc: ValidationError, origin: str) -> str:
+    lines = [f"invalid config ({origin}):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in err and not isinstance(err["input"], dict):
+            msg += f" (got {err['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(config: str | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a preset or YAML file, apply `key=value` overrides and validate. Raises ConfigError."""
+    path = resolve_config_path(config)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    merged = _merge(raw, parse_overrides(overrides or []))
+    try:
+        return PipelineConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, str(path))) from None

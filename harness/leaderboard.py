@@ -1,0 +1,102 @@
+"""Leaderboards of cost vs accuracy, read from MLflow: one row per finished pipeline run."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+
+DEFAULT_METRIC = "eval/mean_accuracy"
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
+    """For (cost, accuracy) points: True where no other point is both no more costly and no less accurate,
+    and strictly better in one of the two."""
+    flags = []
+    for i, (c, a) in enumerate(points):
+        dominated = any((c2 <= c and a2 >= a) and (c2 < c or a2 > a) for j, (c2, a2) in enumerate(points) if j != i)
+        flags.append(not dominated)
+    return flags
+
+
+def collect(uri: str, experiment: str, pipeline: str | None, metric: str) -> list[dict]:
+    """Finished parent runs of ``experiment`` as leaderboard rows (sorted by the metric, best first)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    query = "attributes.status = 'FINISHED' and tags.`vlmlab.pipeline` != ''"
+    if pipeline:
+        query += f" and tags.`vlmlab.pipeline` = '{pipeline}'"
+    rows = []
+    for run in client.search_runs([exp.experiment_id], filter_string=query, max_results=10000):
+        m, p = run.data.metrics, run.data.params
+        if metric not in m or "cost/usd" not in m:
+            continue
+        usd, acc = m["cost/usd"], m[metric]
+        rows.append({
+            "run": run.info.run_name, "run_id": run.info.run_id, "pipeline": run.data.tags["vlmlab.pipeline"],
+            "model": p.get("model.source", "?"), "metric": metric, "accuracy": acc,
+            "vqa_accuracy": m.get("eval/vqa_accuracy"), "chartqa_relaxed_accuracy": m.get("eval/chartqa_relaxed_accuracy"),
+            "accelerator_hours": m.get("cost/accelerator_hours", 0.0), "usd": usd,
+            "usd_per_point": usd / (100 * acc) if acc > 0 else math.inf,
+            "utilization": m.get("cost/utilization"),
+        })
+    for row, front in zip(rows, pareto_front([(r["usd"], r["accuracy"]) for r in rows])):
+        row["pareto"] = front
+    return sorted(rows, key=lambda r: (-r["accuracy"], r["usd"]))
+
+
+def render(rows: list[dict], fmt: str) -> str:
+    """markdown, csv or json text (the rich table is drawn by the CLI)."""
+    if fmt == "json":
+        return json.dumps(rows, indent=2, default=lambda v: None)
+    cols = ["run", "pipeline", "model", "accuracy", "vqa_accuracy", "chartqa_relaxed_accuracy",
+            "accelerator_hours", "usd", "usd_per_point", "utilization", "pareto"]
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buf.getvalue()
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _cell(v) -> str:
+    if isinstance(v, bool):
+        return "★" if v else ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def plot(rows: list[dict], path: str, metric: str):
+    """Cost vs accuracy scatter with the Pareto front drawn; returns the matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        ax.scatter(r["usd"], r["accuracy"], s=60 if r["pareto"] else 30,
+                   color="tab:red" if r["pareto"] else "tab:blue", zorder=3)
+        ax.annotate(f"{r['pipeline']}:{r['run'][-6:]}", (r["usd"], r["accuracy"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    front = sorted((r["usd"], r["accuracy"]) for r in rows if r["pareto"])
+    if front:
+        ax.step([c for c, _ in front], [a for _, a in front], where="post", color="tab:red", lw=1.2,
+                label="Pareto front")
+        ax.legend(loc="lower right")
+    ax.set_xlabel("cost (USD)")
+    ax.set_ylabel(metric)
+    ax.set_title("vlmlab: cost vs accuracy")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return fig

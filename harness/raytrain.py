@@ -1,0 +1,62 @@
+"""Ray plumbing in one place: start/attach Ray once per process, run a training loop as a TorchTrainer.
+
+Locally this starts a Ray instance inside the process (reused by every stage and trial); under
+`ray job submit` (RAY_ADDRESS set) it attaches to the cluster.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+
+def ensure_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(num_cpus=os.cpu_count(), dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def scaling(resources) -> Any:
+    from ray.train import ScalingConfig
+
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if resources.use_gpu:
+        per_worker["GPU"] = resources.gpus_per_worker
+    return ScalingConfig(num_workers=resources.workers, use_gpu=resources.use_gpu, resources_per_worker=per_worker)
+
+
+def devices_held(resources) -> float:
+    """How many priced devices a stage holds: GPUs, or CPU cores on a CPU run."""
+    per = resources.gpus_per_worker if resources.use_gpu else resources.cpus_per_worker
+    return resources.workers * per
+
+
+def fit(loop: Callable[[dict], None], loop_config: dict, resources, storage: Path, name: str,
+        model_out: Path, max_failures: int = 0) -> dict:
+    """Run ``loop`` on Ray Train workers; copy the final checkpoint (the trained model) to ``model_out``.
+
+    Returns the last report's metrics.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    ensure_ray()
+    trainer = TorchTrainer(
+        loop, train_loop_config=loop_config, scaling_config=scaling(resources),
+        run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=max_failures)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {name}: training finished without a final checkpoint")
+    result.checkpoint.to_directory(str(model_out))
+    return dict(result.metrics or {})

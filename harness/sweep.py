@@ -1,0 +1,263 @@
+"""Ray Tune sweeps: each trial runs the pipeline with sampled overrides and is scored by its eval stage.
+
+Stages that no swept key touches (data, model, and e.g. the SFT checkpoint a DPO sweep starts from) run once,
+before the trials, and every trial reuses them from the stage cache. MLflow: one parent run for the sweep; each
+trial's pipeline run is its child (with the trial's stage runs below it).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from harness.errors import UserError
+
+_TERM = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*=\s*(\w+)\((.*)\)\s*$")
+SAMPLERS = {"loguniform": 2, "uniform": 2, "randint": 2, "choice": None, "grid": None}
+
+
+def _value(text: str):
+    """A YAML scalar; also reads '1e-4' as a number (YAML 1.1 would keep it a string)."""
+    import yaml
+
+    value = yaml.safe_load(text.strip())
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def parse_space(terms: list[str]) -> dict[str, tuple[str, list]]:
+    """'dpo.beta=loguniform(0.01,1)' -> {'dpo.beta': ('loguniform', [0.01, 1.0])}; UserError names a bad term."""
+    space = {}
+    for term in terms:
+        m = _TERM.match(term)
+        if not m:
+            raise UserError(f"--space '{term}': expected key=sampler(args), e.g. dpo.beta=loguniform(0.01,1)")
+        key, sampler, args = m.group(1), m.group(2), [a for a in m.group(3).split(",") if a.strip()]
+        if sampler not in SAMPLERS:
+            raise UserError(f"--space '{term}': unknown sampler '{sampler}' (use {', '.join(SAMPLERS)})")
+        want = SAMPLERS[sampler]
+        if (want is not None and len(args) != want) or not args:
+            raise UserError(f"--space '{term}': {sampler} takes {want or 'one or more'} arguments")
+        values = [_value(a) for a in args]
+        if sampler in ("loguniform", "uniform", "randint"):
+            if not all(isinstance(v, (int, float)) for v in values) or values[0] >= values[1]:
+                raise UserError(f"--space '{term}': {sampler} needs two numbers, low < high")
+            if sampler == "loguniform" and values[0] <= 0:
+                raise UserError(f"--space '{term}': loguniform needs a positive lower bound")
+        space[key] = (sampler, values)
+    return space
+
+
+def to_tune(space: dict[str, tuple[str, list]]) -> dict:
+    from ray import tune
+
+    make = {"loguniform": lambda v: tune.loguniform(*v), "uniform": lambda v: tune.uniform(*v),
+            "randint": lambda v: tune.randint(*v), "choice": tune.choice, "grid": tune.grid_search}
+    return {key: make[sampler](values) for key, (sampler, values) in space.items()}
+
+
+def log_grid(low: float, high: float, n: int) -> list[float]:
+    if n == 1:
+        return [low]
+    return [float(f"{low * (high / low) ** (i / (n - 1)):.4g}") for i in range(n)]
+
+
+PRESETS = {
+    # name: (pipeline, fixed overrides, space builder(trials))
+    "dpo-beta": ("dpo", [], lambda n: {"dpo.beta": ("grid", log_grid(0.01, 1.0, n))}),
+    "grades": ("sft", ["sft.grades.enabled=true"], lambda n: {
+        "sft.grades.vision_tau": ("loguniform", [1.0, 100.0]), "sft.grades.language_tau": ("loguniform", [1.0, 100.0]),
+        "sft.grades.alpha": ("uniform", [0.1, 0.6])}),
+}
+
+
+def shared_prefix(stage_names: list[str], swept: list[str]) -> list[str]:
+    """The leading stages whose cache keys no swept key can change."""
+    from stages import STAGES
+
+    prefix = []
+    for name in stage_names:
+        keys = STAGES[name].CONFIG_KEYS
+        if any(s == k or s.startswith(k + ".") or k.startswith(s + ".") for s in swept for k in keys):
+            break
+        prefix.append(name)
+    return prefix
+
+
+def objective_value(metrics: dict, cost: float, objective: str) -> float:
+    """An eval metric, or `gain_per_usd:<metric>` = (metric - base metric) / USD."""
+    if objective.startswith("gain_per_usd:"):
+        metric = objective.split(":", 1)[1]
+        base = metrics.get(metric.replace("eval/", "eval/base_"), 0.0)
+        return (metrics[metric] - base) / cost if cost > 0 else math.inf
+    return metrics[objective]
+
+
+class TrialFailed(RuntimeError):
+    """A trial's failure, summarised on one line for sweep.json."""
+
+
+def _error_line(error: BaseException) -> str:
+    text = str(error)
+    marker = "TrialFailed: "
+    if marker in text:
+        return text[text.rindex(marker) + len(marker):].splitlines()[0][:500]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1][:500] if lines else type(error).__name__
+
+
+def trial(params: dict, *, resolved: dict, overrides: list[str], pipeline: str, root: str, sweep_run_id: str,
+          objective: str) -> None:
+    """One Tune trial: the pipeline with this trial's overrides (shared stages come from the cache)."""
+    from ray import tune
+
+    from harness.config import PipelineConfig, _merge, parse_overrides
+    from harness.pipeline import run_pipeline
+
+    from pydantic import ValidationError
+
+    from harness.config import _format_errors
+
+    trial_overrides = overrides + [f"{k}={v}" for k, v in params.items()]
+    tree = _merge(resolved, parse_overrides(trial_overrides))
+    tree["run_name"] = f"trial-{tune.get_context().get_trial_id()}"
+    try:
+        cfg = PipelineConfig.model_validate(tree)
+        result = run_pipeline(cfg, pipeline, root, parent_run_id=sweep_run_id)
+    except ValidationError as exc:
+        raise TrialFailed(" ".join(_format_errors(exc, "trial config").split())) from None
+    except Exception as exc:
+        raise TrialFailed(f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]) from exc
+    metrics = dict(result["metrics"])
+    tune.report({"objective": objective_value(metrics, result["cost_usd"], objective), "cost_usd": result["cost_usd"],
+                 "cost_usd_this_run": result["cost_usd_this_run"], "run_dir": result["run_dir"], **{k: v for k, v in metrics.items() if k.startswith("eval/")}})
+
+
+def plot(trials: list[dict], keys: list[str], objective: str, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [t for t in trials if t["status"] == "TERMINATED" and t.get("objective") is not None]
+    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4 * (len(keys) + 1), 3.6))
+    for ax, key in zip(axes, keys):
+        xs = [t["params"][key] for t in done]
+        ax.scatter(xs, [t["objective"] for t in done])
+        if all(isinstance(x, (int, float)) and x > 0 for x in xs) and len(xs) > 1 and max(xs) / min(xs) > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(objective)
+        ax.grid(alpha=0.3)
+    axes[-1].scatter([t["cost_usd"] for t in done], [t["objective"] for t in done], color="tab:orange")
+    axes[-1].set_xlabel("cost (USD)")
+    axes[-1].set_ylabel(objective)
+    axes[-1].grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return fig
+
+
+def run_sweep(cfg, pipeline: str, fixed: list[str], space: dict[str, tuple[str, list]], trials: int,
+              objective: str, mode: str, output_dir: str | None, console=None, scheduler: str | None = None) -> dict:
+    """Run the sweep; write and return sweep.json's content."""
+    from ray import tune
+
+    from harness.config import PipelineConfig, _merge, parse_overrides
+    from harness.pipeline import atomic_write, new_run_id, run_pipeline
+    from harness.raytrain import ensure_ray
+    from harness.tracking import Tracker
+
+    resolved = cfg.model_dump(mode="json")
+    # trials run in other processes: pin the tracking store this process resolved (env, cwd)
+    resolved["tracking"]["uri"] = cfg.tracking.resolved_uri()
+    base = PipelineConfig.model_validate(_merge(resolved, parse_overrides(fixed)))
+    for key in space:  # every swept key must exist in the config
+        node = base.model_dump()
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise UserError(f"--space: unknown config key '{key}'")
+            node = node[part]
+    stage_names = base.stages_of(pipeline)
+    prefix = shared_prefix(stage_names, list(space))
+    root = Path(output_dir or cfg.output_dir).expanduser().resolve()
+    sweep_id = new_run_id(f"sweep-{pipeline}")
+    sweep_dir = root / sweep_id
+    sweep_dir.mkdir(parents=True)
+    tracker = Tracker(cfg.tracking.resolved_uri(), cfg.tracking.experiment)
+    parent = tracker.start(sweep_id, tags={"vlmlab.kind": "sweep", "vlmlab.sweep_pipeline": pipeline})
+    try:
+        tracker.log_params(parent, {"space": json.dumps(space), "trials": trials, "objective": objective,
+                                    "shared_stages": ",".join(prefix)})
+        ensure_ray()
+        if prefix:  # the shared stages, once; trials reuse them from the cache
+            shared = base.model_copy(update={"pipelines": {**base.pipelines, "_shared": prefix}})
+            shared_cost = run_pipeline(shared, "_shared", str(root), console=console,
+                                       parent_run_id=parent)["cost_usd_this_run"]
+        else:
+            shared_cost = 0.0
+        grid = all(s == "grid" for s, _ in space.values())
+        trainable = tune.with_parameters(trial, resolved=base.model_dump(mode="json"), overrides=[],
+                                         pipeline=pipeline, root=str(root), sweep_run_id=parent, objective=objective)
+        sched = None
+        if scheduler == "asha":
+            from ray.tune.schedulers import ASHAScheduler
+            sched = ASHAScheduler()
+        # A trial's driver holds no CPU (its training workers ask Ray for theirs); a non-empty request is
+        # still needed, so it asks for a little memory. Trials at once: as many as training can run side by side.
+        import ray
+        res, have = base.resources, ray.cluster_resources()
+        fits = [have.get("CPU", 1) // (res.workers * res.cpus_per_worker)]
+        if res.use_gpu:
+            fits.append(have.get("GPU", 0) // (res.workers * res.gpus_per_worker))
+        concurrent = max(1, int(min(fits)))
+        tuner = tune.Tuner(
+            tune.with_resources(trainable, {"cpu": 0, "memory": 64 * 1024**2}),
+            param_space=to_tune(space),
+            tune_config=tune.TuneConfig(metric="objective", mode=mode, num_samples=1 if grid else trials,
+                                        scheduler=sched, max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(name=sweep_id, storage_path=str(root / ".tune"), verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
+        grid_results = tuner.fit()
+        rows = []
+        for res in grid_results:
+            metrics = res.metrics or {}
+            rows.append({"params": {k: res.config.get(k) for k in space}, "status": "ERROR" if res.error else "TERMINATED",
+                         "error": _error_line(res.error) if res.error else None,
+                         "objective": metrics.get("objective"), "cost_usd": metrics.get("cost_usd", 0.0),
+                         "cost_usd_this_run": metrics.get("cost_usd_this_run", 0.0),
+                         "metrics": {k: v for k, v in metrics.items() if k.startswith("eval/")},
+                         "run_dir": metrics.get("run_dir")})
+        ok = [r for r in rows if r["status"] == "TERMINATED" and r["objective"] is not None]
+        ok.sort(key=lambda r: r["objective"], reverse=(mode == "max"))
+        best = ok[0] if ok else None
+        rows.sort(key=lambda r: (r["objective"] is None, -(r["objective"] or 0) if mode == "max" else (r["objective"] or 0)))
+        sweep = {"sweep_id": sweep_id, "pipeline": pipeline, "objective": objective, "mode": mode,
+                 "space": {k: {"sampler": s, "args": v} for k, (s, v) in space.items()}, "shared_stages": prefix,
+                 "trials": rows, "best": best,
+                 # what the sweep spent: the shared stages once, plus each trial's own stages
+                 "cost_usd": shared_cost + sum(r["cost_usd_this_run"] or 0.0 for r in rows),
+                 "mlflow_run_id": parent}
+        atomic_write(sweep_dir / "sweep.json", json.dumps(sweep, indent=2, default=str))
+        fig = plot(rows, list(space), objective, sweep_dir / "sweep.png")
+        tracker.client.log_figure(parent, fig, "sweep.png")
+        tracker.log_artifact(parent, str(sweep_dir / "sweep.json"))
+        if best:
+            tracker.log_params(parent, {f"best.{k}": v for k, v in best["params"].items()})
+            tracker.log_metrics(parent, {"best/objective": best["objective"], **{f"best/{k}": v for k, v in
+                                                                                  best["metrics"].items()}})
+        tracker.log_metrics(parent, {"cost/usd": sweep["cost_usd"], "trials/failed": float(len(rows) - len(ok))})
+        tracker.end(parent, "FINISHED")
+    except KeyboardInterrupt:
+        tracker.end_all("KILLED")
+        raise
+    except BaseException:
+        tracker.end_all("FAILED")
+        raise
+    return sweep | {"sweep_dir": str(sweep_dir)}

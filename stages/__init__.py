@@ -1,0 +1,69 @@
+"""Pipeline stages: one file each, one small uniform interface.
+
+A stage module defines:
+
+* ``CONFIG_KEYS`` – the config fields its result depends on (with its inputs' keys: the stage-cache key);
+* ``check(cfg)``  – static validation before any work in the pipeline starts (raise ``UserError``);
+* ``run(ctx) -> StageOutput`` – do the work, reading earlier stages' outputs from ``ctx.inputs``.
+
+The harness (``harness/pipeline.py``) does the rest: timing, accelerator accounting, MLflow child runs,
+``result.json``. Training stages hand their loop to Ray Train through ``harness.raytrain``.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from harness.config import PipelineConfig
+    from harness.cost import Meter
+    from harness.tracking import Tracker
+
+STAGE_NAMES = ("data", "model", "sft", "dpo", "grpo", "eval")
+
+
+class _Registry(dict):
+    """Stage name -> module, imported lazily so `import stages` stays cheap."""
+
+    def __getitem__(self, name: str) -> ModuleType:
+        return importlib.import_module(f"stages.{name}")
+
+    def __contains__(self, name: object) -> bool:
+        return name in STAGE_NAMES
+
+    def __iter__(self):
+        return iter(STAGE_NAMES)
+
+
+STAGES = _Registry()
+
+
+@dataclass
+class StageOutput:
+    """What a stage hands back: metrics, named outputs (paths, fingerprints) for later stages."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageContext:
+    name: str
+    cfg: PipelineConfig
+    run_dir: Path
+    stage_dir: Path
+    inputs: dict[str, StageOutput]
+    tracker: Tracker
+    mlflow_run_id: str
+    meter: Meter
+    ray_storage: Path  # Ray Train storage_path and run name: stable per stage key (restarts resume)
+    ray_name: str
+
+    def latest(self, key: str) -> Any:
+        """The most recent earlier stage's output ``key`` (e.g. the newest ``model_dir``)."""
+        for out in reversed(list(self.inputs.values())):
+            if key in out.outputs:
+                return out.outputs[key]
+        raise KeyError(f"stage '{self.name}' needs '{key}' from an earlier stage, but none produced it")

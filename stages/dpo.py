@@ -1,0 +1,198 @@
+"""Stage `dpo`: direct preference optimisation with TRL's DPOTrainer, as a Ray Train job.
+
+Pairs come from the task data (chosen: the right answer; rejected: another answer of the same question type, or
+the checkpoint's own wrong generation) or from a preference dataset in the RLAIF-V layout. With LoRA the
+adapter-disabled base is the reference model; without it TRL keeps a frozen copy.
+"""
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+from evals.metrics import normalize_vqa_answer
+from harness.errors import ConfigError, DataError
+from stages import StageContext, StageOutput
+from stages.support import datasets as dsets
+from stages.support import training
+
+PREFERENCE_COLUMNS = ("question", "chosen", "rejected", "image")
+
+
+CONFIG_KEYS = ("seed", "dpo", "resources", "eval.batch_size", "eval.max_new_tokens")
+
+
+def check(cfg) -> None:
+    training.check_grades(cfg, "dpo")
+    pref = cfg.dpo.preference
+    if pref.source == "tasks" or not Path(pref.source).expanduser().exists():
+        return
+    columns = set(_source_columns(pref))
+    for name in PREFERENCE_COLUMNS:
+        wanted = pref.columns.get(name, name)
+        if wanted not in columns:
+            raise ConfigError(f"dpo.preference.source: {pref.source} has no column '{wanted}' (needed for "
+                              f"'{name}'; columns present: {', '.join(sorted(columns))})")
+
+
+def _load_preference_source(pref, limit: int | None = None):
+    from datasets import load_dataset, load_from_disk
+
+    root = Path(pref.source).expanduser()
+    if pref.format == "hub" or (pref.format == "auto" and not root.exists()):
+        return load_dataset(pref.source, split=f"{pref.split}[:{limit}]" if limit else pref.split)
+    saved = (root / "dataset_info.json").exists() or (root / "dataset_dict.json").exists()
+    if pref.format == "hf_disk" or (pref.format == "auto" and saved):
+        ds = load_from_disk(str(root))
+        return ds[pref.split] if hasattr(ds, "keys") else ds
+    files = sorted(str(p) for p in root.rglob("*.parquet") if p.name.startswith(pref.split))
+    if not files:
+        raise DataError(f"{root}: no parquet files for split '{pref.split}'")
+    return load_dataset("parquet", data_files=files, split="train")
+
+
+def _source_columns(pref) -> list[str]:
+    return _load_preference_source(pref).column_names
+
+
+def _sentence(answer: str, style: str) -> str:
+    return f"The answer is {answer}." if style == "sentence" else answer
+
+
+def accepted_answers(answer: str, answers: list[str]) -> set[str]:
+    """Answers that score full VQA accuracy (given by >= 3 annotators), plus the target, normalised."""
+    counts = Counter(normalize_vqa_answer(a) for a in answers)
+    return {a for a, n in counts.items() if n >= min(3, len(answers))} | {normalize_vqa_answer(answer)}
+
+
+def pairs_from_tasks(tasks: dict, pref, seed: int, wrong_answers: dict[int, str] | None = None) -> list[dict]:
+    """Chosen = the training answer; rejected = the model's own wrong answer (on-policy) or another answer of
+    the same task and question type."""
+    import pyarrow.parquet as pq
+
+    rows = []
+    for kind, files in tasks.items():
+        table = pq.read_table(files["train"]).to_pylist()
+        rows += [dict(r, task=kind) for r in table]
+    rows = rows[:pref.size] if pref.size else rows
+    pools: dict[tuple, list[str]] = {}
+    for r in rows:
+        pools.setdefault((r["task"], r["question_type"]), []).append(r["answer"])
+    rng = random.Random(seed)
+    pairs = []
+    for i, r in enumerate(rows):
+        truth = accepted_answers(r["answer"], r["answers"])
+        rejected = (wrong_answers or {}).get(i)
+        if rejected is None or normalize_vqa_answer(rejected) in truth:
+            candidates = [a for a in set(pools[(r["task"], r["question_type"])]) if normalize_vqa_answer(a) not in truth]
+            if not candidates:
+                continue
+            rejected = rng.choice(sorted(candidates))
+        pairs.append({"image": r["image"], "question": r["question"],
+                      "chosen": _sentence(r["answer"], pref.chosen_style),
+                      "rejected": _sentence(rejected, pref.chosen_style)})
+    return pairs
+
+
+def pairs_from_source(pref) -> list[dict]:
+    """A preference dataset in the RLAIF-V layout, every row checked."""
+    from datasets import Image
+
+    ds = _load_preference_source(pref, pref.size)
+    mapping = {name: pref.columns.get(name, name) for name in PREFERENCE_COLUMNS}
+    for name, col in mapping.items():
+        if col not in ds.column_names:
+            raise DataError(f"{pref.source}: preference data has no column '{col}' (needed for '{name}')")
+    ds = ds.cast_column(mapping["image"], Image(decode=False))
+    n = len(ds) if pref.size is None else min(pref.size, len(ds))
+    if n == 0:
+        raise DataError(f"{pref.source}: preference split '{pref.split}' is empty")
+    out = []
+    for i in range(n):
+        row = ds[i]
+        where = f"{pref.source} row {i}"
+        for name in ("question", "chosen", "rejected"):
+            if not isinstance(row[mapping[name]], str) or not row[mapping[name]].strip():
+                raise DataError(f"{where}: empty '{mapping[name]}'")
+        out.append({"image": dsets._image_bytes(row[mapping["image"]], where), "question": row[mapping["question"]],
+                    "chosen": row[mapping["chosen"]], "rejected": row[mapping["rejected"]]})
+    return out
+
+
+def on_policy_wrong_answers(ctx: StageContext, tasks: dict, size: int | None) -> dict[int, str]:
+    """Greedy generations of the incoming checkpoint on the training questions (row index -> answer)."""
+    import pyarrow.parquet as pq
+
+    from harness import raytrain
+    from harness.cost import device_kind
+    from stages.support.generate import generate_answers
+
+    rows = []
+    for files in tasks.values():
+        rows += pq.read_table(files["train"], columns=["question", "image"]).to_pylist()
+    rows = rows[:size] if size else rows
+    cfg = ctx.cfg
+    device = "cuda" if cfg.resources.use_gpu else "cpu"
+    with ctx.meter.hold(raytrain.devices_held(cfg.resources) / cfg.resources.workers,
+                        device_kind(cfg.resources.use_gpu)):
+        answers = generate_answers(ctx.latest("model_dir"), [r["question"] for r in rows],
+                                   [r["image"] for r in rows], batch_size=cfg.eval.batch_size,
+                                   max_new_tokens=cfg.eval.max_new_tokens, device=device,
+                                   trust_remote_code=cfg.model.trust_remote_code)
+    return dict(enumerate(answers))
+
+
+def to_preference(row: dict) -> dict:
+    return {"prompt": training.user_turn(row["question"]), "chosen": training.assistant_turn(row["chosen"]),
+            "rejected": training.assistant_turn(row["rejected"])}
+
+
+def summarize(history: list[dict]) -> dict[str, float]:
+    """Reward margin over the first and last 10% of logged steps, and the final reward accuracy."""
+    logs = [h for h in history if "rewards/margins" in h]
+    if not logs:
+        return {}
+    k = max(1, len(logs) // 10)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {"dpo/reward_margin_start": mean([h["rewards/margins"] for h in logs[:k]]),
+            "dpo/reward_margin_end": mean([h["rewards/margins"] for h in logs[-k:]]),
+            "dpo/reward_accuracy": mean([h["rewards/accuracies"] for h in logs[-k:]])}
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import torch
+    from datasets import load_dataset
+    from trl import DPOConfig, DPOTrainer
+
+    run, stage_cfg = config["run"], config["stage"]
+    torch.set_num_threads(max(1, int(run["resources"]["cpus_per_worker"])))
+    model, processor = training.load_model(run["model_dir"], run["trust_remote_code"])
+    data = load_dataset("parquet", data_files=run["pairs"], split="train").shuffle(seed=run["seed"])
+    data = data.map(to_preference, remove_columns=["question", "chosen", "rejected"])
+    args = DPOConfig(**training.common_args(stage_cfg, run, Path(run["work_dir"])), max_length=None,
+                     beta=stage_cfg["beta"], loss_type=[stage_cfg["loss_type"]])
+    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=data, processing_class=processor,
+                         peft_config=training.peft_config(stage_cfg["lora"]))
+    training.train_and_save(trainer, processor, run, prefix="dpo", summarize=summarize)
+
+
+def run(ctx: StageContext) -> StageOutput:
+    from datasets import Dataset, Features, Image, Value
+
+    pref = ctx.cfg.dpo.preference
+    if pref.source == "tasks":
+        tasks = ctx.latest("tasks")
+        wrong = on_policy_wrong_answers(ctx, tasks, pref.size) if pref.rejected == "on_policy" else None
+        pairs = pairs_from_tasks(tasks, pref, ctx.cfg.seed, wrong)
+    else:
+        pairs = pairs_from_source(pref)
+    if not pairs:
+        raise DataError("dpo: no preference pairs could be built (no wrong answers to reject?)")
+    path = ctx.stage_dir / "pairs.parquet"
+    features = Features({"image": Image(), "question": Value("string"), "chosen": Value("string"),
+                         "rejected": Value("string")})
+    Dataset.from_list(pairs, features=features).to_parquet(str(path))
+    out = training.run_stage(ctx, train_loop, ctx.cfg.dpo, extra={"pairs": str(path)})
+    out.metrics["dpo/pairs"] = float(len(pairs))
+    return out

@@ -1,0 +1,67 @@
+"""Stage `grpo`: group relative policy optimisation with TRL's GRPOTrainer, as a Ray Train job.
+
+Rewards: the built-in `accuracy` (VQA exact match after normalisation, ChartQA relaxed match) and `format`
+(`<think>…</think><answer>…</answer>`), or user functions named `module:function` / `file.py:function`,
+all resolved before any work starts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from evals import rewards
+from harness.errors import ConfigError
+from stages import StageContext, StageOutput
+from stages.support import training
+
+
+CONFIG_KEYS = ("seed", "grpo", "resources")
+
+
+def check(cfg) -> None:
+    training.check_grades(cfg, "grpo")
+    for i, spec in enumerate(cfg.grpo.rewards):
+        try:
+            rewards.resolve(spec)
+        except ValueError as exc:
+            raise ConfigError(f"grpo.rewards[{i}]: {exc}") from None
+
+
+def reward_name(fn) -> str:
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def summarize(history: list[dict], main_reward: str) -> dict[str, float]:
+    """Mean main reward over the first and the last 10% of GRPO steps."""
+    key = f"rewards/{main_reward}/mean"
+    logs = [h[key] for h in history if key in h]
+    if not logs:
+        return {}
+    k = max(1, len(logs) // 10)
+    return {"grpo/reward_start": sum(logs[:k]) / k, "grpo/reward_end": sum(logs[-k:]) / k}
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import torch
+    from trl import GRPOConfig, GRPOTrainer
+
+    run, stage_cfg = config["run"], config["stage"]
+    torch.set_num_threads(max(1, int(run["resources"]["cpus_per_worker"])))
+    model, processor = training.load_model(run["model_dir"], run["trust_remote_code"])
+    processor.tokenizer.padding_side = "left"
+    data = training.load_tasks(run["tasks"], "train", run["seed"], with_task=True)
+    data = data.map(lambda r: {"prompt": training.user_turn(r["question"])}, remove_columns=["question"])
+    funcs = [rewards.resolve(spec) for spec in stage_cfg["rewards"]]
+    args = GRPOConfig(
+        **training.common_args(stage_cfg, run, Path(run["work_dir"])),
+        num_generations=stage_cfg["num_generations"], max_completion_length=stage_cfg["max_completion_length"],
+        temperature=stage_cfg["temperature"], beta=stage_cfg["beta"], loss_type=stage_cfg["loss_type"],
+        reward_weights=stage_cfg["reward_weights"], remove_unused_columns=False, log_completions=False)
+    trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=data,
+                          processing_class=processor, peft_config=training.peft_config(stage_cfg["lora"]))
+    main = reward_name(funcs[0])
+    training.train_and_save(trainer, processor, run, prefix="grpo", summarize=lambda h: summarize(h, main))
+
+
+def run(ctx: StageContext) -> StageOutput:
+    return training.run_stage(ctx, train_loop, ctx.cfg.grpo)

@@ -1,0 +1,91 @@
+"""Stage `model`: the base checkpoint every later stage starts from.
+
+`model.source: tiny` builds the tiny Idefics3 VLM (tokenizer trained on this run's training text);
+anything else must be a local directory or hub id of an `AutoModelForImageTextToText` checkpoint.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from harness.errors import ConfigError, UserError
+from harness.manifest import sha256_file
+from stages import StageContext, StageOutput
+
+
+CONFIG_KEYS = ("seed", "model", "data.image_size")
+
+
+def check(cfg) -> None:
+    source = cfg.model.source
+    if source == "tiny":
+        t = cfg.model.tiny
+        if cfg.data.image_size % t.patch_size or (cfg.data.image_size // t.patch_size) % t.scale_factor:
+            raise ConfigError("model.tiny: data.image_size must be a multiple of patch_size * scale_factor "
+                              f"(got {cfg.data.image_size}, {t.patch_size}, {t.scale_factor})")
+        for side in ("vision", "text"):
+            if getattr(t, f"{side}_hidden") % getattr(t, f"{side}_heads"):
+                raise ConfigError(f"model.tiny.{side}_hidden must be divisible by model.tiny.{side}_heads")
+        return
+    path = Path(source).expanduser()
+    if path.exists() and not (path / "config.json").is_file():
+        raise ConfigError(f"model.source: {path} has no config.json (not a Hugging Face checkpoint)")
+
+
+def weights_hash(model_dir: Path) -> str | None:
+    files = sorted(model_dir.glob("*.safetensors"))
+    return sha256_file(files[0]) if len(files) == 1 else None
+
+
+def _training_text(ctx: StageContext) -> list[str]:
+    import pyarrow.parquet as pq
+
+    texts = []
+    for task in ctx.latest("tasks").values():
+        table = pq.read_table(task["train"], columns=["question", "answer"])
+        texts += [f"{q} {a}" for q, a in zip(table["question"].to_pylist(), table["answer"].to_pylist())]
+    return texts
+
+
+def run(ctx: StageContext) -> StageOutput:
+    from stages.support import tinyvlm
+
+    cfg = ctx.cfg
+    if cfg.model.source == "tiny":
+        model_dir = tinyvlm.build(_training_text(ctx), cfg.model.tiny, cfg.data.image_size, cfg.seed,
+                                  ctx.stage_dir / "model")
+        source = "tiny"
+    else:
+        model_dir = Path(cfg.model.source).expanduser()
+        source = cfg.model.source
+        if not model_dir.exists():  # a hub id: resolve to the local cache (no download when HF_HUB_OFFLINE=1)
+            from huggingface_hub import snapshot_download
+            try:
+                model_dir = Path(snapshot_download(source, revision=cfg.model.revision))
+            except Exception as exc:
+                raise UserError(f"model.source: cannot fetch '{source}': {exc}") from None
+    from transformers import AutoConfig
+
+    try:
+        n_params = _count_params(model_dir)
+        AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model.source: {model_dir} is not a loadable checkpoint: {exc}") from None
+    return StageOutput(
+        metrics={"model/parameters": n_params},
+        outputs={"model_dir": str(model_dir), "model_source": source, "weights_sha256": weights_hash(model_dir)},
+    )
+
+
+def _count_params(model_dir: Path) -> int:
+    """Parameter count read from the safetensors headers (no weights loaded)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise OSError(f"no *.safetensors weights in {model_dir}")
+    total = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            total += sum(math.prod(sf.get_slice(k).get_shape()) for k in sf.keys())
+    return total

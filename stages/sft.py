@@ -1,0 +1,43 @@
+"""Stage `sft`: supervised fine-tuning with TRL's SFTTrainer, as a Ray Train job.
+
+Prompt-completion form (loss on the answer only): the user turn holds the image and question, the assistant
+turn the short answer.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from stages import StageContext, StageOutput
+from stages.support import training
+
+
+CONFIG_KEYS = ("seed", "sft", "resources")
+
+
+def check(cfg) -> None:
+    training.check_grades(cfg, "sft")
+
+
+def to_prompt_completion(row: dict) -> dict:
+    return {"prompt": training.user_turn(row["question"]), "completion": training.assistant_turn(row["answer"])}
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    run, stage_cfg = config["run"], config["stage"]
+    torch.set_num_threads(max(1, int(run["resources"]["cpus_per_worker"])))
+    model, processor = training.load_model(run["model_dir"], run["trust_remote_code"])
+    data = training.load_tasks(run["tasks"], "train", run["seed"])
+    data = data.map(to_prompt_completion, remove_columns=["question", "answers", "answer", "question_type"])
+    args = SFTConfig(**training.common_args(stage_cfg, run, Path(run["work_dir"])), max_length=None,
+                     completion_only_loss=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=processor,
+                         peft_config=training.peft_config(stage_cfg["lora"]))
+    training.train_and_save(trainer, processor, run, prefix="sft")
+
+
+def run(ctx: StageContext) -> StageOutput:
+    return training.run_stage(ctx, train_loop, ctx.cfg.sft)

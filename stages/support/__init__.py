@@ -1,0 +1,1 @@
+"""Building blocks the stage files share: data sources, the tiny VLM, TRL/Ray training glue."""

@@ -1,0 +1,272 @@
+"""Glue shared by the TRL training stages, run inside Ray Train workers.
+
+Loads the model (optionally with LoRA), turns canonical task rows into TRL's VLM formats, builds the TRL
+arguments common to every trainer, times the steps (busy time for the cost report), streams step metrics to the
+stage's MLflow run, resumes from Ray's latest checkpoint, and saves the final model on rank 0.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+def user_turn(question: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
+def assistant_turn(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
+
+
+def load_tasks(tasks: dict, split: str, seed: int, with_task: bool = False):
+    """All tasks' canonical rows of ``split``, concatenated and shuffled (``task`` column: vqa/chartqa)."""
+    from datasets import concatenate_datasets, load_dataset
+
+    parts = []
+    for kind, files in tasks.items():
+        part = load_dataset("parquet", data_files=files[split], split="train")
+        parts.append(part.add_column("task", [kind] * len(part)) if with_task else part)
+    return concatenate_datasets(parts).shuffle(seed=seed)
+
+
+def precision_flags(precision: str, use_gpu: bool) -> dict:
+    """TRL/transformers precision args: bf16 where the GPU has it, fp16 on older GPUs (T4), fp32 on CPU."""
+    import torch
+
+    if precision == "auto":
+        if use_gpu and torch.cuda.is_available():
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def common_args(stage_cfg: dict, run: dict, output_dir: Path) -> dict:
+    """Arguments every TRL config (SFTConfig, DPOConfig, GRPOConfig) takes the same way."""
+    use_gpu = run["resources"]["use_gpu"]
+    return dict(
+        output_dir=str(output_dir), max_steps=stage_cfg["max_steps"],
+        per_device_train_batch_size=stage_cfg["batch_size"],
+        gradient_accumulation_steps=stage_cfg["gradient_accumulation_steps"],
+        learning_rate=stage_cfg["learning_rate"], warmup_steps=stage_cfg["warmup_steps"],
+        lr_scheduler_type=stage_cfg["lr_scheduler"], weight_decay=stage_cfg["weight_decay"],
+        max_grad_norm=stage_cfg["max_grad_norm"], logging_steps=stage_cfg["logging_steps"],
+        save_strategy="steps", save_steps=stage_cfg["save_steps"], save_total_limit=2,
+        seed=run["seed"], data_seed=run["seed"], report_to="none", use_cpu=not use_gpu,
+        gradient_checkpointing=False, dataloader_num_workers=0,
+        # GradES freezes matrices mid-run: DDP must then tolerate parameters that get no gradient
+        ddp_find_unused_parameters=stage_cfg["grades"]["enabled"], disable_tqdm=False,
+        **precision_flags(stage_cfg["precision"], use_gpu),
+    )
+
+
+def load_model(model_dir: str, trust_remote_code: bool):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=trust_remote_code,
+                                                        use_safetensors=True)
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    return model, processor
+
+
+def peft_config(lora: dict):
+    if not lora["enabled"]:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                      target_modules=lora["target_modules"], task_type="CAUSAL_LM")
+
+
+class StepTimer(TrainerCallback):
+    """Seconds spent inside optimizer steps (forward, backward, update): the stage's busy time.
+
+    ``instrument(trainer)`` also times the backward passes (``backward`` seconds).
+    """
+
+    def __init__(self):
+        self.busy = 0.0
+        self.backward = 0.0
+        self._t0 = None
+
+    def instrument(self, trainer) -> None:
+        inner = trainer.accelerator.backward
+
+        def timed_backward(loss, **kwargs):
+            start = time.perf_counter()
+            try:
+                return inner(loss, **kwargs)
+            finally:
+                self.backward += time.perf_counter() - start
+
+        trainer.accelerator.backward = timed_backward
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._t0 is not None:
+            self.busy += time.perf_counter() - self._t0
+            self._t0 = None
+
+
+class MlflowStepLogger(TrainerCallback):
+    """Streams the trainer's logs to the stage's MLflow run as step metrics (rank 0 only)."""
+
+    def __init__(self, uri: str, run_id: str, prefix: str):
+        self.uri, self.run_id, self.prefix = uri, run_id, prefix
+        self.history: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        from harness.tracking import log_step_metrics
+
+        metrics = {f"{self.prefix}/{k}": v for k, v in logs.items() if isinstance(v, (int, float))}
+        self.history.append({"step": state.global_step, **logs})
+        log_step_metrics(self.uri, self.run_id, metrics, state.global_step)
+
+
+def grades_callback(run: dict, prefix: str):
+    """The GradES callback for this stage, or None when disabled."""
+    settings = run["stage_grades"]
+    if not settings["enabled"]:
+        return None
+    from harness.tracking import log_step_metrics
+    from stages.support.grades import GradESCallback
+
+    def log(metrics: dict, step: int) -> None:
+        log_step_metrics(run["mlflow_uri"], run["mlflow_run_id"], {f"{prefix}/{k}": v for k, v in metrics.items()},
+                         step)
+
+    return GradESCallback(settings["vision_tau"], settings["language_tau"], settings["alpha"],
+                          settings["compute_interval"], settings["max_frozen_ratio"], settings["patterns"], log)
+
+
+def check_grades(cfg, stage: str) -> None:
+    """Fail at config time when a GradES pattern group matches no weight matrix of the model."""
+    from harness.errors import ConfigError
+    from stages.support.grades import DEFAULT_PATTERNS, group_of
+
+    settings = getattr(cfg, stage).grades
+    if not settings.enabled:
+        return
+    names = parameter_names(cfg)
+    if names is None:  # a hub id not in the local cache: checked when training starts
+        return
+    patterns = settings.patterns or DEFAULT_PATTERNS
+    for group in ("vision", "language"):
+        if group in patterns and not any(group_of(n, {group: patterns[group]}) == group for n in names):
+            raise ConfigError(f"{stage}.grades.patterns.{group}: no parameter of the model matches "
+                              f"{patterns[group]}")
+
+
+def parameter_names(cfg) -> list[str] | None:
+    """2-D parameter names of the configured model, built on the meta device (no weights loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from stages.support import tinyvlm
+
+    if cfg.model.source == "tiny":
+        config = tinyvlm.model_config(cfg.model.tiny, cfg.data.image_size, cfg.model.tiny.vocab_size)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(cfg.model.source, trust_remote_code=cfg.model.trust_remote_code)
+        except (OSError, ValueError):
+            return None
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    return [n for n, p in model.named_parameters() if p.dim() == 2]
+
+
+def resume_checkpoint() -> str | None:
+    """The HF checkpoint inside Ray's latest checkpoint, when Ray restarted this worker group."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    path = Path(ckpt.to_directory()) / "checkpoint"
+    return str(path) if path.exists() else None
+
+
+def train_and_save(trainer, processor, run: dict, prefix: str, summarize=None) -> None:
+    """Run ``trainer`` under Ray; rank 0 reports the final model (LoRA merged) as the last checkpoint.
+
+    ``summarize(history) -> dict`` adds stage-specific scalars (e.g. reward margin at start/end) computed
+    from the trainer's log history.
+    """
+    import tempfile
+
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+
+    timer = StepTimer()
+    logger = MlflowStepLogger(run["mlflow_uri"], run["mlflow_run_id"], prefix)
+    callbacks = [RayTrainReportCallback(), timer, logger]
+    grades = grades_callback(run, prefix)
+    if grades is not None:
+        callbacks.insert(0, grades)
+    for cb in callbacks:
+        trainer.add_callback(cb)
+    trainer = prepare_trainer(trainer)
+    timer.instrument(trainer)
+    out = trainer.train(resume_from_checkpoint=resume_checkpoint())
+    use_gpu = run["resources"]["use_gpu"] and torch.cuda.is_available()
+    metrics = {
+        f"{prefix}/train_loss": out.training_loss, f"{prefix}/steps": out.global_step,
+        f"{prefix}/train_samples_per_second": out.metrics.get("train_samples_per_second", 0.0),
+        f"{prefix}/backward_seconds": timer.backward, f"{prefix}/step_seconds": timer.busy,
+        "busy_seconds": timer.busy, "device": torch.cuda.get_device_name(0) if use_gpu else "CPU",
+    }
+    if summarize is not None:
+        metrics.update(summarize(trainer.state.log_history))
+    if grades is not None:
+        metrics.update({f"{prefix}/{k}": v for k, v in grades.summary().items()})
+        if ray.train.get_context().get_world_rank() == 0:
+            plot = Path(run["stage_dir"]) / "grades_convergence.png"
+            grades.plot(str(plot))
+            from mlflow.tracking import MlflowClient
+            MlflowClient(tracking_uri=run["mlflow_uri"]).log_artifact(run["mlflow_run_id"], str(plot))
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics)
+        return
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    with tempfile.TemporaryDirectory() as tmp:
+        getattr(model, "module", model).save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def run_stage(ctx, loop, stage_cfg, extra: dict | None = None):
+    """Shared driver side of every TRL stage: launch the Ray job, account for devices, return the model."""
+    from harness import raytrain
+    from harness.cost import device_kind, gpu_alias
+    from stages import StageOutput
+
+    cfg = ctx.cfg
+    model_out = ctx.stage_dir / "model"
+    run_info = {
+        "seed": cfg.seed, "model_dir": ctx.latest("model_dir"), "tasks": ctx.latest("tasks"),
+        "trust_remote_code": cfg.model.trust_remote_code, "resources": cfg.resources.model_dump(),
+        "work_dir": str((ctx.stage_dir / "trainer").resolve()), "stage_dir": str(ctx.stage_dir.resolve()),
+        "stage_grades": stage_cfg.grades.model_dump(),
+        "mlflow_uri": ctx.tracker.uri, "mlflow_run_id": ctx.mlflow_run_id, **(extra or {}),
+    }
+    devices = raytrain.devices_held(cfg.resources)
+    with ctx.meter.hold(devices, device_kind(cfg.resources.use_gpu)):
+        metrics = raytrain.fit(loop, {"run": run_info, "stage": stage_cfg.model_dump()}, cfg.resources,
+                               ctx.ray_storage, ctx.ray_name, model_out)
+    ctx.meter.add_busy(float(metrics.pop("busy_seconds", 0.0)))
+    ctx.meter.kind = gpu_alias(metrics.pop("device", "CPU"))  # what the workers actually ran on
+    shutil.rmtree(run_info["work_dir"], ignore_errors=True)  # Ray holds the checkpoints that matter
+    scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    return StageOutput(metrics=scalars, outputs={"model_dir": str(model_out)})

@@ -1,0 +1,54 @@
+"""Shared fixtures. Ray starts once per test module that needs it (it costs ~30 s on 2 cores)."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REALDATA = ROOT.parent / "shared" / "realdata"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def loopback_only() -> bool:
+    """True inside a network namespace whose only interface is lo (how scripts/test runs the suite)."""
+    return sorted(name for _, name in socket.if_nameindex()) == ["lo"]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray instance for this module, inside the loopback-only namespace; shut down afterwards."""
+    if not loopback_only():
+        pytest.fail("Ray tests must run inside a loopback-only network namespace: use scripts/test")
+    import ray
+
+    from harness.raytrain import ensure_ray
+
+    ensure_ray()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """Run in a fresh directory with its own MLflow SQLite store."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+def tiny_overrides(**extra) -> list[str]:
+    """The default preset shrunk to seconds: small data, few steps."""
+    base = {
+        "data.vqa.train_size": 64, "data.vqa.test_size": 16, "data.chartqa.train_size": 64,
+        "data.chartqa.test_size": 16, "sft.max_steps": 4, "sft.batch_size": 8, "sft.save_steps": 2,
+        "sft.logging_steps": 1, "sft.warmup_steps": 0, "eval.batch_size": 16,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

@@ -1,0 +1,155 @@
+"""`harness run sft` end to end on the real stack: local Ray (loopback namespace), SQLite MLflow, TRL, lm-eval."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import tiny_overrides
+from mlflow.tracking import MlflowClient
+
+from harness.config import load_config
+from harness.errors import DataError
+from harness.pipeline import run_pipeline
+
+
+def _runs(workdir):
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("vlmlab")
+    return client, client.search_runs([exp.experiment_id]) if exp else []
+
+
+def test_sft_pipeline_end_to_end(ray_session, workdir):
+    cfg = load_config(None, tiny_overrides())
+    result = run_pipeline(cfg, "sft")
+    run_dir = workdir / "runs" / result["run_id"]
+
+    on_disk = json.loads((run_dir / "result.json").read_text())
+    assert on_disk["pipeline"] == "sft" and on_disk["config"]["sft"]["max_steps"] == 4
+    assert [s["name"] for s in on_disk["stages"]] == ["data", "model", "sft", "eval"]
+    for stage in on_disk["stages"]:
+        assert {"name", "metrics", "wall_seconds", "accelerator_hours", "cost_usd"} <= set(stage)
+    metrics = on_disk["metrics"]
+    for key in ("eval/vqa_accuracy", "eval/chartqa_relaxed_accuracy", "eval/base_vqa_accuracy",
+                "eval/base_chartqa_relaxed_accuracy", "eval/prior_vqa_accuracy",
+                "eval/prior_chartqa_relaxed_accuracy"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert any(k.startswith("eval/vqa_accuracy/") for k in metrics)  # per question type
+    assert metrics["sft/steps"] == 4
+    sft = next(s for s in on_disk["stages"] if s["name"] == "sft")
+    assert sft["accelerator_hours"] > 0 and sft["cost_usd"] > 0
+    assert sft["cost"]["cost/utilization"] > 0
+    assert on_disk["cost_usd"] == pytest.approx(sum(s["cost_usd"] for s in on_disk["stages"]))
+    manifest = on_disk["manifest"]
+    assert manifest["seed"] == 0 and manifest["packages"]["trl"] == "1.16.0"
+    assert len(manifest["config_sha256"]) == 64 and set(manifest["data_fingerprints"]) == {"vqa", "chartqa"}
+    assert (run_dir / "config.yaml").exists() and (run_dir / "sft" / "model" / "config.json").exists()
+
+    client, runs = _runs(workdir)
+    parent = next(r for r in runs if r.info.run_id == on_disk["mlflow_run_id"])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED"
+    assert sorted(r.data.tags["vlmlab.stage"] for r in children) == ["data", "eval", "model", "sft"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert parent.data.metrics["cost/usd"] > 0
+    assert parent.data.metrics["eval/vqa_accuracy"] == metrics["eval/vqa_accuracy"]
+    assert parent.data.params["sft.max_steps"] == "4"
+    sft_run = next(r for r in children if r.data.tags["vlmlab.stage"] == "sft")
+    losses = client.get_metric_history(sft_run.info.run_id, "sft/loss")
+    assert len(losses) >= 2  # step metrics streamed from the Ray worker
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"config.yaml", "result.json"}
+
+
+def test_bad_data_fails_cleanly(ray_session, workdir):
+    """A dataset missing its question column: clear error, no result.json, no MLflow run left RUNNING."""
+    from datasets import Dataset, Image
+
+    from stages.support.synthetic import generate
+
+    bad = workdir / "bad_charts"
+    bad.mkdir()
+    rows = [{k: v for k, v in r.items() if k != "query"} for r in generate("bar-chartqa", 8, 0, 64)]
+    for split in ("train", "test"):
+        Dataset.from_list(rows).cast_column("image", Image()).to_parquet(str(bad / f"{split}.parquet"))
+    cfg = load_config(None, tiny_overrides(**{"data.chartqa.source": str(bad)}))
+    with pytest.raises(DataError, match=r"missing column 'query'"):
+        run_pipeline(cfg, "sft")
+    assert not list((workdir / "runs").glob("*/result.json"))
+    _, runs = _runs(workdir)
+    assert runs and all(r.info.status == "FAILED" for r in runs)
+
+
+def _last_result(workdir):
+    results = sorted((workdir / "runs").glob("*/result.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(results[-1].read_text())
+
+
+# enough training for non-zero accuracies, so the determinism check compares real numbers
+LEARNS = {"sft.max_steps": 60, "sft.batch_size": 16, "sft.learning_rate": 3e-3, "sft.save_steps": 30}
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_session, tmp_path_factory):
+    """One finished tiny `sft` run shared by the cache/reproduce tests of this module."""
+    root = tmp_path_factory.mktemp("repro")
+    mp = pytest.MonkeyPatch()
+    mp.chdir(root)
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    result = run_pipeline(load_config(None, tiny_overrides(**LEARNS)), "sft")
+    yield root, result
+    mp.undo()
+
+
+def test_rerun_reuses_every_stage(ray_session, first_run):
+    root, first = first_run
+    again = run_pipeline(load_config(None, tiny_overrides(**LEARNS)), "sft")
+    assert again["reused_stages"] == ["data", "model", "sft", "eval"]
+    assert again["metrics"] == first["metrics"]
+    assert again["cost_usd"] == pytest.approx(first["cost_usd"]) and again["cost_usd_this_run"] == 0
+    assert again["wall_seconds"] < 0.1 * first["wall_seconds"]
+
+
+def test_changed_key_reruns_only_downstream(ray_session, first_run):
+    result = run_pipeline(load_config(None, tiny_overrides(**LEARNS, **{"eval.max_new_tokens": 6})), "sft")
+    assert result["reused_stages"] == ["data", "model", "sft"]
+
+
+def test_damaged_cache_entry_is_recomputed(ray_session, first_run, capsys):
+    from rich.console import Console
+
+    root, first = first_run
+    data_file = next(iter(first["manifest"]["data_fingerprints"]))  # "vqa" or "chartqa"
+    stage = next(s for s in first["stages"] if s["name"] == "data")
+    parquet = root / "runs" / first["run_id"] / "data" / data_file / "train.parquet"
+    parquet.write_bytes(parquet.read_bytes()[:-10])  # truncate: the hash no longer matches
+    result = run_pipeline(load_config(None, tiny_overrides(**LEARNS)), "sft", console=Console(force_terminal=False))
+    out = capsys.readouterr().out
+    assert "entry for stage 'data' is damaged (hash mismatch" in out
+    assert "data" not in result["reused_stages"] and "sft" in result["reused_stages"]
+    assert result["manifest"]["data_fingerprints"] == first["manifest"]["data_fingerprints"]  # regenerated
+    assert stage["metrics"] == next(s for s in result["stages"] if s["name"] == "data")["metrics"]
+
+
+def test_deterministic_and_reproduce(ray_session, first_run):
+    """Same config and seed, recomputed from scratch: identical metrics; `harness reproduce` agrees."""
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+
+    root, first = first_run
+    run_dir = root / "runs" / first["run_id"]
+    ok = CliRunner().invoke(app, ["reproduce", str(run_dir)])
+    assert ok.exit_code == 0, ok.output
+    assert "reproduced" in ok.output
+    rerun = _last_result(root)
+    assert rerun["reused_stages"] == []
+    assert first["metrics"]["eval/mean_accuracy"] > 0  # a real number to reproduce, not a trivial 0
+    for key in ("eval/vqa_accuracy", "eval/chartqa_relaxed_accuracy", "sft/train_loss"):
+        assert rerun["metrics"][key] == first["metrics"][key], key
+    assert rerun["manifest"]["data_fingerprints"] == first["manifest"]["data_fingerprints"]
+
+    edited = json.loads((run_dir / "result.json").read_text())
+    edited["metrics"]["eval/vqa_accuracy"] += 0.5
+    (run_dir / "result.json").write_text(json.dumps(edited))
+    bad = CliRunner().invoke(app, ["reproduce", str(run_dir)])
+    assert bad.exit_code == 1
+    assert "not reproduced" in bad.output and "eval/vqa_accuracy" in bad.output

@@ -1,0 +1,78 @@
+"""Ray Tune sweeps on the real stack: shared stages once, trials scored by eval, failures recorded."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import tiny_overrides
+from mlflow.tracking import MlflowClient
+
+from harness.config import load_config
+from harness.errors import UserError
+from harness.sweep import log_grid, parse_space, run_sweep, shared_prefix
+
+PREF = {"dpo.max_steps": 2, "dpo.batch_size": 4, "dpo.save_steps": 2, "dpo.logging_steps": 1, "dpo.warmup_steps": 0,
+        "eval.limit": 8}
+
+
+@pytest.mark.parametrize("term, message", [
+    ("dpo.beta", "expected key=sampler"),
+    ("dpo.beta=lognormal(1,2)", "unknown sampler 'lognormal'"),
+    ("dpo.beta=loguniform(1)", "loguniform takes 2 arguments"),
+    ("dpo.beta=loguniform(0,1)", "positive lower bound"),
+    ("dpo.beta=uniform(2,1)", "low < high"),
+    ("dpo.beta=choice()", "one or more"),
+])
+def test_malformed_space_names_the_term(term, message):
+    with pytest.raises(UserError, match=message):
+        parse_space(["sft.learning_rate=choice(1e-4,3e-4)", term])
+
+
+def test_space_and_prefix():
+    space = parse_space(["dpo.beta=loguniform(0.01,1)", "sft.learning_rate=choice(1e-4, 3e-4)"])
+    assert space == {"dpo.beta": ("loguniform", [0.01, 1]), "sft.learning_rate": ("choice", [1e-4, 3e-4])}
+    assert log_grid(0.01, 1.0, 3) == [0.01, 0.1, 1.0]
+    chain = ["data", "model", "sft", "dpo", "eval"]
+    assert shared_prefix(chain, ["dpo.beta"]) == ["data", "model", "sft"]
+    assert shared_prefix(chain, ["sft.grades.alpha"]) == ["data", "model"]
+    assert shared_prefix(chain, ["seed"]) == []
+
+
+def test_unknown_space_key_fails_before_anything_runs(workdir):
+    cfg = load_config(None, [])
+    with pytest.raises(UserError, match="unknown config key 'dpo.betta'"):
+        run_sweep(cfg, "dpo", [], parse_space(["dpo.betta=grid(1,2)"]), 2, "eval/mean_accuracy", "max", None)
+    assert not (workdir / "runs").exists()
+
+
+def test_dpo_beta_sweep(ray_session, workdir):
+    cfg = load_config(None, tiny_overrides(**PREF))
+    space = parse_space(["dpo.beta=grid(0.01, 0.1, 1.0, 0)"])  # beta=0 is invalid: that trial must fail
+    sweep = run_sweep(cfg, "dpo", [], space, 4, "eval/mean_accuracy", "max", None)
+
+    on_disk = json.loads((workdir / "runs" / sweep["sweep_id"] / "sweep.json").read_text())
+    assert len(on_disk["trials"]) == 4 and on_disk["shared_stages"] == ["data", "model", "sft"]
+    failed = [t for t in on_disk["trials"] if t["status"] == "ERROR"]
+    assert len(failed) == 1 and failed[0]["params"]["dpo.beta"] == 0
+    assert "dpo.beta" in failed[0]["error"] and "greater than 0" in failed[0]["error"]
+    ok = [t for t in on_disk["trials"] if t["status"] == "TERMINATED"]
+    assert {t["params"]["dpo.beta"] for t in ok} == {0.01, 0.1, 1.0}
+    assert on_disk["best"]["params"]["dpo.beta"] in {0.01, 0.1, 1.0}
+    assert on_disk["best"]["objective"] == max(t["objective"] for t in ok)
+    for t in ok:
+        assert {"eval/vqa_accuracy", "eval/chartqa_relaxed_accuracy"} <= set(t["metrics"]) and t["cost_usd"] > 0
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("vlmlab")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parent = next(r for r in runs if r.info.run_id == sweep["mlflow_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.params["best.dpo.beta"] == str(on_disk["best"]["params"]["dpo.beta"])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    trial_runs = [r for r in children if r.info.run_name.startswith("trial-")]
+    assert len(trial_runs) == 3  # the failed trial never got as far as MLflow
+    assert all("eval/vqa_accuracy" in r.data.metrics and r.data.metrics["cost/usd"] > 0 for r in trial_runs)
+    # the shared stages ran once: one computed (not reused) sft stage run in the whole store
+    sft_runs = [r for r in runs if r.data.tags.get("vlmlab.stage") == "sft"]
+    assert sum(r.data.tags.get("vlmlab.reused") == "False" for r in sft_runs) == 1
+    assert len(sft_runs) == 4  # the shared run + three trials reusing it
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"sweep.json", "sweep.png"}
