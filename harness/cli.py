@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import signal
 import sys
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -56,17 +55,18 @@ def _summary(result: dict) -> None:
     m = result["metrics"]
     for task in ("vqa_accuracy", "chartqa_relaxed_accuracy"):
         if f"eval/{task}" in m:
-            console.print(f"{task}: [bold]{m[f'eval/{task}']:.3f}[/] (base {m.get(f'eval/base_{task}', float('nan')):.3f},"
-                          f" question-only prior {m.get(f'eval/prior_{task}', float('nan')):.3f})")
+            base, prior = m.get(f"eval/base_{task}", float("nan")), m.get(f"eval/prior_{task}", float("nan"))
+            console.print(f"{task}: [bold]{m[f'eval/{task}']:.3f}[/] (base {base:.3f}, "
+                          f"question-only prior {prior:.3f})")
     console.print(f"run directory: [bold]{result['run_dir']}[/]")
 
 
 @app.command()
 def run(
     pipeline: str = typer.Argument("sft", help="Pipeline name from the config's `pipelines` (sft, dpo, grpo...)."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. sft.max_steps=50"),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Where run directories go."),
+    overrides: list[str] | None = typer.Argument(None, help="key=value overrides, e.g. sft.max_steps=50"),
+    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    output_dir: str | None = typer.Option(None, "--output-dir", "-o", help="Where run directories go."),
     force: bool = typer.Option(False, "--force", help="Recompute every stage (ignore the stage cache)."),
 ):
     """Run a pipeline end to end (default: `sft` on the embedded tiny preset)."""
@@ -82,15 +82,19 @@ def run(
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]: MLflow runs marked KILLED; finished stages are cached and training "
                   "resumes from its last checkpoint: rerun the same command to resume.")
-        raise typer.Exit(code=130)
+        raise typer.Exit(code=130) from None
     _summary(result)
+
+
+def _num(value) -> str:
+    return "missing" if value is None else f"{value:.6g}"
 
 
 @app.command()
 def reproduce(
     target: str = typer.Argument(..., help="A run directory or its result.json."),
     tolerance: float = typer.Option(0.01, "--tolerance", help="Largest allowed |now - recorded| per metric."),
-    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Where the rerun goes "
+    output_dir: str | None = typer.Option(None, "--output-dir", "-o", help="Where the rerun goes "
                                              "(default: beside the recorded run)."),
 ):
     """Rerun a recorded run's config from scratch and compare its metrics; exit 1 if any differs."""
@@ -112,8 +116,7 @@ def reproduce(
     for col in ("metric", "recorded", "now", "delta", ""):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for r in rows:
-        fmt = lambda v: "missing" if v is None else f"{v:.6g}"  # noqa: E731
-        table.add_row(r["metric"], fmt(r["recorded"]), fmt(r["now"]), fmt(r["delta"]),
+        table.add_row(r["metric"], _num(r["recorded"]), _num(r["now"]), _num(r["delta"]),
                       "[green]ok[/]" if r["ok"] else "[red]DIFFERS[/]")
     console.print(table)
     bad = [r["metric"] for r in rows if not r["ok"]]
@@ -125,18 +128,19 @@ def reproduce(
 
 @app.command()
 def sweep(
-    preset: Optional[str] = typer.Argument(None, help="dpo-beta | grades (or leave out and give --space)."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides for every trial"),
-    space: Optional[list[str]] = typer.Option(None, "--space", "-s", help="key=sampler(args): loguniform, "
+    preset: str | None = typer.Argument(None, help="dpo-beta | grades (or leave out and give --space)."),
+    overrides: list[str] | None = typer.Argument(None, help="key=value overrides for every trial"),
+    space: list[str] | None = typer.Option(None, "--space", "-s", help="key=sampler(args): loguniform, "
                                               "uniform, randint, choice, grid. Repeatable."),
     pipeline: str = typer.Option(None, "--pipeline", "-p", help="Pipeline each trial runs (presets set it)."),
     trials: int = typer.Option(4, "--trials", "-n", min=1, help="Trials (grid: the number of grid points)."),
     objective: str = typer.Option("eval/mean_accuracy", "--objective", help="An eval metric, or "
                                   "gain_per_usd:<metric> (accuracy gained over the base model per dollar)."),
     mode: str = typer.Option("max", "--mode", help="max | min"),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="asha: early-stop weak trials."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Where the sweep directory goes."),
+    scheduler: str | None = typer.Option(None, "--scheduler", help="asha: stop trials whose training loss "
+                                         "lags (reported at each checkpoint)."),
+    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    output_dir: str | None = typer.Option(None, "--output-dir", "-o", help="Where the sweep directory goes."),
 ):
     """Sweep hyperparameters with Ray Tune; every trial is scored by the eval stage."""
     from harness.sweep import PRESETS, parse_space, run_sweep
@@ -156,6 +160,8 @@ def sweep(
             if not space:
                 raise UserError("give a preset (dpo-beta, grades) or at least one --space")
             swept = parse_space(space)
+        if scheduler not in (None, "asha"):
+            raise UserError(f"--scheduler must be asha (got {scheduler!r})")
         if mode not in ("max", "min"):
             raise UserError(f"--mode must be max or min (got {mode!r})")
         cfg = _load(config, fixed)
@@ -179,11 +185,11 @@ def sweep(
 @app.command()
 def leaderboard(
     experiment: str = typer.Option("vlmlab", "--experiment", "-e", help="MLflow experiment to read."),
-    pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help="Only runs of this pipeline."),
+    pipeline: str | None = typer.Option(None, "--pipeline", "-p", help="Only runs of this pipeline."),
     metric: str = typer.Option("eval/mean_accuracy", "--metric", "-m", help="Accuracy metric to rank by."),
     fmt: str = typer.Option("table", "--format", "-f", help="table | markdown | csv | json"),
-    plot_path: Optional[str] = typer.Option(None, "--plot", help="Write a cost-vs-accuracy PNG here."),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="Default: $MLFLOW_TRACKING_URI "
+    plot_path: str | None = typer.Option(None, "--plot", help="Write a cost-vs-accuracy PNG here."),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="Default: $MLFLOW_TRACKING_URI "
                                                "or sqlite:///mlflow.db"),
 ):
     """Runs ranked by accuracy with their cost; marks the Pareto front (no run both cheaper and better)."""
@@ -218,15 +224,45 @@ def leaderboard(
         from harness.tracking import Tracker
         tracker = Tracker(uri, experiment)
         run_id = tracker.start("leaderboard", tags={"vlmlab.kind": "leaderboard"})
-        tracker.client.log_figure(run_id, fig, "leaderboard.png")
+        tracker.log_figure(run_id, fig, "leaderboard.png")
         tracker.end(run_id)
         err.print(f"plot written to {plot_path} (and logged to MLflow run 'leaderboard')")
 
 
 @app.command()
+def sync(
+    run_dir: str = typer.Argument(..., help="A run directory whose MLflow writes were kept locally."),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="Default: the run's tracking.uri, "
+                                            "$MLFLOW_TRACKING_URI or sqlite:///mlflow.db"),
+):
+    """Replay the MLflow writes a run kept locally while the tracking store was unreachable."""
+    from pathlib import Path
+
+    import yaml
+
+    from harness.config import TrackingConfig
+    from harness.tracking import sync_outbox
+
+    root = Path(run_dir)
+    files = [p for p in [root / "mlflow_outbox.jsonl", *sorted(root.glob("*/mlflow_outbox_worker.jsonl"))]
+             if p.exists()]
+    if not files:
+        console.print(f"nothing to sync in {root}")
+        return
+    recorded = (yaml.safe_load((root / "config.yaml").read_text()) or {}).get("tracking", {}) \
+        if (root / "config.yaml").exists() else {}
+    uri = TrackingConfig(uri=tracking_uri or recorded.get("uri")).resolved_uri()
+    try:
+        done = sync_outbox(uri, files)
+    except Exception as exc:
+        _fail(UserError(f"sync to {uri} failed part-way ({exc}); fix it and run `harness sync {root}` again"))
+    console.print(f"[green]synced[/] {done} MLflow writes from {root} to {uri}")
+
+
+@app.command()
 def validate(
     config: str = typer.Argument(..., help=CONFIG_HELP),
-    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides"),
+    overrides: list[str] | None = typer.Argument(None, help="key=value overrides"),
 ):
     """Check a config (and overrides) without running anything."""
     from stages import STAGES
@@ -238,7 +274,8 @@ def validate(
                 STAGES[name].check(cfg)
     except UserError as exc:
         _fail(exc)
-    console.print(f"[green]ok[/]: {config} (pipelines: {', '.join(cfg.pipelines)}; config sha256 {cfg.config_hash()[:12]})")
+    console.print(f"[green]ok[/]: {config} (pipelines: {', '.join(cfg.pipelines)}; "
+                  f"config sha256 {cfg.config_hash()[:12]})")
 
 
 @app.command()

@@ -77,10 +77,29 @@ class TinyModelConfig(Section):
     text_heads: int = Field(4, ge=1)
 
 
+class ComposeConfig(Section):
+    """Build a VLM from backbones (`model.source: compose`): a vision encoder and a language model."""
+    vision: str = Field(..., description="SigLIP/CLIP vision checkpoint: local dir or hub id")
+    language: str = Field(..., description="causal LM with a chat template: local dir or hub id")
+    connector: Literal["linear", "mlp", "pixel_shuffle"] = "mlp"
+    vision_layers: list[int] = Field(default_factory=lambda: [-1], min_length=1,
+                                     description="several layers: multi-level feature fusion (LLaVA)")
+    scale_factor: int = Field(2, ge=1, description="pixel_shuffle only")
+
+    @field_validator("vision", "language")
+    @classmethod
+    def _exists(cls, v: str) -> str:
+        if _looks_like_path(v) and not Path(v).expanduser().exists():
+            raise ValueError(f"directory not found: {v}")
+        return v
+
+
 class ModelConfig(Section):
-    """`source: tiny` builds the tiny model; anything else is a local checkpoint dir or a hub id."""
+    """`source: tiny` builds the tiny model, `compose` joins backbones (`model.compose`); anything else is a
+    local checkpoint dir or a hub id."""
     source: str = "tiny"
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    compose: ComposeConfig | None = None
     revision: str | None = None
     trust_remote_code: bool = False
 
@@ -90,6 +109,12 @@ class ModelConfig(Section):
         if _looks_like_path(v) and not Path(v).expanduser().exists():
             raise ValueError(f"model directory not found: {v}")
         return v
+
+    @model_validator(mode="after")
+    def _compose_given(self) -> ModelConfig:
+        if self.source == "compose" and self.compose is None:
+            raise ValueError("model.source is 'compose' but model.compose is not set")
+        return self
 
 
 class ResourcesConfig(Section):
@@ -132,8 +157,20 @@ class GradESSettings(Section):
         return v
 
 
+class ComponentSettings(Section):
+    lr: float | None = Field(None, gt=0, description="learning rate for this component (default: the stage's)")
+    freeze: bool = False
+
+
+class ComponentsConfig(Section):
+    """Per-component learning rates and freezing (NanoVLM-Lab's lr_vision / lr_language / lr_mp)."""
+    vision: ComponentSettings = Field(default_factory=ComponentSettings)
+    language: ComponentSettings = Field(default_factory=ComponentSettings)
+    connector: ComponentSettings = Field(default_factory=ComponentSettings)
+
+
 class TrainStageConfig(Section):
-    """Fields every training stage (sft, dpo, grpo) shares."""
+    """Fields every training stage (sft, dpo, grpo, align) shares."""
     max_steps: int = Field(1000, ge=1)
     batch_size: int = Field(32, ge=1, description="per worker")
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -147,10 +184,17 @@ class TrainStageConfig(Section):
     save_steps: int = Field(250, ge=1)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     grades: GradESSettings = Field(default_factory=GradESSettings)
+    components: ComponentsConfig = Field(default_factory=ComponentsConfig)
 
 
 class SFTConfig(TrainStageConfig):
     pass
+
+
+class AlignConfig(TrainStageConfig):
+    """Connector-only training ("locked image tuning"): vision and language are always frozen here."""
+    max_steps: int = Field(300, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
 
 
 class PreferenceDataConfig(Section):
@@ -223,6 +267,11 @@ class CostConfig(Section):
     prices: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
 
 
+class FailureConfig(Section):
+    """Fault tolerance of training stages: Ray Train restarts the worker group from its last checkpoint."""
+    max_failures: int = Field(0, ge=-1, description="-1: retry forever")
+
+
 class TrackingConfig(Section):
     uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     experiment: str = "vlmlab"
@@ -245,11 +294,13 @@ class PipelineConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    align: AlignConfig = Field(default_factory=AlignConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     cost: CostConfig = Field(default_factory=CostConfig)
+    failure: FailureConfig = Field(default_factory=FailureConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("pipelines")

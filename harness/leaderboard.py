@@ -39,12 +39,13 @@ def collect(uri: str, experiment: str, pipeline: str | None, metric: str) -> lis
         rows.append({
             "run": run.info.run_name, "run_id": run.info.run_id, "pipeline": run.data.tags["vlmlab.pipeline"],
             "model": p.get("model.source", "?"), "metric": metric, "accuracy": acc,
-            "vqa_accuracy": m.get("eval/vqa_accuracy"), "chartqa_relaxed_accuracy": m.get("eval/chartqa_relaxed_accuracy"),
+            "vqa_accuracy": m.get("eval/vqa_accuracy"),
+            "chartqa_relaxed_accuracy": m.get("eval/chartqa_relaxed_accuracy"),
             "accelerator_hours": m.get("cost/accelerator_hours", 0.0), "usd": usd,
             "usd_per_point": usd / (100 * acc) if acc > 0 else math.inf,
             "utilization": m.get("cost/utilization"),
         })
-    for row, front in zip(rows, pareto_front([(r["usd"], r["accuracy"]) for r in rows])):
+    for row, front in zip(rows, pareto_front([(r["usd"], r["accuracy"]) for r in rows]), strict=False):
         row["pareto"] = front
     return sorted(rows, key=lambda r: (-r["accuracy"], r["usd"]))
 

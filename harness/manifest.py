@@ -9,6 +9,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from harness.secrets import redact_text
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("vlmlab", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "ray", "mlflow",
             "lm_eval", "tokenizers", "pydantic")
@@ -87,5 +89,5 @@ def build_manifest(seed: int, config_hash: str) -> dict:
         "hardware": hardware(),
         "seed": seed,
         "config_sha256": config_hash,
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": redact_text(" ".join([Path(sys.argv[0]).name, *sys.argv[1:]])),
     }

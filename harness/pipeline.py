@@ -20,6 +20,7 @@ from harness.config import PipelineConfig
 from harness.cost import Meter
 from harness.errors import UserError
 from harness.manifest import build_manifest
+from harness.secrets import redact
 from harness.tracking import Tracker
 from stages import STAGES, StageContext, StageOutput
 
@@ -39,7 +40,7 @@ class _Runner:
                  parent_run_id: str | None = None):
         self.cfg, self.pipeline, self.force, self.console = cfg, pipeline, force, console
         self.outer_run_id = parent_run_id
-        self.resolved = cfg.model_dump(mode="json")
+        self.resolved = redact(cfg.model_dump(mode="json"))  # what is written and logged: no secrets
         self.cache = StageCache(root / ".cache", warn=self.say)
         self.tracker = Tracker(cfg.tracking.resolved_uri(), cfg.tracking.experiment)  # fails if unreachable
         for run_id in self.tracker.reap_stale():
@@ -55,6 +56,7 @@ class _Runner:
 
     def run(self) -> dict:
         self.run_dir.mkdir(parents=True)
+        self.tracker.attach_outbox(self.run_dir / "mlflow_outbox.jsonl", warn=self.say)
         atomic_write(self.run_dir / "config.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
         manifest = build_manifest(self.cfg.seed, self.cfg.config_hash())
         tracker = self.tracker

@@ -6,8 +6,9 @@ Locally this starts a Ray instance inside the process (reused by every stage and
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def ensure_ray() -> None:
@@ -37,6 +38,16 @@ def devices_held(resources) -> float:
     return resources.workers * per
 
 
+def _tune_callbacks() -> list:
+    """Inside a Ray Tune trial, forward the training reports (loss...) to Tune, e.g. for ASHA."""
+    try:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        return [TuneReportCallback()]
+    except RuntimeError:  # not in a Tune session
+        return []
+
+
 def fit(loop: Callable[[dict], None], loop_config: dict, resources, storage: Path, name: str,
         model_out: Path, max_failures: int = 0) -> dict:
     """Run ``loop`` on Ray Train workers; copy the final checkpoint (the trained model) to ``model_out``.
@@ -51,7 +62,8 @@ def fit(loop: Callable[[dict], None], loop_config: dict, resources, storage: Pat
         loop, train_loop_config=loop_config, scaling_config=scaling(resources),
         run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=max_failures)),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             callbacks=_tune_callbacks()),
     )
     result = trainer.fit()
     if result.error:

@@ -114,14 +114,11 @@ def _error_line(error: BaseException) -> str:
 def trial(params: dict, *, resolved: dict, overrides: list[str], pipeline: str, root: str, sweep_run_id: str,
           objective: str) -> None:
     """One Tune trial: the pipeline with this trial's overrides (shared stages come from the cache)."""
+    from pydantic import ValidationError
     from ray import tune
 
-    from harness.config import PipelineConfig, _merge, parse_overrides
+    from harness.config import PipelineConfig, _format_errors, _merge, parse_overrides
     from harness.pipeline import run_pipeline
-
-    from pydantic import ValidationError
-
-    from harness.config import _format_errors
 
     trial_overrides = overrides + [f"{k}={v}" for k, v in params.items()]
     tree = _merge(resolved, parse_overrides(trial_overrides))
@@ -135,7 +132,8 @@ def trial(params: dict, *, resolved: dict, overrides: list[str], pipeline: str, 
         raise TrialFailed(f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]) from exc
     metrics = dict(result["metrics"])
     tune.report({"objective": objective_value(metrics, result["cost_usd"], objective), "cost_usd": result["cost_usd"],
-                 "cost_usd_this_run": result["cost_usd_this_run"], "run_dir": result["run_dir"], **{k: v for k, v in metrics.items() if k.startswith("eval/")}})
+                 "cost_usd_this_run": result["cost_usd_this_run"], "run_dir": result["run_dir"],
+                 **{k: v for k, v in metrics.items() if k.startswith("eval/")}})
 
 
 def plot(trials: list[dict], keys: list[str], objective: str, path: Path):
@@ -146,7 +144,7 @@ def plot(trials: list[dict], keys: list[str], objective: str, path: Path):
 
     done = [t for t in trials if t["status"] == "TERMINATED" and t.get("objective") is not None]
     fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4 * (len(keys) + 1), 3.6))
-    for ax, key in zip(axes, keys):
+    for ax, key in zip(axes, keys, strict=False):
         xs = [t["params"][key] for t in done]
         ax.scatter(xs, [t["objective"] for t in done])
         if all(isinstance(x, (int, float)) and x > 0 for x in xs) and len(xs) > 1 and max(xs) / min(xs) > 20:
@@ -205,9 +203,9 @@ def run_sweep(cfg, pipeline: str, fixed: list[str], space: dict[str, tuple[str, 
         trainable = tune.with_parameters(trial, resolved=base.model_dump(mode="json"), overrides=[],
                                          pipeline=pipeline, root=str(root), sweep_run_id=parent, objective=objective)
         sched = None
-        if scheduler == "asha":
+        if scheduler == "asha":  # fed by the training loss each trial reports at every checkpoint
             from ray.tune.schedulers import ASHAScheduler
-            sched = ASHAScheduler()
+            sched = ASHAScheduler(metric="loss", mode="min", time_attr="training_iteration", grace_period=1)
         # A trial's driver holds no CPU (its training workers ask Ray for theirs); a non-empty request is
         # still needed, so it asks for a little memory. Trials at once: as many as training can run side by side.
         import ray
@@ -219,8 +217,9 @@ def run_sweep(cfg, pipeline: str, fixed: list[str], space: dict[str, tuple[str, 
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": 0, "memory": 64 * 1024**2}),
             param_space=to_tune(space),
-            tune_config=tune.TuneConfig(metric="objective", mode=mode, num_samples=1 if grid else trials,
-                                        scheduler=sched, max_concurrent_trials=concurrent),
+            # the best trial is chosen below from the final eval reports; the scheduler has its own metric
+            tune_config=tune.TuneConfig(num_samples=1 if grid else trials, scheduler=sched,
+                                        max_concurrent_trials=concurrent),
             run_config=tune.RunConfig(name=sweep_id, storage_path=str(root / ".tune"), verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
@@ -228,7 +227,8 @@ def run_sweep(cfg, pipeline: str, fixed: list[str], space: dict[str, tuple[str, 
         rows = []
         for res in grid_results:
             metrics = res.metrics or {}
-            rows.append({"params": {k: res.config.get(k) for k in space}, "status": "ERROR" if res.error else "TERMINATED",
+            status = "ERROR" if res.error else ("TERMINATED" if "objective" in metrics else "STOPPED")
+            rows.append({"params": {k: res.config.get(k) for k in space}, "status": status,
                          "error": _error_line(res.error) if res.error else None,
                          "objective": metrics.get("objective"), "cost_usd": metrics.get("cost_usd", 0.0),
                          "cost_usd_this_run": metrics.get("cost_usd_this_run", 0.0),
@@ -237,7 +237,8 @@ def run_sweep(cfg, pipeline: str, fixed: list[str], space: dict[str, tuple[str, 
         ok = [r for r in rows if r["status"] == "TERMINATED" and r["objective"] is not None]
         ok.sort(key=lambda r: r["objective"], reverse=(mode == "max"))
         best = ok[0] if ok else None
-        rows.sort(key=lambda r: (r["objective"] is None, -(r["objective"] or 0) if mode == "max" else (r["objective"] or 0)))
+        sign = -1 if mode == "max" else 1
+        rows.sort(key=lambda r: (r["objective"] is None, sign * (r["objective"] or 0)))
         sweep = {"sweep_id": sweep_id, "pipeline": pipeline, "objective": objective, "mode": mode,
                  "space": {k: {"sampler": s, "args": v} for k, (s, v) in space.items()}, "shared_stages": prefix,
                  "trials": rows, "best": best,
@@ -246,7 +247,7 @@ def run_sweep(cfg, pipeline: str, fixed: list[str], space: dict[str, tuple[str, 
                  "mlflow_run_id": parent}
         atomic_write(sweep_dir / "sweep.json", json.dumps(sweep, indent=2, default=str))
         fig = plot(rows, list(space), objective, sweep_dir / "sweep.png")
-        tracker.client.log_figure(parent, fig, "sweep.png")
+        tracker.log_figure(parent, fig, "sweep.png")
         tracker.log_artifact(parent, str(sweep_dir / "sweep.json"))
         if best:
             tracker.log_params(parent, {f"best.{k}": v for k, v in best["params"].items()})

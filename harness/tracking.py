@@ -6,15 +6,22 @@ process, before any worker logs (concurrent first writers race on a fresh SQLite
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
 import time
+import uuid
+from pathlib import Path
 from typing import Any
 
 from harness.errors import UserError
+from harness.secrets import redact_text
 
 MAX_PARAM_LEN = 6000
+PENDING = "pending-"  # prefix of run ids created while the store was unreachable
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -29,10 +36,15 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 class Tracker:
+    """MLflow writes for one process. If the store becomes unreachable mid-run, every later write goes to an
+    outbox file in the run directory (`attach_outbox`) instead, and `harness sync RUN_DIR` replays it."""
+
     def __init__(self, uri: str, experiment: str):
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        for key, value in HTTP_DEFAULTS.items():  # fail over in seconds, not minutes of retries
+            os.environ.setdefault(key, value)
         self.uri = uri
         if uri.startswith(("http://", "https://")):
             _check_server(uri)
@@ -42,8 +54,33 @@ class Tracker:
             exp = self.client.get_experiment_by_name(experiment)
             self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
         except Exception as exc:  # unreachable server, unwritable DB...
-            raise UserError(f"MLflow tracking store {uri!r} is not usable: {exc}") from None
+            raise UserError(f"MLflow tracking store {redact_text(uri)!r} is not usable: "
+                            f"{redact_text(str(exc))}") from None
         self._open: list[str] = []
+        self.outbox: Path | None = None
+        self.offline = False
+        self.warn = print
+
+    def attach_outbox(self, path: Path, warn=print) -> None:
+        self.outbox, self.warn = path, warn
+
+    def _write(self, op: str, **kwargs):
+        """Run one client write, or queue it in the outbox once the store has failed."""
+        if not self.offline:
+            try:
+                return getattr(self.client, op)(**kwargs)
+            except Exception as exc:
+                self._go_offline(exc)
+        with open(self.outbox, "a") as f:
+            f.write(json.dumps({"op": op, **kwargs}, default=_entity_json) + "\n")
+        return None
+
+    def _go_offline(self, exc: Exception) -> None:
+        if self.outbox is None:
+            raise exc
+        self.offline = True
+        self.warn(f"mlflow: tracking store unreachable ({type(exc).__name__}); the run goes on and keeps its "
+                  f"metrics in {self.outbox} - run `harness sync {self.outbox.parent}` once MLflow is back")
 
     def reap_stale(self) -> list[str]:
         """Mark KILLED the RUNNING runs whose owning process (on this host) no longer exists, e.g. after a
@@ -61,36 +98,44 @@ class Tracker:
         all_tags = {"vlmlab.host": socket.gethostname(), "vlmlab.pid": str(os.getpid()), **(tags or {})}
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
-        self._open.append(run.info.run_id)
-        return run.info.run_id
+        if not self.offline:
+            try:
+                run_id = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags).info.run_id
+            except Exception as exc:
+                self._go_offline(exc)
+        if self.offline:  # a placeholder id; `harness sync` creates the run and maps the id
+            run_id = f"{PENDING}{uuid.uuid4().hex}"
+            self._write("create_run", run_id=run_id, experiment_id=self.experiment_id, run_name=name, tags=all_tags)
+        self._open.append(run_id)
+        return run_id
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in flatten(params).items()]
+        items = [Param(k, redact_text(str(v))[:MAX_PARAM_LEN]) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i:i + 100])
+            self._write("log_batch", run_id=run_id, params=items[i:i + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and math.isfinite(v)]
+        items = _metrics(metrics, step)
         for i in range(0, len(items), 500):
-            self.client.log_batch(run_id, metrics=items[i:i + 500])
+            self._write("log_batch", run_id=run_id, metrics=items[i:i + 500])
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:MAX_PARAM_LEN]) for k, v in flatten(tags).items()])
+        self._write("log_batch", run_id=run_id, tags=[RunTag(k, redact_text(str(v))[:MAX_PARAM_LEN])
+                                                      for k, v in flatten(tags).items()])
 
     def log_artifact(self, run_id: str, path: str, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(run_id, path, artifact_path)
+        self._write("log_artifact", run_id=run_id, local_path=path, artifact_path=artifact_path)
+
+    def log_figure(self, run_id: str, figure, name: str) -> None:
+        if not self.offline:
+            self.client.log_figure(run_id, figure, name)
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+        self._write("set_terminated", run_id=run_id, status=status)
         if run_id in self._open:
             self._open.remove(run_id)
 
@@ -101,6 +146,67 @@ class Tracker:
                 self.end(run_id, status)
             except Exception:  # the store itself may be the thing that failed
                 pass
+
+
+def _metrics(metrics: dict[str, float], step: int) -> list:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and math.isfinite(v)]
+
+
+def _entity_json(obj):
+    """Metric/Param/RunTag -> plain lists for the outbox."""
+    if hasattr(obj, "timestamp"):
+        return {"kind": "metric", "key": obj.key, "value": obj.value, "timestamp": obj.timestamp, "step": obj.step}
+    return {"kind": type(obj).__name__, "key": obj.key, "value": obj.value}
+
+
+def sync_outbox(uri: str, files: list[Path]) -> int:
+    """Replay outbox files into the store, in order; placeholder run ids become real runs. Returns #writes.
+
+    Progress is saved after every write (`<outbox>.progress`), so a sync that fails part-way resumes where
+    it stopped when run again; each file is removed once fully replayed."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    progress_file = files[0].with_name(files[0].name + ".progress")
+    progress = json.loads(progress_file.read_text()) if progress_file.exists() else {"ids": {}, "done": {}}
+    ids = progress["ids"]
+
+    def real(run_id: str) -> str:
+        return ids.get(run_id, run_id)
+
+    total = 0
+    for path in sorted(files, key=lambda p: (p.name != "mlflow_outbox.jsonl", str(p))):  # the driver's first
+        lines = path.read_text().splitlines()
+        start = progress["done"].get(str(path), 0)
+        for n, line in enumerate(lines[start:], start=start):
+            entry = json.loads(line)
+            op = entry.pop("op")
+            if op == "create_run":
+                tags = {k: real(v) if k == "mlflow.parentRunId" else v for k, v in entry["tags"].items()}
+                ids[entry["run_id"]] = client.create_run(entry["experiment_id"], run_name=entry["run_name"],
+                                                         tags=tags).info.run_id
+            elif op == "log_batch":
+                metrics = [Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in entry.get("metrics", [])]
+                params = [Param(p["key"], p["value"]) for p in entry.get("params", [])]
+                tags = [RunTag(t["key"], real(t["value"]) if t["key"] == "mlflow.parentRunId" else t["value"])
+                        for t in entry.get("tags", [])]
+                client.log_batch(real(entry["run_id"]), metrics=metrics, params=params, tags=tags)
+            elif op == "log_artifact":
+                client.log_artifact(real(entry["run_id"]), entry["local_path"], entry.get("artifact_path"))
+            elif op == "set_terminated":
+                client.set_terminated(real(entry["run_id"]), status=entry["status"])
+            progress["done"][str(path)] = n + 1
+            progress_file.write_text(json.dumps(progress))
+            total += 1
+    for path in files:
+        path.unlink()
+    progress_file.unlink(missing_ok=True)
+    return total
 
 
 def _alive(pid: int) -> bool:
@@ -120,17 +226,29 @@ def _check_server(uri: str, timeout: float = 5.0) -> None:
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=timeout).raise_for_status()
     except requests.RequestException as exc:
-        raise UserError(f"MLflow tracking server {uri} is unreachable ({type(exc).__name__}); start it or set "
-                        "MLFLOW_TRACKING_URI / tracking.uri to a reachable store") from None
+        raise UserError(f"MLflow tracking server {redact_text(uri)} is unreachable ({type(exc).__name__}); start "
+                        "it or set MLFLOW_TRACKING_URI / tracking.uri to a reachable store") from None
 
 
-def log_step_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
-    """Used from Ray workers: log one step's metrics to a run by id."""
-    from mlflow.entities import Metric
+def log_step_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int,
+                     outbox: str | None = None) -> None:
+    """Used from Ray workers: log one step's metrics to a run by id; to ``outbox`` if the store fails."""
     from mlflow.tracking import MlflowClient
 
-    now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and math.isfinite(v)]
-    if items:
+    items = _metrics(metrics, step)
+    if not items:
+        return
+    if outbox and (run_id.startswith(PENDING) or Path(outbox).exists()):
+        _append(outbox, run_id, items)  # already offline: keep order, skip the timeout
+        return
+    try:
         MlflowClient(tracking_uri=uri).log_batch(run_id, metrics=items)
+    except Exception:
+        if outbox is None:
+            raise
+        _append(outbox, run_id, items)
+
+
+def _append(outbox: str, run_id: str, items: list) -> None:
+    with open(outbox, "a") as f:
+        f.write(json.dumps({"op": "log_batch", "run_id": run_id, "metrics": items}, default=_entity_json) + "\n")

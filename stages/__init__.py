@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from harness.cost import Meter
     from harness.tracking import Tracker
 
-STAGE_NAMES = ("data", "model", "sft", "dpo", "grpo", "eval")
+STAGE_NAMES = ("data", "model", "align", "sft", "dpo", "grpo", "eval")
 
 
 class _Registry(dict):

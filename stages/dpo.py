@@ -84,7 +84,8 @@ def pairs_from_tasks(tasks: dict, pref, seed: int, wrong_answers: dict[int, str]
         truth = accepted_answers(r["answer"], r["answers"])
         rejected = (wrong_answers or {}).get(i)
         if rejected is None or normalize_vqa_answer(rejected) in truth:
-            candidates = [a for a in set(pools[(r["task"], r["question_type"])]) if normalize_vqa_answer(a) not in truth]
+            pool = set(pools[(r["task"], r["question_type"])])
+            candidates = [a for a in pool if normalize_vqa_answer(a) not in truth]
             if not candidates:
                 continue
             rejected = rng.choice(sorted(candidates))
@@ -153,7 +154,10 @@ def summarize(history: list[dict]) -> dict[str, float]:
     if not logs:
         return {}
     k = max(1, len(logs) // 10)
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
     return {"dpo/reward_margin_start": mean([h["rewards/margins"] for h in logs[:k]]),
             "dpo/reward_margin_end": mean([h["rewards/margins"] for h in logs[-k:]]),
             "dpo/reward_accuracy": mean([h["rewards/accuracies"] for h in logs[-k:]])}
@@ -168,6 +172,7 @@ def train_loop(config: dict) -> None:
     run, stage_cfg = config["run"], config["stage"]
     torch.set_num_threads(max(1, int(run["resources"]["cpus_per_worker"])))
     model, processor = training.load_model(run["model_dir"], run["trust_remote_code"])
+    training.freeze_components(model, stage_cfg["components"])
     data = load_dataset("parquet", data_files=run["pairs"], split="train").shuffle(seed=run["seed"])
     data = data.map(to_preference, remove_columns=["question", "chosen", "rejected"])
     args = DPOConfig(**training.common_args(stage_cfg, run, Path(run["work_dir"])), max_length=None,

@@ -13,7 +13,6 @@ from harness.errors import ConfigError
 from stages import StageContext, StageOutput
 from stages.support import training
 
-
 CONFIG_KEYS = ("seed", "grpo", "resources")
 
 
@@ -48,6 +47,7 @@ def train_loop(config: dict) -> None:
     run, stage_cfg = config["run"], config["stage"]
     torch.set_num_threads(max(1, int(run["resources"]["cpus_per_worker"])))
     model, processor = training.load_model(run["model_dir"], run["trust_remote_code"])
+    training.freeze_components(model, stage_cfg["components"])
     processor.tokenizer.padding_side = "left"
     data = training.load_tasks(run["tasks"], "train", run["seed"], with_task=True)
     data = data.map(lambda r: {"prompt": training.user_turn(r["question"])}, remove_columns=["question"])

@@ -12,12 +12,16 @@ from harness.errors import ConfigError, UserError
 from harness.manifest import sha256_file
 from stages import StageContext, StageOutput
 
-
 CONFIG_KEYS = ("seed", "model", "data.image_size")
 
 
 def check(cfg) -> None:
     source = cfg.model.source
+    if source == "compose":
+        from stages.support import compose
+
+        compose.check(cfg.model.compose, cfg.model.trust_remote_code)
+        return
     if source == "tiny":
         t = cfg.model.tiny
         if cfg.data.image_size % t.patch_size or (cfg.data.image_size // t.patch_size) % t.scale_factor:
@@ -28,8 +32,37 @@ def check(cfg) -> None:
                 raise ConfigError(f"model.tiny.{side}_hidden must be divisible by model.tiny.{side}_heads")
         return
     path = Path(source).expanduser()
-    if path.exists() and not (path / "config.json").is_file():
-        raise ConfigError(f"model.source: {path} has no config.json (not a Hugging Face checkpoint)")
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.source: {path} has no config.json (not a Hugging Face checkpoint)")
+        check_weights(path)
+
+
+def check_weights(path: Path) -> None:
+    """Every safetensors shard present (per the index) and with a readable header; no pickle weights."""
+    import json
+
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    shards = sorted(path.glob("*.safetensors"))
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        for name in names:
+            if not (path / name).is_file():
+                raise UserError(f"model.source: shard {path / name} listed in {index.name} is missing")
+        shards = [path / n for n in names]
+    if not shards:
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = f" (found pickle weights {pickles}: convert them to safetensors)" if pickles else ""
+        raise UserError(f"model.source: no *.safetensors weights in {path}{hint}")
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)
+        except Exception as exc:
+            raise UserError(f"model.source: {shard} is not a valid safetensors file ({exc})") from None
 
 
 def weights_hash(model_dir: Path) -> str | None:
@@ -43,7 +76,7 @@ def _training_text(ctx: StageContext) -> list[str]:
     texts = []
     for task in ctx.latest("tasks").values():
         table = pq.read_table(task["train"], columns=["question", "answer"])
-        texts += [f"{q} {a}" for q, a in zip(table["question"].to_pylist(), table["answer"].to_pylist())]
+        texts += [f"{q} {a}" for q, a in zip(table["question"].to_pylist(), table["answer"].to_pylist(), strict=False)]
     return texts
 
 
@@ -55,6 +88,12 @@ def run(ctx: StageContext) -> StageOutput:
         model_dir = tinyvlm.build(_training_text(ctx), cfg.model.tiny, cfg.data.image_size, cfg.seed,
                                   ctx.stage_dir / "model")
         source = "tiny"
+    elif cfg.model.source == "compose":
+        from stages.support import compose
+
+        spec = cfg.model.compose
+        model_dir = compose.build(spec, ctx.stage_dir / "model", cfg.seed, cfg.model.trust_remote_code)
+        source = f"compose:{spec.vision}+{spec.language}:{spec.connector}"
     else:
         model_dir = Path(cfg.model.source).expanduser()
         source = cfg.model.source

@@ -10,7 +10,6 @@ from pathlib import Path
 from stages import StageContext, StageOutput
 from stages.support import training
 
-
 CONFIG_KEYS = ("seed", "sft", "resources")
 
 
@@ -28,15 +27,19 @@ def train_loop(config: dict) -> None:
     from trl import SFTConfig, SFTTrainer
 
     run, stage_cfg = config["run"], config["stage"]
+    prefix = run.get("prefix", "sft")
     torch.set_num_threads(max(1, int(run["resources"]["cpus_per_worker"])))
     model, processor = training.load_model(run["model_dir"], run["trust_remote_code"])
+    trainable = training.freeze_components(model, stage_cfg["components"])
     data = training.load_tasks(run["tasks"], "train", run["seed"])
     data = data.map(to_prompt_completion, remove_columns=["question", "answers", "answer", "question_type"])
     args = SFTConfig(**training.common_args(stage_cfg, run, Path(run["work_dir"])), max_length=None,
                      completion_only_loss=True)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=processor,
                          peft_config=training.peft_config(stage_cfg["lora"]))
-    training.train_and_save(trainer, processor, run, prefix="sft")
+    counts = {f"{prefix}/trainable_params": float(sum(trainable.values())),
+              **{f"{prefix}/trainable_params_{k}": float(v) for k, v in trainable.items()}}
+    training.train_and_save(trainer, processor, run, prefix=prefix, summarize=lambda _history: counts)
 
 
 def run(ctx: StageContext) -> StageOutput:

@@ -101,3 +101,26 @@ def test_patterns_matching_nothing_fail_at_check():
     with pytest.raises(ConfigError, match="sft.grades.patterns.vision: no parameter of the model matches"):
         sft.check(cfg)
     sft.check(load_config(None, ["sft.grades.enabled=true"]))  # the defaults match the tiny Idefics3
+
+
+def test_two_ddp_workers_freeze_the_same_matrices_at_the_same_step(ray_session, workdir):
+    """GradES under Ray Train DDP with 2 CPU workers: rank 0 decides and broadcasts; both ranks agree."""
+    import json
+
+    from conftest import tiny_overrides
+
+    from harness.pipeline import run_pipeline
+
+    overrides = tiny_overrides(**{
+        "resources.workers": 2, "resources.cpus_per_worker": 1, "sft.max_steps": 12, "sft.batch_size": 4,
+        "sft.grades.enabled": "true", "sft.grades.alpha": 0.25, "sft.grades.compute_interval": 2,
+        "sft.grades.vision_tau": 1e9, "sft.grades.language_tau": 1e9, "sft.grades.max_frozen_ratio": 1.0})
+    result = run_pipeline(load_config(None, overrides), "sft")
+    stage_dir = workdir / "runs" / result["run_id"] / "sft"
+    rank0 = json.loads((stage_dir / "grades_events_rank0.json").read_text())
+    rank1 = json.loads((stage_dir / "grades_events_rank1.json").read_text())
+    assert rank0 and [(e["step"], e["matrix"]) for e in rank0] == [(e["step"], e["matrix"]) for e in rank1]
+    assert {e["step"] for e in rank0} == {4}  # first check at or after the grace period (0.25 x 12 = 3)
+    assert result["metrics"]["sft/grades/frozen_fraction"] == 1.0
+    assert result["metrics"]["sft/steps"] == 4  # everything frozen: training stopped early
+    assert (stage_dir / "grades_convergence.png").exists()

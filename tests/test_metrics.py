@@ -1,8 +1,14 @@
 """Metric functions against hand-checked cases from the reference definitions (STACK.md, VQA/ChartQA)."""
 import pytest
 
-from evals.metrics import (extract_short_answer, normalize_vqa_answer, question_prior, relaxed_accuracy,
-                           relaxed_correctness, vqa_accuracy)
+from evals.metrics import (
+    extract_short_answer,
+    normalize_vqa_answer,
+    question_prior,
+    relaxed_accuracy,
+    relaxed_correctness,
+    vqa_accuracy,
+)
 
 
 @pytest.mark.parametrize("raw, expected", [

@@ -98,7 +98,7 @@ def test_pairs_from_tasks_reject_a_wrong_answer_of_the_same_type(tmp_path):
     # rows where >= 3 annotators gave every answer of the type have nothing to reject: skipped
     usable = [r for r in rows if pools[r["question_type"]] - dpo.accepted_answers(r["answer"], r["answers"])]
     assert len(pairs) == len(usable) >= 0.9 * len(rows)
-    for p, row in zip(pairs, usable):
+    for p, row in zip(pairs, usable, strict=False):
         assert p["question"] == row["question"]
         assert p["chosen"] == row["answer"] and p["rejected"] != p["chosen"]
         assert sum(a == p["rejected"] for a in row["answers"]) < 3

@@ -66,7 +66,8 @@ def test_dpo_beta_sweep(ray_session, workdir):
     exp = client.get_experiment_by_name("vlmlab")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     parent = next(r for r in runs if r.info.run_id == sweep["mlflow_run_id"])
-    assert parent.info.status == "FINISHED" and parent.data.params["best.dpo.beta"] == str(on_disk["best"]["params"]["dpo.beta"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["best.dpo.beta"] == str(on_disk["best"]["params"]["dpo.beta"])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     trial_runs = [r for r in children if r.info.run_name.startswith("trial-")]
     assert len(trial_runs) == 3  # the failed trial never got as far as MLflow

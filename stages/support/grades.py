@@ -97,7 +97,7 @@ class GradESCallback(TrainerCallback):
         for t in self.tracked:
             if t.frozen_at is not None:
                 continue
-            change = sum(float((p.detach() - prev).abs().sum()) for p, prev in zip(t.params, t.previous))
+            change = sum(float((p.detach() - prev).abs().sum()) for p, prev in zip(t.params, t.previous, strict=False))
             t.previous = [p.detach().clone() for p in t.params]
             t.history.append((step, change))
             changes[t.name] = change
@@ -132,6 +132,10 @@ class GradESCallback(TrainerCallback):
                     out[f"grades/change_{group}"] = sum(live) / len(live)
         return out
 
+    def history(self) -> dict[str, dict]:
+        """Per matrix: its group, (step, change) checks and the step it froze at (None if never)."""
+        return {t.name: {"group": t.group, "changes": t.history, "frozen_at": t.frozen_at} for t in self.tracked}
+
     def summary(self) -> dict[str, float]:
         out = self.metrics()
         out["grades/matrices"] = float(len(self.tracked))
@@ -146,10 +150,10 @@ class GradESCallback(TrainerCallback):
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
-        for ax, group in zip(axes, ("vision", "language")):
+        for ax, group in zip(axes, ("vision", "language"), strict=False):
             for t in (t for t in self.tracked if t.group == group):
                 if t.history:
-                    steps, values = zip(*t.history)
+                    steps, values = zip(*t.history, strict=False)
                     ax.plot(steps, values, lw=0.6, alpha=0.5)
                     if t.frozen_at is not None:
                         ax.scatter([steps[-1]], [values[-1]], marker="x", color="black", s=14, zorder=3)

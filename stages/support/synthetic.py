@@ -69,7 +69,7 @@ def shapes_item(rng: random.Random, index: int, image_size: int) -> dict:
     draw = ImageDraw.Draw(img)
     cell = image_size // 2
     cells = rng.sample([(0, 0), (1, 0), (0, 1), (1, 1)], n)
-    for kind, color, (cx, cy) in zip(kinds, colors, cells):
+    for kind, color, (cx, cy) in zip(kinds, colors, cells, strict=False):
         size = rng.randint(int(cell * 0.7), cell - 3)
         x0 = cx * cell + rng.randint(1, cell - size - 1)
         y0 = cy * cell + rng.randint(1, cell - size - 1)
@@ -93,7 +93,7 @@ def shapes_item(rng: random.Random, index: int, image_size: int) -> dict:
             color, kind, answer = colors[i], kinds[i], "yes"
         else:
             color, kind = rng.choice(list(SHAPE_COLORS)), rng.choice(SHAPES)
-            present = any(c == color and k == kind for c, k in zip(colors, kinds))
+            present = any(c == color and k == kind for c, k in zip(colors, kinds, strict=False))
             answer = "yes" if present else "no"
         question = f"Is there a {color} {kind}?"
         distractors, answer_type = ["no" if answer == "yes" else "yes"], "yes/no"
@@ -119,7 +119,7 @@ def chart_item(rng: random.Random, index: int, image_size: int) -> dict:
     draw.line([(2, base), (image_size - 2, base)], fill=(120, 120, 120))
     slot = (image_size - 4) / n
     width = max(3, int(slot * 0.7))
-    for i, (color, value) in enumerate(zip(colors, values)):
+    for i, (color, value) in enumerate(zip(colors, values, strict=False)):
         x0 = int(2 + i * slot + (slot - width) / 2)
         draw.rectangle([x0, int(base - value * unit), x0 + width, base - 1], fill=BAR_COLORS[color])
 

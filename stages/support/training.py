@@ -6,6 +6,7 @@ stage's MLflow run, resumes from Ray's latest checkpoint, and saves the final mo
 """
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -72,6 +73,47 @@ def load_model(model_dir: str, trust_remote_code: bool):
     return model, processor
 
 
+CONNECTOR_PATTERNS = [r"connector\.", r"multi_modal_projector\.", r"\bmerger\."]
+
+
+def component_of(name: str) -> str | None:
+    """'connector', 'vision' or 'language' for a parameter name."""
+    from stages.support.grades import DEFAULT_PATTERNS, group_of
+
+    if group_of(name, {"language": CONNECTOR_PATTERNS}):
+        return "connector"
+    return group_of(name, {"vision": DEFAULT_PATTERNS["vision"], "language": DEFAULT_PATTERNS["language"]})
+
+
+def freeze_components(model, components: dict) -> dict[str, int]:
+    """requires_grad=False for the frozen components; returns trainable parameter counts per component."""
+    counts: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        part = component_of(name)
+        if part and components[part]["freeze"]:
+            param.requires_grad_(False)
+        if param.requires_grad:
+            counts[part or "other"] = counts.get(part or "other", 0) + param.numel()
+    return counts
+
+
+def component_optimizer(trainer, stage_cfg: dict):
+    """An AdamW with one parameter group per component (its own LR when configured); None if no LR is set."""
+    import torch
+
+    components = stage_cfg["components"]
+    if all(c["lr"] is None for c in components.values()):
+        return None
+    groups: dict[str, list] = {}
+    for name, param in trainer.model.named_parameters():
+        if param.requires_grad:
+            groups.setdefault(component_of(name) or "other", []).append(param)
+    base = stage_cfg["learning_rate"]
+    param_groups = [{"params": params, "lr": (components.get(part, {}).get("lr") or base), "name": part}
+                    for part, params in groups.items()]
+    return torch.optim.AdamW(param_groups, lr=base, weight_decay=stage_cfg["weight_decay"])
+
+
 def peft_config(lora: dict):
     if not lora["enabled"]:
         return None
@@ -116,8 +158,8 @@ class StepTimer(TrainerCallback):
 class MlflowStepLogger(TrainerCallback):
     """Streams the trainer's logs to the stage's MLflow run as step metrics (rank 0 only)."""
 
-    def __init__(self, uri: str, run_id: str, prefix: str):
-        self.uri, self.run_id, self.prefix = uri, run_id, prefix
+    def __init__(self, uri: str, run_id: str, prefix: str, outbox: str | None = None):
+        self.uri, self.run_id, self.prefix, self.outbox = uri, run_id, prefix, outbox
         self.history: list[dict] = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -127,7 +169,16 @@ class MlflowStepLogger(TrainerCallback):
 
         metrics = {f"{self.prefix}/{k}": v for k, v in logs.items() if isinstance(v, (int, float))}
         self.history.append({"step": state.global_step, **logs})
-        log_step_metrics(self.uri, self.run_id, metrics, state.global_step)
+        log_step_metrics(self.uri, self.run_id, metrics, state.global_step, self.outbox)
+
+
+def loss_summary(history: list[dict], prefix: str) -> dict[str, float]:
+    """Mean training loss over the first and the last 10% of logged steps."""
+    losses = [h["loss"] for h in history if "loss" in h]
+    if not losses:
+        return {}
+    k = max(1, len(losses) // 10)
+    return {f"{prefix}/loss_start": sum(losses[:k]) / k, f"{prefix}/loss_end": sum(losses[-k:]) / k}
 
 
 def grades_callback(run: dict, prefix: str):
@@ -140,7 +191,7 @@ def grades_callback(run: dict, prefix: str):
 
     def log(metrics: dict, step: int) -> None:
         log_step_metrics(run["mlflow_uri"], run["mlflow_run_id"], {f"{prefix}/{k}": v for k, v in metrics.items()},
-                         step)
+                         step, run["mlflow_outbox"])
 
     return GradESCallback(settings["vision_tau"], settings["language_tau"], settings["alpha"],
                           settings["compute_interval"], settings["max_frozen_ratio"], settings["patterns"], log)
@@ -183,6 +234,14 @@ def parameter_names(cfg) -> list[str] | None:
     return [n for n, p in model.named_parameters() if p.dim() == 2]
 
 
+def resumed_step(checkpoint: str | None) -> int:
+    """The global step a resumed run started from (0 for a fresh start)."""
+    if checkpoint is None:
+        return 0
+    state = Path(checkpoint) / "trainer_state.json"
+    return int(json.loads(state.read_text())["global_step"]) if state.exists() else 0
+
+
 def resume_checkpoint() -> str | None:
     """The HF checkpoint inside Ray's latest checkpoint, when Ray restarted this worker group."""
     import ray.train
@@ -207,8 +266,11 @@ def train_and_save(trainer, processor, run: dict, prefix: str, summarize=None) -
     from ray.train import Checkpoint
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
+    optimizer = component_optimizer(trainer, run["stage_cfg"])
+    if optimizer is not None:
+        trainer.optimizer = optimizer  # Trainer keeps a given optimizer and builds the LR schedule over it
     timer = StepTimer()
-    logger = MlflowStepLogger(run["mlflow_uri"], run["mlflow_run_id"], prefix)
+    logger = MlflowStepLogger(run["mlflow_uri"], run["mlflow_run_id"], prefix, run["mlflow_outbox"])
     callbacks = [RayTrainReportCallback(), timer, logger]
     grades = grades_callback(run, prefix)
     if grades is not None:
@@ -217,24 +279,35 @@ def train_and_save(trainer, processor, run: dict, prefix: str, summarize=None) -
         trainer.add_callback(cb)
     trainer = prepare_trainer(trainer)
     timer.instrument(trainer)
-    out = trainer.train(resume_from_checkpoint=resume_checkpoint())
+    resume = resume_checkpoint()
+    out = trainer.train(resume_from_checkpoint=resume)
     use_gpu = run["resources"]["use_gpu"] and torch.cuda.is_available()
     metrics = {
         f"{prefix}/train_loss": out.training_loss, f"{prefix}/steps": out.global_step,
         f"{prefix}/train_samples_per_second": out.metrics.get("train_samples_per_second", 0.0),
         f"{prefix}/backward_seconds": timer.backward, f"{prefix}/step_seconds": timer.busy,
+        f"{prefix}/resumed_from_step": resumed_step(resume),
         "busy_seconds": timer.busy, "device": torch.cuda.get_device_name(0) if use_gpu else "CPU",
     }
+    metrics.update(loss_summary(trainer.state.log_history, prefix))
     if summarize is not None:
         metrics.update(summarize(trainer.state.log_history))
+    rank = ray.train.get_context().get_world_rank()
     if grades is not None:
         metrics.update({f"{prefix}/{k}": v for k, v in grades.summary().items()})
-        if ray.train.get_context().get_world_rank() == 0:
+        # every rank's freeze decisions, so anyone can check that the ranks agreed
+        events = Path(run["stage_dir"]) / f"grades_events_rank{rank}.json"
+        events.write_text(json.dumps(grades.events, indent=1))
+        if rank == 0:
+            (Path(run["stage_dir"]) / "grades_history.json").write_text(json.dumps(grades.history()))
             plot = Path(run["stage_dir"]) / "grades_convergence.png"
             grades.plot(str(plot))
-            from mlflow.tracking import MlflowClient
-            MlflowClient(tracking_uri=run["mlflow_uri"]).log_artifact(run["mlflow_run_id"], str(plot))
-    if ray.train.get_context().get_world_rank() != 0:
+            try:
+                from mlflow.tracking import MlflowClient
+                MlflowClient(tracking_uri=run["mlflow_uri"]).log_artifact(run["mlflow_run_id"], str(plot))
+            except Exception:  # store unreachable: the plot stays in the stage directory
+                pass
+    if rank != 0:
         ray.train.report(metrics)
         return
     model = trainer.model
@@ -258,13 +331,14 @@ def run_stage(ctx, loop, stage_cfg, extra: dict | None = None):
         "seed": cfg.seed, "model_dir": ctx.latest("model_dir"), "tasks": ctx.latest("tasks"),
         "trust_remote_code": cfg.model.trust_remote_code, "resources": cfg.resources.model_dump(),
         "work_dir": str((ctx.stage_dir / "trainer").resolve()), "stage_dir": str(ctx.stage_dir.resolve()),
-        "stage_grades": stage_cfg.grades.model_dump(),
-        "mlflow_uri": ctx.tracker.uri, "mlflow_run_id": ctx.mlflow_run_id, **(extra or {}),
+        "stage_grades": stage_cfg.grades.model_dump(), "stage_cfg": stage_cfg.model_dump(),
+        "mlflow_uri": ctx.tracker.uri, "mlflow_run_id": ctx.mlflow_run_id,
+        "mlflow_outbox": str((ctx.stage_dir / "mlflow_outbox_worker.jsonl").resolve()), **(extra or {}),
     }
     devices = raytrain.devices_held(cfg.resources)
     with ctx.meter.hold(devices, device_kind(cfg.resources.use_gpu)):
         metrics = raytrain.fit(loop, {"run": run_info, "stage": stage_cfg.model_dump()}, cfg.resources,
-                               ctx.ray_storage, ctx.ray_name, model_out)
+                               ctx.ray_storage, ctx.ray_name, model_out, max_failures=cfg.failure.max_failures)
     ctx.meter.add_busy(float(metrics.pop("busy_seconds", 0.0)))
     ctx.meter.kind = gpu_alias(metrics.pop("device", "CPU"))  # what the workers actually ran on
     shutil.rmtree(run_info["work_dir"], ignore_errors=True)  # Ray holds the checkpoints that matter

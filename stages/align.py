@@ -1,0 +1,22 @@
+"""Stage `align`: train the connector only, vision and language frozen ("locked image tuning", MODA/LLaVA
+stage 1), with the SFT objective on the task data. Typically follows a composed model (`model.source: compose`).
+"""
+from __future__ import annotations
+
+from stages import StageContext, StageOutput
+from stages.sft import train_loop
+from stages.support import training
+
+CONFIG_KEYS = ("seed", "align", "resources")
+
+
+def check(cfg) -> None:
+    training.check_grades(cfg, "align")
+
+
+def run(ctx: StageContext) -> StageOutput:
+    stage_cfg = ctx.cfg.align.model_copy(deep=True)
+    stage_cfg.components.vision.freeze = True
+    stage_cfg.components.language.freeze = True
+    stage_cfg.components.connector.freeze = False
+    return training.run_stage(ctx, train_loop, stage_cfg, extra={"prefix": "align"})

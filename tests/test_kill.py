@@ -1,0 +1,152 @@
+"""Faults to the `harness` process itself (SIGKILL, SIGTERM), injected for real into a subprocess.
+
+Kept apart from the in-process Ray tests: each subprocess starts its own local Ray, so no module-scoped Ray
+session may be alive meanwhile.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from conftest import tiny_overrides
+from test_faults import SLOW_SFT, _checkpoints, _client, _wait_for
+
+
+def _harness(root, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}")
+    return subprocess.Popen([sys.executable, "-m", "harness.cli", *args], cwd=root, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop what the harness process we started left behind (its own Ray), by its process group."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_sigkill_then_rerun_resumes(workdir):
+    """`harness run` SIGKILLed mid-training: the same command resumes (cached stages, training from its last
+    checkpoint) and finishes; the killed attempt's MLflow runs end up KILLED, none RUNNING."""
+    args = ["run", "sft", *tiny_overrides(**SLOW_SFT), "--output-dir", "runs"]
+    proc = _harness(workdir, *args)
+    try:
+        _wait_for(lambda: _checkpoints(workdir) or proc.poll() is not None, 300, "a checkpoint")
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        _stop_group(proc)
+    _, runs = _client(workdir)
+    assert any(r.info.status == "RUNNING" for r in runs)  # what a SIGKILL leaves behind...
+
+    again = _harness(workdir, *args)
+    try:
+        out, err = again.communicate(timeout=600)
+    finally:
+        _stop_group(again)
+    assert again.returncode == 0, err[-3000:]
+    assert "marked KILLED" in out
+    result = sorted((workdir / "runs").glob("*/result.json"))
+    assert len(result) == 1
+    result = json.loads(result[0].read_text())
+    assert result["reused_stages"] == ["data", "model"]
+    assert result["metrics"]["sft/resumed_from_step"] >= 10 and result["metrics"]["sft/steps"] == 40
+    _, runs = _client(workdir)
+    assert not [r for r in runs if r.info.status == "RUNNING"]  # ...is cleaned up by the next run
+    assert sum(r.info.status == "KILLED" for r in runs) >= 2  # the killed attempt's parent and sft runs
+
+
+def test_sigterm_marks_runs_killed_and_says_how_to_resume(workdir):
+    proc = _harness(workdir, "run", "sft", *tiny_overrides(**SLOW_SFT), "--output-dir", "runs")
+    try:
+        _wait_for(lambda: _checkpoints(workdir) or proc.poll() is not None, 300, "training to start")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        _stop_group(proc)
+    assert proc.returncode == 130
+    assert "rerun the same command to resume" in err
+    _, runs = _client(workdir)
+    assert runs and not [r for r in runs if r.info.status == "RUNNING"]
+    assert {r.info.status for r in runs if r.data.tags.get("vlmlab.stage") in (None, "sft")} == {"KILLED"}
+    assert not list((workdir / "runs").glob("*/result.json"))
+
+
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mlflow_server(root, port: int) -> subprocess.Popen:
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                             f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
+                             "--host", "127.0.0.1", "--port", str(port)], cwd=root, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def healthy():
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+        except OSError:
+            return proc.poll() is not None
+    _wait_for(healthy, 120, "the MLflow server")
+    assert proc.poll() is None, "mlflow server exited"
+    return proc
+
+
+def test_tracking_server_lost_mid_run_then_synced(workdir):
+    """The MLflow server dies during training: the run finishes, keeps every write locally, says how to sync;
+    `harness sync` against the restarted server then completes the record."""
+    from mlflow.tracking import MlflowClient
+
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _mlflow_server(workdir, port)
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri)
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", "sft", *tiny_overrides(**SLOW_SFT),
+                             "--output-dir", "runs"], cwd=workdir, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _wait_for(lambda: _checkpoints(workdir) or proc.poll() is not None, 300, "training to start")
+        _stop_group(server)  # the tracking server goes away mid-stage
+        server.wait(timeout=30)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        _stop_group(proc)
+        _stop_group(server)
+    assert proc.returncode == 0, err[-3000:]
+    run_dir = next((workdir / "runs").glob("*/result.json")).parent
+    assert "harness sync" in out and (run_dir / "mlflow_outbox.jsonl").exists()
+    result = json.loads((run_dir / "result.json").read_text())
+
+    server = _mlflow_server(workdir, port)
+    try:
+        synced = subprocess.run([sys.executable, "-m", "harness.cli", "sync", str(run_dir), "--tracking-uri", uri],
+                                cwd=workdir, capture_output=True, text=True, timeout=300, check=False)
+        assert synced.returncode == 0, synced.stderr[-3000:]
+        assert not (run_dir / "mlflow_outbox.jsonl").exists()
+        client = MlflowClient(tracking_uri=uri)
+        runs = client.search_runs([client.get_experiment_by_name("vlmlab").experiment_id])
+        parents = [r for r in runs if r.data.tags.get("vlmlab.pipeline") == "sft"]
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        parent = parents[0]
+        assert parent.data.metrics["eval/vqa_accuracy"] == result["metrics"]["eval/vqa_accuracy"]
+        children = {r.data.tags["vlmlab.stage"]: r for r in runs
+                    if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+        assert set(children) == {"data", "model", "sft", "eval"}
+        assert all(r.info.status == "FINISHED" for r in children.values())
+        losses = client.get_metric_history(children["sft"].info.run_id, "sft/loss")
+        assert len(losses) == 40  # logging_steps=1: every step arrived, before and after the outage
+    finally:
+        _stop_group(server)
