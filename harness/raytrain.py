@@ -6,6 +6,8 @@ Locally this starts a Ray instance inside the process (reused by every stage and
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,10 +19,14 @@ def ensure_ray() -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    previous = signal.getsignal(signal.SIGTERM)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
         ray.init(num_cpus=os.cpu_count(), dashboard_host="127.0.0.1", log_to_driver=True)
+    # ray.init installs a SIGTERM handler that just exits; keep the harness's (mark runs KILLED, say how to resume)
+    if callable(previous) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, previous)
 
 
 def scaling(resources) -> Any:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from stages import StageContext, StageOutput
 from stages.sft import train_loop
-from stages.support import training
+from stages.support import launch
 
 CONFIG_KEYS = ("seed", "align", "resources")
 
 
 def check(cfg) -> None:
-    training.check_grades(cfg, "align")
+    launch.check_grades(cfg, "align")
 
 
 def run(ctx: StageContext) -> StageOutput:
@@ -19,4 +19,4 @@ def run(ctx: StageContext) -> StageOutput:
     stage_cfg.components.vision.freeze = True
     stage_cfg.components.language.freeze = True
     stage_cfg.components.connector.freeze = False
-    return training.run_stage(ctx, train_loop, stage_cfg, extra={"prefix": "align"})
+    return launch.run_stage(ctx, train_loop, stage_cfg, extra={"prefix": "align"})

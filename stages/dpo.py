@@ -14,7 +14,7 @@ from evals.metrics import normalize_vqa_answer
 from harness.errors import ConfigError, DataError
 from stages import StageContext, StageOutput
 from stages.support import datasets as dsets
-from stages.support import training
+from stages.support import launch, training
 
 PREFERENCE_COLUMNS = ("question", "chosen", "rejected", "image")
 
@@ -23,7 +23,7 @@ CONFIG_KEYS = ("seed", "dpo", "resources", "eval.batch_size", "eval.max_new_toke
 
 
 def check(cfg) -> None:
-    training.check_grades(cfg, "dpo")
+    launch.check_grades(cfg, "dpo")
     pref = cfg.dpo.preference
     if pref.source == "tasks" or not Path(pref.source).expanduser().exists():
         return
@@ -198,6 +198,6 @@ def run(ctx: StageContext) -> StageOutput:
     features = Features({"image": Image(), "question": Value("string"), "chosen": Value("string"),
                          "rejected": Value("string")})
     Dataset.from_list(pairs, features=features).to_parquet(str(path))
-    out = training.run_stage(ctx, train_loop, ctx.cfg.dpo, extra={"pairs": str(path)})
+    out = launch.run_stage(ctx, train_loop, ctx.cfg.dpo, extra={"pairs": str(path)})
     out.metrics["dpo/pairs"] = float(len(pairs))
     return out

@@ -11,13 +11,13 @@ from pathlib import Path
 from evals import rewards
 from harness.errors import ConfigError
 from stages import StageContext, StageOutput
-from stages.support import training
+from stages.support import launch, training
 
 CONFIG_KEYS = ("seed", "grpo", "resources")
 
 
 def check(cfg) -> None:
-    training.check_grades(cfg, "grpo")
+    launch.check_grades(cfg, "grpo")
     for i, spec in enumerate(cfg.grpo.rewards):
         try:
             rewards.resolve(spec)
@@ -64,4 +64,4 @@ def train_loop(config: dict) -> None:
 
 
 def run(ctx: StageContext) -> StageOutput:
-    return training.run_stage(ctx, train_loop, ctx.cfg.grpo)
+    return launch.run_stage(ctx, train_loop, ctx.cfg.grpo)

@@ -8,13 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from stages import StageContext, StageOutput
-from stages.support import training
+from stages.support import launch, training
 
 CONFIG_KEYS = ("seed", "sft", "resources")
 
 
 def check(cfg) -> None:
-    training.check_grades(cfg, "sft")
+    launch.check_grades(cfg, "sft")
 
 
 def to_prompt_completion(row: dict) -> dict:
@@ -43,4 +43,4 @@ def train_loop(config: dict) -> None:
 
 
 def run(ctx: StageContext) -> StageOutput:
-    return training.run_stage(ctx, train_loop, ctx.cfg.sft)
+    return launch.run_stage(ctx, train_loop, ctx.cfg.sft)

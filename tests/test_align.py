@@ -81,8 +81,8 @@ def test_backbone_weights_are_copied(backbones, tmp_path):
     vlm = AutoModelForImageTextToText.from_pretrained(out)
     vision = SiglipVisionModel.from_pretrained(backbones / "vision")
     lm = LlamaForCausalLM.from_pretrained(backbones / "lm")
-    assert torch.equal(vlm.model.vision_tower.vision_model.encoder.layers[0].mlp.fc1.weight,
-                       vision.vision_model.encoder.layers[0].mlp.fc1.weight)
+    assert torch.equal(vlm.model.vision_tower.encoder.layers[0].mlp.fc1.weight,
+                       vision.encoder.layers[0].mlp.fc1.weight)
     assert torch.equal(vlm.model.language_model.layers[1].self_attn.q_proj.weight,
                        lm.model.layers[1].self_attn.q_proj.weight)
 

@@ -77,15 +77,6 @@ def check(compose, trust_remote_code: bool = False) -> None:
                               f"by scale_factor {compose.scale_factor}, so pixel shuffle cannot bridge it")
 
 
-def connector_names(model) -> list[str]:
-    from stages.support.grades import group_of
-
-    return [n for n, _ in model.named_parameters() if group_of(n, {"language": CONNECTOR_PATTERNS}) == "language"]
-
-
-CONNECTOR_PATTERNS = [r"connector\.", r"multi_modal_projector\.", r"\bmerger\."]
-
-
 IDEFICS3_TOKENS = ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"] + [
     f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
 
@@ -106,7 +97,9 @@ def build(compose, out_dir: Path, seed: int, trust_remote_code: bool = False) ->
     lm = AutoModelForCausalLM.from_pretrained(compose.language, trust_remote_code=trust_remote_code,
                                               use_safetensors=True)
     lm.resize_token_embeddings(len(tokenizer))
-    encoder = AutoModel.from_pretrained(compose.vision, use_safetensors=True).vision_model  # the transformer
+    encoder = AutoModel.from_pretrained(compose.vision, use_safetensors=True)
+    if hasattr(encoder, "text_model"):  # a full SigLIP/CLIP checkpoint: keep its vision half
+        encoder = encoder.vision_model
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     torch.manual_seed(seed)
     if pixel_shuffle:
@@ -114,7 +107,7 @@ def build(compose, out_dir: Path, seed: int, trust_remote_code: bool = False) ->
         target, text = model.model.vision_model, model.model.text_model
     else:
         model, processor = _llava(compose, vision_cfg, lm, tokenizer, image_token_id)
-        target, text = model.model.vision_tower.vision_model, model.model.language_model
+        target, text = model.model.vision_tower, model.model.language_model
     missing, _ = target.load_state_dict(encoder.state_dict(), strict=False)  # SigLIP's pooling head is unused
     if missing:
         raise ConfigError(f"model.compose.vision: {compose.vision} lacks weights the encoder needs: {missing[:5]}")
