@@ -69,6 +69,12 @@ def load_model(model_dir: str, trust_remote_code: bool):
     model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=trust_remote_code,
                                                         use_safetensors=True)
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    if model.config.model_type == "llava":
+        # LLaVA reads hidden states of encoder layers: the encoder's final norm / pooling head never get a
+        # gradient, which DDP would otherwise treat as an error
+        for name, param in model.named_parameters():
+            if "vision_tower." in name and (".post_layernorm." in name or ".head." in name):
+                param.requires_grad_(False)
     return model, processor
 
 
