@@ -1,6 +1,7 @@
 """`harness`: run pipelines, validate configs, print the environment."""
 from __future__ import annotations
 
+import errno
 import json
 import signal
 import sys
@@ -22,6 +23,17 @@ CONFIG_HELP = "Preset name in configs/ (default: tiny) or a YAML file."
 def _fail(exc: UserError) -> None:
     err.print(f"[bold red]error:[/] {exc}", highlight=False)
     raise typer.Exit(code=2)
+
+
+def _disk_full(exc: BaseException) -> str | None:
+    """The file (or message) of an out-of-space error, also when it happened inside a Ray worker."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return str(exc.filename or exc)
+    text = str(exc)
+    if "No space left on device" in text:
+        line = next(ln for ln in text.splitlines() if "No space left on device" in ln)
+        return line.strip()[:300]
+    return None
 
 
 def _raise_interrupt(signum, frame):
@@ -83,6 +95,13 @@ def run(
         err.print("[bold red]interrupted[/]: MLflow runs marked KILLED; finished stages are cached and training "
                   "resumes from its last checkpoint: rerun the same command to resume.")
         raise typer.Exit(code=130) from None
+    except Exception as exc:
+        if not _disk_full(exc):
+            raise
+        err.print(f"[bold red]error:[/] disk full ({_disk_full(exc)}). Earlier results and cached stages are "
+                  "intact (every write is atomic); free some space and rerun the same command to resume.",
+                  highlight=False)
+        raise typer.Exit(code=1) from None
     _summary(result)
 
 

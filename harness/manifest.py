@@ -76,9 +76,27 @@ def hardware() -> dict:
         info["cuda"] = torch.version.cuda
         if torch.cuda.is_available():
             info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            info["gpu_driver"] = _nvidia_driver()
     except ImportError:
         pass
     return info
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0].strip() if out.strip() else None
+
+
+def container() -> dict | None:
+    """Set when running in a container; the image digest comes from VLMLAB_IMAGE_DIGEST (the runtime knows it,
+    the container does not)."""
+    if not (Path("/.dockerenv").exists() or Path("/run/.containerenv").exists()):
+        return None
+    return {"image": os.environ.get("VLMLAB_IMAGE"), "image_digest": os.environ.get("VLMLAB_IMAGE_DIGEST")}
 
 
 def build_manifest(seed: int, config_hash: str) -> dict:
@@ -87,6 +105,7 @@ def build_manifest(seed: int, config_hash: str) -> dict:
         "packages": package_versions(),
         "packages_sha256": all_packages_hash(),
         "hardware": hardware(),
+        "container": container(),
         "seed": seed,
         "config_sha256": config_hash,
         "command": redact_text(" ".join([Path(sys.argv[0]).name, *sys.argv[1:]])),

@@ -124,3 +124,48 @@ def test_two_ddp_workers_freeze_the_same_matrices_at_the_same_step(ray_session, 
     assert result["metrics"]["sft/grades/frozen_fraction"] == 1.0
     assert result["metrics"]["sft/steps"] == 4  # everything frozen: training stopped early
     assert (stage_dir / "grades_convergence.png").exists()
+
+
+@pytest.mark.parametrize("name, group", [
+    # Idefics3 / SmolVLM
+    ("model.vision_model.encoder.layers.0.self_attn.q_proj.weight", "vision"),
+    ("model.text_model.layers.3.mlp.down_proj.weight", "language"),
+    ("model.connector.modality_projection.proj.weight", "language"),
+    # LLaVA
+    ("model.vision_tower.encoder.layers.1.mlp.fc1.weight", "vision"),
+    ("model.language_model.layers.0.self_attn.o_proj.weight", "language"),
+    ("model.multi_modal_projector.linear_1.weight", "language"),
+    ("lm_head.weight", "language"),
+    # Qwen2-VL
+    ("model.visual.blocks.5.attn.qkv.weight", "vision"),
+    ("model.visual.merger.mlp.0.weight", "vision"),
+    ("model.layers.7.self_attn.k_proj.weight", "language"),
+])
+def test_default_patterns_cover_the_supported_architectures(name, group):
+    from stages.support.grades import DEFAULT_PATTERNS, group_of
+
+    assert group_of(name, DEFAULT_PATTERNS) == group
+
+
+def test_per_component_learning_rates_and_freezing():
+    from types import SimpleNamespace
+
+    from harness.config import load_config
+    from stages.support.training import component_optimizer, freeze_components
+
+    class Composed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vision_model = torch.nn.Linear(4, 4)
+            self.connector = torch.nn.Linear(4, 4)
+            self.text_model = torch.nn.Linear(4, 4)
+
+    cfg = load_config(None, ["sft.components.vision.freeze=true", "sft.components.connector.lr=1e-2",
+                             "sft.learning_rate=1e-4"]).sft.model_dump()
+    model = Composed()
+    counts = freeze_components(model, cfg["components"])
+    assert counts == {"connector": 20, "language": 20} and not model.vision_model.weight.requires_grad
+    opt = component_optimizer(SimpleNamespace(model=model), cfg)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs == {"connector": 1e-2, "language": 1e-4}
+    assert component_optimizer(SimpleNamespace(model=model), load_config(None, []).sft.model_dump()) is None

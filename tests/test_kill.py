@@ -150,3 +150,40 @@ def test_tracking_server_lost_mid_run_then_synced(workdir):
         assert len(losses) == 40  # logging_steps=1: every step arrived, before and after the outage
     finally:
         _stop_group(server)
+
+
+DISK_FULL_SCRIPT = r"""
+set -u
+mount -t tmpfs -o size=400m tmpfs "$OUT"
+H="$PY -m harness.cli run sft $ARGS --output-dir $OUT/runs"
+$H > first.log 2>&1 || { echo "FIRST_FAILED"; cat first.log; exit 3; }
+(cd "$OUT/runs" && find . -type f ! -path './.cache/ray/*' | sort | xargs sha256sum) > before.sha
+avail=$(df --output=avail -k "$OUT" | tail -1)
+dd if=/dev/zero of="$OUT/filler" bs=1k count=$((avail - 2048)) status=none  # leave ~2 MB
+$H sft.max_steps=6 > second.log 2> second.err
+echo "SECOND_RC=$?"
+(cd "$OUT/runs" && sha256sum -c --quiet ../../before.sha) && echo "INTACT"
+"""
+
+
+def test_disk_full_gives_a_clear_error_and_keeps_earlier_results(workdir):
+    """A run on a full disk (a real 400 MB tmpfs in a private mount namespace) fails with a clear message;
+    the earlier run's results and cache entries are untouched; its MLflow runs end FAILED."""
+    (workdir / "mnt").mkdir()
+    args = " ".join(tiny_overrides())
+    script = workdir / "disk_full.sh"
+    script.write_text(DISK_FULL_SCRIPT)
+    env = dict(os.environ, OUT=str(workdir / "mnt"), PY=sys.executable, ARGS=args,
+               MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}")
+    proc = subprocess.run(["unshare", "--mount", "bash", str(script)], cwd=workdir, env=env, capture_output=True,
+                          text=True, timeout=900, check=False)
+    assert "FIRST_FAILED" not in proc.stdout, proc.stdout[-3000:]
+    assert "SECOND_RC=1" in proc.stdout, proc.stdout[-3000:] + (workdir / "second.err").read_text()[-3000:]
+    err = (workdir / "second.err").read_text()
+    assert "disk full" in err and "No space left on device" in err and "rerun the same command" in err
+    ours = [ln for ln in err.splitlines() if "pid=" not in ln]  # lines not forwarded from Ray's workers
+    assert not any("Traceback" in ln for ln in ours)  # a message, not a crash of the harness itself
+    assert "INTACT" in proc.stdout
+    _, runs = _client(workdir)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert sum(r.info.status == "FAILED" for r in runs) >= 2  # the second run's parent and failing stage
