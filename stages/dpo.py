@@ -65,16 +65,22 @@ def accepted_answers(answer: str, answers: list[str]) -> set[str]:
     return {a for a, n in counts.items() if n >= min(3, len(answers))} | {normalize_vqa_answer(answer)}
 
 
+def training_rows(tasks: dict, size: int | None) -> list[dict]:
+    """The training rows pairs are built from: ``size`` in all, split evenly over the tasks."""
+    import pyarrow.parquet as pq
+
+    per_task = -(-size // len(tasks)) if size else None
+    rows = []
+    for kind, files in tasks.items():
+        table = pq.read_table(files["train"]).to_pylist()[:per_task]
+        rows += [dict(r, task=kind) for r in table]
+    return rows[:size] if size else rows
+
+
 def pairs_from_tasks(tasks: dict, pref, seed: int, wrong_answers: dict[int, str] | None = None) -> list[dict]:
     """Chosen = the training answer; rejected = the model's own wrong answer (on-policy) or another answer of
     the same task and question type."""
-    import pyarrow.parquet as pq
-
-    rows = []
-    for kind, files in tasks.items():
-        table = pq.read_table(files["train"]).to_pylist()
-        rows += [dict(r, task=kind) for r in table]
-    rows = rows[:pref.size] if pref.size else rows
+    rows = training_rows(tasks, pref.size)
     pools: dict[tuple, list[str]] = {}
     for r in rows:
         pools.setdefault((r["task"], r["question_type"]), []).append(r["answer"])
@@ -122,16 +128,11 @@ def pairs_from_source(pref) -> list[dict]:
 
 def on_policy_wrong_answers(ctx: StageContext, tasks: dict, size: int | None) -> dict[int, str]:
     """Greedy generations of the incoming checkpoint on the training questions (row index -> answer)."""
-    import pyarrow.parquet as pq
-
     from harness import raytrain
     from harness.cost import device_kind
     from stages.support.generate import generate_answers
 
-    rows = []
-    for files in tasks.values():
-        rows += pq.read_table(files["train"], columns=["question", "image"]).to_pylist()
-    rows = rows[:size] if size else rows
+    rows = training_rows(tasks, size)
     cfg = ctx.cfg
     device = "cuda" if cfg.resources.use_gpu else "cpu"
     with ctx.meter.hold(raytrain.devices_held(cfg.resources) / cfg.resources.workers,
