@@ -226,6 +226,8 @@ class DPOConfig(TrainStageConfig):
     warmup_steps: int = Field(10, ge=0)
     beta: float = Field(0.1, gt=0)
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "apo_zero"] = "sigmoid"
+    sft_weight: float = Field(0.0, ge=0, description="add the chosen answers' SFT loss with this weight (RPO); "
+                              "keeps DPO from drifting away from what SFT taught")
     preference: PreferenceDataConfig = Field(default_factory=PreferenceDataConfig)
 
 

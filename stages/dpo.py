@@ -164,6 +164,13 @@ def summarize(history: list[dict]) -> dict[str, float]:
             "dpo/reward_accuracy": mean([h["rewards/accuracies"] for h in logs[-k:]])}
 
 
+def loss_args(stage_cfg: dict) -> dict:
+    """TRL loss settings: the preference loss, plus the SFT loss on chosen answers when sft_weight > 0."""
+    if stage_cfg["sft_weight"] > 0:
+        return {"loss_type": [stage_cfg["loss_type"], "sft"], "loss_weights": [1.0, stage_cfg["sft_weight"]]}
+    return {"loss_type": [stage_cfg["loss_type"]]}
+
+
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
     import torch
@@ -177,7 +184,7 @@ def train_loop(config: dict) -> None:
     data = load_dataset("parquet", data_files=run["pairs"], split="train").shuffle(seed=run["seed"])
     data = data.map(to_preference, remove_columns=["question", "chosen", "rejected"])
     args = DPOConfig(**training.common_args(stage_cfg, run, Path(run["work_dir"])), max_length=None,
-                     beta=stage_cfg["beta"], loss_type=[stage_cfg["loss_type"]])
+                     beta=stage_cfg["beta"], **loss_args(stage_cfg))
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=data, processing_class=processor,
                          peft_config=training.peft_config(stage_cfg["lora"]))
     training.train_and_save(trainer, processor, run, prefix="dpo", summarize=summarize)
