@@ -62,7 +62,7 @@ class _Runner:
         tracker = self.tracker
         self.parent = tracker.start(self.run_id, parent_id=self.outer_run_id,
                                     tags={"vlmlab.pipeline": self.pipeline, "vlmlab.run_dir": str(self.run_dir)})
-        try:
+        with tracker.closing_on_error():
             tracker.log_params(self.parent, self.resolved)
             tracker.set_tags(self.parent, {"manifest": manifest})
             tracker.log_artifact(self.parent, str(self.run_dir / "config.yaml"))
@@ -79,12 +79,6 @@ class _Runner:
                 "cost/busy_hours": result["busy_hours"], "cost/utilization": result["utilization"]})
             tracker.log_artifact(self.parent, str(self.run_dir / "result.json"))
             tracker.end(self.parent, "FINISHED")
-        except KeyboardInterrupt:
-            tracker.end_all("KILLED")
-            raise
-        except BaseException:
-            tracker.end_all("FAILED")
-            raise
         return result | {"run_dir": str(self.run_dir)}
 
     def _stage(self, name: str, key: str, outputs: dict[str, StageOutput]) -> dict:

@@ -189,7 +189,7 @@ def run_sweep(cfg, pipeline: str, fixed: list[str], space: dict[str, tuple[str, 
     sweep_dir.mkdir(parents=True)
     tracker = Tracker(cfg.tracking.resolved_uri(), cfg.tracking.experiment)
     parent = tracker.start(sweep_id, tags={"vlmlab.kind": "sweep", "vlmlab.sweep_pipeline": pipeline})
-    try:
+    with tracker.closing_on_error():
         tracker.log_params(parent, {"space": json.dumps(space), "trials": trials, "objective": objective,
                                     "shared_stages": ",".join(prefix)})
         ensure_ray()
@@ -255,10 +255,4 @@ def run_sweep(cfg, pipeline: str, fixed: list[str], space: dict[str, tuple[str, 
                                                                                   best["metrics"].items()}})
         tracker.log_metrics(parent, {"cost/usd": sweep["cost_usd"], "trials/failed": float(len(rows) - len(ok))})
         tracker.end(parent, "FINISHED")
-    except KeyboardInterrupt:
-        tracker.end_all("KILLED")
-        raise
-    except BaseException:
-        tracker.end_all("FAILED")
-        raise
     return sweep | {"sweep_dir": str(sweep_dir)}

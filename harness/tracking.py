@@ -12,6 +12,7 @@ import os
 import socket
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,18 @@ class Tracker:
         self._write("set_terminated", run_id=run_id, status=status)
         if run_id in self._open:
             self._open.remove(run_id)
+
+    @contextmanager
+    def closing_on_error(self):
+        """Whatever escapes the block closes every open run: KILLED on Ctrl-C/SIGTERM, FAILED otherwise."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.end_all("KILLED")
+            raise
+        except BaseException:
+            self.end_all("FAILED")
+            raise
 
     def end_all(self, status: str) -> None:
         """Close every run this tracker opened and has not ended (children first)."""
