@@ -64,6 +64,14 @@ def test_missing_and_undecodable_images_name_the_row(tmp_path):
         dsets.canonicalize(rows, "vqa", {}, "shapes", None)
 
 
+def test_non_numeric_chart_value_is_named():
+    rows = synthetic.generate("bar-chartqa", 40, 0, 64)
+    bad = next(i for i, r in enumerate(rows) if r["question_type"] == "value")
+    rows[bad]["label"] = ["seven"]
+    with pytest.raises(DataError, match=rf"charts row {bad}: question type 'value' needs a numeric answer"):
+        dsets.canonicalize(rows, "chartqa", {}, "charts", None)
+
+
 def test_column_mapping(tmp_path):
     rows = [{"img": r["image"], "q": r["query"], "a": r["label"]} for r in synthetic.generate("bar-chartqa", 3, 0, 64)]
     out = dsets.canonicalize(rows, "chartqa", {"image": "img", "question": "q", "answers": "a", "answer": "a"},

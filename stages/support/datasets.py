@@ -27,6 +27,17 @@ REQUIRED = ("image", "question", "answers")
 SYNTHETIC_TASK = {"vqa": "shapes-vqa", "chartqa": "bar-chartqa"}
 
 
+NUMERIC_TYPES = {"value"}  # chart question types whose answers must be numbers (relaxed accuracy needs them)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.strip().rstrip("%").replace(",", ""))
+    except ValueError:
+        return False
+    return True
+
+
 def canonical_features():
     from datasets import Features, Image, Sequence, Value
 
@@ -95,6 +106,9 @@ def canonicalize(rows, kind: str, columns: dict[str, str], origin: str, limit: i
         if not isinstance(question, str) or not question.strip():
             raise DataError(f"{where}: empty question in column '{mapping['question']}'")
         qtype = row.get(mapping["question_type"]) if mapping["question_type"] in available else None
+        if kind == "chartqa" and qtype in NUMERIC_TYPES and not all(_is_number(a) for a in answers):
+            raise DataError(f"{where}: question type '{qtype}' needs a numeric answer, got {answers!r} "
+                            f"in column '{mapping['answers']}'")
         out.append({"image": _image_bytes(row[mapping["image"]], where), "question": question.strip(),
                     "answers": answers, "answer": target, "question_type": str(qtype or "all")})
     return out
