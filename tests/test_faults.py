@@ -50,8 +50,17 @@ def test_worker_killed_mid_stage_restarts_from_checkpoint(ray_session, workdir):
     def kill_worker_after_first_checkpoint():
         _wait_for(lambda: _checkpoints(workdir), 300, "a checkpoint")
         # only this test's own Ray (started by this process) is searched: its workers are our descendants
-        worker = _wait_for(lambda: [p for p in psutil.Process().children(recursive=True)
-                                    if "RayTrainWorker" in " ".join(p.cmdline())], 30, "the worker")
+        def workers():
+            found = []
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    if "RayTrainWorker" in " ".join(proc.cmdline()):
+                        found.append(proc)
+                except psutil.Error:  # exited meanwhile
+                    pass
+            return found
+
+        worker = _wait_for(workers, 30, "the worker")
         worker[0].kill()
         killed.append(worker[0].pid)
 
