@@ -15,7 +15,7 @@ from harness.errors import UserError
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="vlmlab: train and score small vision-language models, reproducibly.")
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # messages stay on one line: greppable in logs
 
 CONFIG_HELP = "Preset name in configs/ (default: tiny) or a YAML file."
 
