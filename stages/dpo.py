@@ -36,19 +36,8 @@ def check(cfg) -> None:
 
 
 def _load_preference_source(pref, limit: int | None = None):
-    from datasets import load_dataset, load_from_disk
-
-    root = Path(pref.source).expanduser()
-    if pref.format == "hub" or (pref.format == "auto" and not root.exists()):
-        return load_dataset(pref.source, split=f"{pref.split}[:{limit}]" if limit else pref.split)
-    saved = (root / "dataset_info.json").exists() or (root / "dataset_dict.json").exists()
-    if pref.format == "hf_disk" or (pref.format == "auto" and saved):
-        ds = load_from_disk(str(root))
-        return ds[pref.split] if hasattr(ds, "keys") else ds
-    files = sorted(str(p) for p in root.rglob("*.parquet") if p.name.startswith(pref.split))
-    if not files:
-        raise DataError(f"{root}: no parquet files for split '{pref.split}'")
-    return load_dataset("parquet", data_files=files, split="train")
+    """The preference split, through the same loader the task data uses (hub id, save_to_disk, parquet)."""
+    return dsets.load_rows(pref.source, pref.format, pref.split, limit)[0]
 
 
 def _source_columns(pref) -> list[str]:

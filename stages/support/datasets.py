@@ -170,14 +170,18 @@ def _detect_format(root: Path) -> str:
 
 def load_split(spec, kind: str, split: str, limit: int | None):
     """Rows of one split of a non-synthetic source, in its own layout, and a name for error messages."""
+    return load_rows(spec.source, spec.format, split, limit)
+
+
+def load_rows(source: str, fmt: str, split: str, limit: int | None):
+    """(rows, origin) of one split of a hub id or a local directory in any supported format."""
     from datasets import load_dataset, load_from_disk
 
-    source = spec.source
     root = Path(source).expanduser()
-    if spec.format == "hub" or (spec.format == "auto" and not root.exists()):
+    if fmt == "hub" or (fmt == "auto" and not root.exists()):
         sliced = f"{split}[:{limit}]" if limit else split
         return load_dataset(source, split=sliced), f"{source}:{split}"
-    fmt = _detect_format(root) if spec.format == "auto" else spec.format
+    fmt = _detect_format(root) if fmt == "auto" else fmt
     if fmt == "hf_disk":
         ds = load_from_disk(str(root))
         return (ds[split] if hasattr(ds, "keys") else ds), f"{root}:{split}"
