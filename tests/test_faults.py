@@ -48,7 +48,9 @@ def test_worker_killed_mid_stage_restarts_from_checkpoint(ray_session, workdir):
     killed = []
 
     def kill_worker_after_first_checkpoint():
-        _wait_for(lambda: _checkpoints(workdir), 300, "a checkpoint")
+        # a checkpoint directory appears while it is still being written and before Ray registers it; the second
+        # one appearing means the first (step 10) was reported and registered 10 steps ago
+        _wait_for(lambda: len(_checkpoints(workdir)) >= 2, 300, "two checkpoints")
         # only this test's own Ray (started by this process) is searched: its workers are our descendants
         def workers():
             found = []
