@@ -201,6 +201,18 @@ def sweep(
     console.print(f"sweep directory: [bold]{result['sweep_dir']}[/] (total cost {result['cost_usd']:.5f} USD)")
 
 
+def _ui_hint(uri: str, experiment_id: str) -> str:
+    """Where to see these runs with their cost columns in MLflow's own UI."""
+    from harness.secrets import redact_text
+    from harness.tracking import cost_view_url
+
+    view = cost_view_url(experiment_id)
+    if uri.startswith(("http://", "https://")):
+        return f"MLflow UI with these columns: {redact_text(uri.rstrip('/'))}/{view}"
+    return (f"MLflow UI with these columns: `mlflow ui --backend-store-uri {uri}`, "
+            f"then open http://127.0.0.1:5000/{view}")
+
+
 @app.command()
 def leaderboard(
     experiment: str = typer.Option("vlmlab", "--experiment", "-e", help="MLflow experiment to read."),
@@ -238,6 +250,7 @@ def leaderboard(
                           f"{r['accelerator_hours']:.4f}", f"{r['usd']:.5f}", f"{r['usd_per_point']:.2e}", util)
         console.print(table)
         console.print("★ Pareto front: no other run is both cheaper and more accurate.")
+        console.print(_ui_hint(uri, rows[0]["experiment_id"]), soft_wrap=True)
     if plot_path:
         fig = lb.plot(rows, plot_path, metric)
         from harness.tracking import Tracker

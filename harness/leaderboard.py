@@ -37,7 +37,8 @@ def collect(uri: str, experiment: str, pipeline: str | None, metric: str) -> lis
             continue
         usd, acc = m["cost/usd"], m[metric]
         rows.append({
-            "run": run.info.run_name, "run_id": run.info.run_id, "pipeline": run.data.tags["vlmlab.pipeline"],
+            "run": run.info.run_name, "run_id": run.info.run_id, "experiment_id": exp.experiment_id,
+            "pipeline": run.data.tags["vlmlab.pipeline"],
             "model": p.get("model.source", "?"), "metric": metric, "accuracy": acc,
             "vqa_accuracy": m.get("eval/vqa_accuracy"),
             "chartqa_relaxed_accuracy": m.get("eval/chartqa_relaxed_accuracy"),

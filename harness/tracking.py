@@ -21,6 +21,11 @@ from harness.secrets import redact_text
 
 MAX_PARAM_LEN = 6000
 PENDING = "pending-"  # prefix of run ids created while the store was unreachable
+# A saved view of the MLflow UI's runs table with the cost and accuracy columns shown (MLflow hides metric columns
+# by default). It appears under "Views" and opens directly at `#/experiments/<id>/runs?viewStateShareKey=<key>`.
+COST_VIEW_KEY = "vlmlab-cost"
+COST_VIEW_METRICS = ("eval/mean_accuracy", "eval/vqa_accuracy", "eval/chartqa_relaxed_accuracy", "cost/usd",
+                     "cost/accelerator_hours", "cost/busy_hours", "cost/utilization")
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
@@ -57,6 +62,7 @@ class Tracker:
         except Exception as exc:  # unreachable server, unwritable DB...
             raise UserError(f"MLflow tracking store {redact_text(uri)!r} is not usable: "
                             f"{redact_text(str(exc))}") from None
+        publish_cost_view(self.client, self.experiment_id)
         self._open: list[str] = []
         self.outbox: Path | None = None
         self.offline = False
@@ -159,6 +165,28 @@ class Tracker:
                 self.end(run_id, status)
             except Exception:  # the store itself may be the thing that failed
                 pass
+
+
+def cost_view_url(experiment_id: str) -> str:
+    """The MLflow UI fragment that opens the runs table with the cost columns (append to the UI's address)."""
+    return f"#/experiments/{experiment_id}/runs?viewStateShareKey={COST_VIEW_KEY}"
+
+
+def publish_cost_view(client, experiment_id: str) -> None:
+    """Store the cost-vs-accuracy view of the runs table as an experiment tag (the format of MLflow's saved views:
+    an envelope whose ``state`` is the JSON of the table's UI state). Idempotent; best effort."""
+    tag = f"mlflow.sharedViewState.{COST_VIEW_KEY}"
+    columns = ["attributes.`Source`", "attributes.`Models`"] + [f"metrics.`{m}`" for m in COST_VIEW_METRICS]
+    state = {"selectedColumns": columns, "orderByKey": "attributes.start_time", "orderByAsc": False}
+    try:
+        current = client.get_experiment(experiment_id).tags.get(tag)
+        if current and json.loads(json.loads(current)["state"]) == state:
+            return
+        now = int(time.time() * 1000)
+        client.set_experiment_tag(experiment_id, tag, json.dumps(
+            {"name": "vlmlab: cost vs accuracy", "createdAt": now, "updatedAt": now, "state": json.dumps(state)}))
+    except Exception:  # a read-only or foreign store still tracks runs; the view is a convenience
+        pass
 
 
 def _metrics(metrics: dict[str, float], step: int) -> list:
