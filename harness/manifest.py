@@ -41,8 +41,10 @@ def git_state() -> dict:
         sha = git("rev-parse", "HEAD")
         diff = git("diff", "HEAD")
     except (OSError, subprocess.SubprocessError):
-        return {"sha": None, "dirty": None}
-    return {"sha": sha or None, "dirty": bool(diff),
+        sha, diff = "", ""
+    if not sha:  # no checkout (e.g. the container image): the sha it was built from, if given
+        return {"sha": os.environ.get("VLMLAB_GIT_SHA") or None, "dirty": None}
+    return {"sha": sha, "dirty": bool(diff),
             "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None}
 
 
