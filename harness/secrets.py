@@ -11,9 +11,20 @@ _ASSIGNMENT = re.compile(r"(?P<key>[\w.-]*(?:token|secret|password|passwd|key|cr
 MASK = "***"
 
 
+def environ_snapshot() -> dict[str, str]:
+    """A copy of os.environ that other threads may be changing meanwhile (MLflow's telemetry thread sets and
+    deletes variables): iterating os.environ then raises KeyError for a key deleted mid-iteration."""
+    for _ in range(100):
+        try:
+            return dict(os.environ)
+        except (KeyError, RuntimeError):
+            continue
+    return dict(os.environ)
+
+
 def secret_values() -> list[str]:
     """Values of environment variables whose names look secret (HF_TOKEN, AWS_SECRET_ACCESS_KEY, ...)."""
-    return sorted({v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 6}, key=len,
+    return sorted({v for k, v in environ_snapshot().items() if SECRET_NAME.search(k) and len(v) >= 6}, key=len,
                   reverse=True)
 
 

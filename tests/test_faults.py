@@ -151,3 +151,27 @@ def test_planted_secrets_never_written(ray_session, workdir, monkeypatch):
             data = path.read_bytes()
             hits += [f"{path}: {k}" for k, v in planted.items() if v.encode() in data]
     assert not hits, hits
+
+
+def test_redaction_survives_another_thread_changing_the_environment(monkeypatch):
+    """MLflow's telemetry thread sets and deletes environment variables while a run logs its params; reading
+    os.environ for secrets must not then fail with KeyError (it once failed a run this way)."""
+    from harness.secrets import redact_text
+
+    monkeypatch.setenv("VLMLAB_TEST_TOKEN", "s3cr3t-value")
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            import os
+            os.environ["_VLMLAB_CHURN"] = "x"
+            del os.environ["_VLMLAB_CHURN"]
+
+    thread = threading.Thread(target=churn, daemon=True)
+    thread.start()
+    try:
+        for _ in range(20_000):
+            assert redact_text("key s3cr3t-value") == "key ***"
+    finally:
+        stop.set()
+        thread.join()
