@@ -169,6 +169,13 @@ class ComponentsConfig(Section):
     connector: ComponentSettings = Field(default_factory=ComponentSettings)
 
 
+class RuntimeEnvConfig(Section):
+    """Ray runtime_env of a stage's training workers. `image_uri` runs them inside a container image (Ray's podman
+    path): podman must be on every node, and the image's Ray and Python versions must equal the cluster's exactly
+    (build vlmlab on the cluster's own `rayproject/ray` base)."""
+    image_uri: str | None = None
+
+
 class TrainStageConfig(Section):
     """Fields every training stage (sft, dpo, grpo, align) shares."""
     max_steps: int = Field(1000, ge=1)
@@ -185,6 +192,7 @@ class TrainStageConfig(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     grades: GradESSettings = Field(default_factory=GradESSettings)
     components: ComponentsConfig = Field(default_factory=ComponentsConfig)
+    runtime_env: RuntimeEnvConfig = Field(default_factory=RuntimeEnvConfig)
 
 
 class SFTConfig(TrainStageConfig):

@@ -54,8 +54,14 @@ def _tune_callbacks() -> list:
         return []
 
 
+def worker_runtime_env(stage_cfg) -> dict | None:
+    """The Ray runtime_env for a training stage's workers (None: the driver's own environment)."""
+    env = stage_cfg.runtime_env.model_dump(exclude_none=True)
+    return env or None
+
+
 def fit(loop: Callable[[dict], None], loop_config: dict, resources, storage: Path, name: str,
-        model_out: Path, max_failures: int = 0) -> dict:
+        model_out: Path, max_failures: int = 0, runtime_env: dict | None = None) -> dict:
     """Run ``loop`` on Ray Train workers; copy the final checkpoint (the trained model) to ``model_out``.
 
     Returns the last report's metrics.
@@ -69,7 +75,7 @@ def fit(loop: Callable[[dict], None], loop_config: dict, resources, storage: Pat
         run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=max_failures),
-                             callbacks=_tune_callbacks()),
+                             callbacks=_tune_callbacks(), worker_runtime_env=runtime_env),
     )
     result = trainer.fit()
     if result.error:

@@ -74,3 +74,13 @@ def test_cli_validate_and_env(workdir):
     assert bad.returncode == 2 and "eval.batch_size" in bad.stderr
     env = subprocess.run([*HARNESS, "env", "--json"], capture_output=True, text=True)
     assert env.returncode == 0 and '"transformers": "5.24.0"' in env.stdout
+
+
+def test_stage_runtime_env_reaches_the_ray_workers():
+    from harness.raytrain import worker_runtime_env
+
+    cfg = load_config(None, ["dpo.runtime_env.image_uri=localhost/vlmlab:latest"])
+    assert worker_runtime_env(cfg.dpo) == {"image_uri": "localhost/vlmlab:latest"}
+    assert worker_runtime_env(cfg.sft) is None  # other stages keep the driver's environment
+    with pytest.raises(ConfigError, match="dpo.runtime_env.pip"):
+        load_config(None, ["dpo.runtime_env.pip=[torch]"])

@@ -63,7 +63,8 @@ def run_stage(ctx, loop, stage_cfg, extra: dict | None = None):
     devices = raytrain.devices_held(cfg.resources)
     with ctx.meter.hold(devices, device_kind(cfg.resources.use_gpu)):
         metrics = raytrain.fit(loop, {"run": run_info, "stage": stage_cfg.model_dump()}, cfg.resources,
-                               ctx.ray_storage, ctx.ray_name, model_out, max_failures=cfg.failure.max_failures)
+                               ctx.ray_storage, ctx.ray_name, model_out, max_failures=cfg.failure.max_failures,
+                               runtime_env=raytrain.worker_runtime_env(stage_cfg))
     ctx.meter.add_busy(float(metrics.pop("busy_seconds", 0.0)))
     ctx.meter.kind = gpu_alias(metrics.pop("device", "CPU"))  # what the workers actually ran on
     shutil.rmtree(run_info["work_dir"], ignore_errors=True)  # Ray holds the checkpoints that matter
