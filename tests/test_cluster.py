@@ -86,12 +86,12 @@ def test_ray_job_submit_runs_a_pipeline_on_the_cluster(ray_head):
         env=env, capture_output=True, text=True, timeout=900)
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
-    with pytest.MonkeyPatch.context() as mp:  # the SDK reads the cluster's token from the environment
-        for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
-            mp.setenv(key, env[key])
-        from ray.job_submission import JobStatus, JobSubmissionClient
-
-        assert JobSubmissionClient(address).get_job_status(job_id) == JobStatus.SUCCEEDED
+    # the Jobs SDK, in a fresh process: an earlier ray.init() in this one caches ~/.ray's token, not this cluster's
+    status = subprocess.run(
+        [sys.executable, "-c", "import sys; from ray.job_submission import JobSubmissionClient as C; "
+         "print(C(sys.argv[1]).get_job_status(sys.argv[2]).value)", address, job_id],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert status.stdout.strip() == "SUCCEEDED", status.stdout + status.stderr[-2000:]
     # the job attached to this cluster rather than starting a Ray of its own
     assert "Connecting to existing Ray cluster" in submit.stdout + submit.stderr
     results = list(out.glob("*/result.json"))
