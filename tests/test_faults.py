@@ -2,6 +2,7 @@
 concurrent writers, planted secrets. Each asserts that nothing is lost and nothing is left RUNNING."""
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -163,7 +164,6 @@ def test_redaction_survives_another_thread_changing_the_environment(monkeypatch)
 
     def churn():
         while not stop.is_set():
-            import os
             os.environ["_VLMLAB_CHURN"] = "x"
             del os.environ["_VLMLAB_CHURN"]
 

@@ -97,7 +97,7 @@ def _browse(browser: str, url: str, *mode: str) -> subprocess.CompletedProcess:
             capture_output=True, text=True, timeout=180)
 
 
-@pytest.mark.skipif(_chromium() is None, reason="no chromium on PATH (scripts/setup installs it where apt can)")
+@pytest.mark.skipif(_chromium() is None, reason="no chromium on PATH (scripts/test installs it where apt can)")
 def test_mlflow_ui_shows_the_runs_with_cost_columns(in_three_runs):
     """MLflow's own UI, in a real headless browser: the runs table (our saved view) lists the three runs by name
     and shows the cost columns."""
