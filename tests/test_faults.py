@@ -2,6 +2,7 @@
 concurrent writers, planted secrets. Each asserts that nothing is lost and nothing is left RUNNING."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -39,19 +40,29 @@ def _checkpoints(root: Path, stage: str = "sft") -> list[Path]:
     return sorted((root / "runs" / ".cache" / "ray").glob(f"{stage}-*/checkpoint_*"))
 
 
+def _registered_checkpoint(root: Path, stage: str = "sft") -> bool:
+    for snapshot in (root / "runs" / ".cache" / "ray").glob(f"{stage}-*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text()).get("checkpoint_results"):
+                return True
+        except (OSError, ValueError):  # being written
+            pass
+    return False
+
+
 def test_worker_killed_mid_stage_restarts_from_checkpoint(ray_session, workdir):
     """A Ray Train worker SIGKILLed mid-stage: with failure.max_failures=1 the stage resumes from its last
     checkpoint and ends with the same eval metrics as an uninterrupted run (deterministic on CPU)."""
     import psutil
 
-    overrides = tiny_overrides(**SLOW_SFT)
+    overrides = tiny_overrides(**(SLOW_SFT | {"sft.max_steps": 80}))  # room to kill it after a checkpoint
     clean = run_pipeline(load_config(None, overrides), "sft", str(workdir / "clean"))
     killed = []
 
     def kill_worker_after_first_checkpoint():
-        # a checkpoint directory appears while it is still being written and before Ray registers it; the second
-        # one appearing means the first (step 10) was reported and registered 10 steps ago
-        _wait_for(lambda: len(_checkpoints(workdir)) >= 2, 300, "two checkpoints")
+        # a checkpoint directory appears before Ray's controller registers it (a kill then restarts from
+        # nothing): wait until Ray's own checkpoint-manager snapshot lists a checkpoint
+        _wait_for(lambda: _registered_checkpoint(workdir), 300, "a registered checkpoint")
         # only this test's own Ray (started by this process) is searched: its workers are our descendants
         def workers():
             found = []
@@ -73,7 +84,7 @@ def test_worker_killed_mid_stage_restarts_from_checkpoint(ray_session, workdir):
     killer.join(timeout=5)
     assert killed, "the worker was never killed"
     assert result["metrics"]["sft/resumed_from_step"] > 0
-    assert result["metrics"]["sft/steps"] == 40
+    assert result["metrics"]["sft/steps"] == 80
     for key in ("eval/vqa_accuracy", "eval/chartqa_relaxed_accuracy"):
         assert result["metrics"][key] == clean["metrics"][key], key
 
