@@ -2,13 +2,15 @@
 # Default base: Ray's own CUDA image (T4-ready, Python 3.11), so the same image can be a Ray cluster's node image.
 # Any base with Python 3.11 and venv works, e.g. a CPU build:
 #   docker build --build-arg BASE_IMAGE=debian-py311 -t vlmlab .
-# Local wheels (e.g. a CPU torch) are taken from wheels/ in the build context if there is one (never copied in).
+# Local wheels (e.g. a CPU torch) are taken from wheels/ in the build context (bind-mounted, never copied in).
+# scripts/build-image [--local-base] wraps this build (--local-base: a Debian base made here, CPU torch).
 # A TLS-inspecting proxy's CA bundle comes in as a secret, never a layer: --secret id=pip_cert,src=/path/ca.pem
 ARG BASE_IMAGE=rayproject/ray:2.60.0-py311-gpu
 
 FROM ${BASE_IMAGE}
 ARG TORCH_SPEC=torch==2.13.0
 ARG VLMLAB_GIT_SHA=""
+LABEL org.opencontainers.image.title="vlmlab" org.opencontainers.image.revision="${VLMLAB_GIT_SHA}"
 USER 0
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV VIRTUAL_ENV=/opt/venv \
@@ -25,11 +27,11 @@ ENV VIRTUAL_ENV=/opt/venv \
 COPY pyproject.toml constraints.txt /opt/vlmlab/
 # torch is pinned by TORCH_SPEC, everything else by constraints.txt
 # hadolint ignore=DL3013
-RUN --mount=type=bind,target=/context \
+RUN --mount=type=bind,source=wheels,target=/wheels \
     --mount=type=secret,id=pip_cert \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi; \
     python3 -m venv "$VIRTUAL_ENV" \
-    && pip install --find-links /context/wheels "$TORCH_SPEC" \
+    && pip install --find-links /wheels "$TORCH_SPEC" \
     && python3 -c 'import tomllib; print("\n".join(tomllib.load(open("/opt/vlmlab/pyproject.toml", "rb"))["project"]["dependencies"]))' \
        > /tmp/requirements.txt \
     && pip install -c /opt/vlmlab/constraints.txt -r /tmp/requirements.txt \

@@ -8,7 +8,7 @@ from pathlib import Path
 from harness.errors import UserError
 
 # Metrics that measure the machine, not the result: never compared.
-TIMING_MARKERS = ("per_second", "runtime", "wall", "seconds", "cost/")
+TIMING_MARKERS = ("per_second", "runtime", "wall", "seconds", "cost/", "_unix")
 MANIFEST_FIELDS = ("git", "packages", "packages_sha256", "hardware", "data_fingerprints", "model_weights_sha256")
 
 

@@ -131,12 +131,14 @@ def peft_config(lora: dict):
 class StepTimer(TrainerCallback):
     """Seconds spent inside optimizer steps (forward, backward, update): the stage's busy time.
 
-    ``instrument(trainer)`` also times the backward passes (``backward`` seconds).
+    ``instrument(trainer)`` also times the backward passes (``backward`` seconds); ``first_step_at`` is the
+    wall-clock time (Unix seconds) the first step began, for time-to-first-step.
     """
 
     def __init__(self):
         self.busy = 0.0
         self.backward = 0.0
+        self.first_step_at = None
         self._t0 = None
 
     def instrument(self, trainer) -> None:
@@ -153,6 +155,8 @@ class StepTimer(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._t0 = time.perf_counter()
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._t0 is not None:
@@ -254,7 +258,7 @@ def train_and_save(trainer, processor, run: dict, prefix: str, summarize=None) -
         f"{prefix}/train_loss": out.training_loss, f"{prefix}/steps": out.global_step,
         f"{prefix}/train_samples_per_second": out.metrics.get("train_samples_per_second", 0.0),
         f"{prefix}/backward_seconds": timer.backward, f"{prefix}/step_seconds": timer.busy,
-        f"{prefix}/resumed_from_step": resumed_step(resume),
+        f"{prefix}/resumed_from_step": resumed_step(resume), f"{prefix}/first_step_unix": timer.first_step_at or 0.0,
         "busy_seconds": timer.busy, "device": torch.cuda.get_device_name(0) if use_gpu else "CPU",
     }
     metrics.update(loss_summary(trainer.state.log_history, prefix))

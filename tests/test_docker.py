@@ -1,0 +1,158 @@
+"""The real image: a private dockerd, a locally made Debian base, the real Dockerfile, `harness run dpo` inside.
+
+The build needs the network (pip, the Debian mirror), which the loopback-only namespace of scripts/test lacks.
+scripts/test therefore keeps a handle on the machine's network namespace (fd 9, `VLMLAB_HOST_NETNS`), and only
+dockerd and the build script enter it. dockerd listens on a unix socket only (no TCP, no bridge, no iptables) and
+every container runs with `--network none`. Its data root is a cache under ~/.cache/vlmlab, so later runs on this
+machine reuse the base image and the dependency layer; with an empty cache everything is built from nothing.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, loopback_only
+
+HOST_NETNS_FD = 9
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlmlab" / "docker"
+DOCKER = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else (shutil.which("docker") or "docker")
+IMAGE = "vlmlab:ci"
+
+
+def _with_network(argv: list[str]) -> tuple[list[str], tuple[int, ...]]:
+    """argv run in the machine's network namespace when the suite runs in a loopback-only one."""
+    if not loopback_only():
+        return argv, ()
+    return ["nsenter", f"--net=/proc/self/fd/{HOST_NETNS_FD}", *argv], (HOST_NETNS_FD,)
+
+
+def _missing() -> str | None:
+    if os.geteuid() != 0:
+        return "dockerd needs root"
+    for tool in ("dockerd", "debootstrap", "nsenter"):
+        if not shutil.which(tool):
+            return f"{tool} is not installed (scripts/test installs docker.io and debootstrap where apt can)"
+    if loopback_only() and os.environ.get("VLMLAB_HOST_NETNS") != f"/proc/self/fd/{HOST_NETNS_FD}":
+        return "the image build needs the network: run the suite through scripts/test"
+    return None
+
+
+@pytest.fixture(scope="module")
+def docker_env():
+    """A private dockerd (overlay2) on a unix socket; stopped afterwards by its PID."""
+    reason = _missing()
+    if reason:
+        pytest.skip(reason)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    lock = open(CACHE / "lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # one dockerd per data root: a second CI run on this machine waits here
+    run_dir = Path(tempfile.mkdtemp(prefix="dk", dir="/tmp"))  # short: the socket path must stay < 108 chars
+    sock = run_dir / "docker.sock"
+    argv, fds = _with_network([
+        "dockerd", f"--host=unix://{sock}", f"--data-root={CACHE / 'data'}", f"--exec-root={run_dir / 'exec'}",
+        f"--pidfile={run_dir / 'pid'}", "--storage-driver=overlay2", "--iptables=false", "--ip6tables=false",
+        "--bridge=none"])
+    with open(run_dir / "dockerd.log", "w") as log:
+        daemon = subprocess.Popen(argv, pass_fds=fds, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {**os.environ, "DOCKER_HOST": f"unix://{sock}", "DOCKER": DOCKER, "VLMLAB_IMAGE": IMAGE}
+    try:
+        deadline = time.time() + 60
+        while subprocess.run([DOCKER, "info"], env=env, capture_output=True).returncode != 0:
+            assert daemon.poll() is None, (run_dir / "dockerd.log").read_text()[-3000:]
+            assert time.time() < deadline, "dockerd did not come up"
+            time.sleep(1)
+        yield env
+    finally:
+        subprocess.run([DOCKER, "image", "prune", "-f"], env=env, capture_output=True)  # superseded builds
+        daemon.terminate()
+        try:
+            daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        lock.close()
+
+
+@pytest.fixture(scope="module")
+def image(docker_env):
+    """`scripts/build-image --local-base`: debootstrap base (cached) + the real Dockerfile, tagged vlmlab:ci."""
+    argv, fds = _with_network([str(ROOT / "scripts" / "build-image"), "--local-base"])
+    start = time.time()
+    build = subprocess.run(argv, pass_fds=fds, env=docker_env, capture_output=True, text=True, timeout=1800)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-5000:]
+    size = json.loads(_docker(docker_env, "image", "inspect", IMAGE).stdout)[0]["Size"]
+    print(f"image {IMAGE}: built in {time.time() - start:.0f} s, {size / 1e9:.2f} GB")
+    return IMAGE
+
+
+def _docker(env, *args, timeout=120) -> subprocess.CompletedProcess:
+    out = subprocess.run([DOCKER, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"docker {' '.join(args)}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+def test_image_runs_as_non_root_and_carries_no_secret_or_build_cache(docker_env, image):
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    labels = json.loads(_docker(docker_env, "image", "inspect", image).stdout)[0]["Config"]["Labels"]
+    assert labels["org.opencontainers.image.revision"] == head
+    help_text = _docker(docker_env, "run", "--rm", "--network", "none", image, "harness", "--help").stdout
+    assert "run" in help_text and "sweep" in help_text and "leaderboard" in help_text
+    whoami = _docker(docker_env, "run", "--rm", "--network", "none", image, "id", "-u").stdout.strip()
+    assert whoami == "1000"
+    # no pip caches, wheels or build secret left behind (BuildKit leaves the bind mounts' points as empty dirs)
+    leftovers = _docker(docker_env, "run", "--rm", "--network", "none", "--user", "0", image, "sh", "-c",
+                        "for p in /root/.cache/pip /home/vlmlab/.cache/pip /opt/vlmlab/wheels /wheels /run/secrets "
+                        "/tmp/requirements.txt; do [ -f $p ] || [ -n \"$(ls -A $p 2>/dev/null)\" ] && echo $p; "
+                        "done; true").stdout
+    assert leftovers.strip() == "", leftovers
+    # the proxy's CA bundle was a build secret: none of this machine's extra CAs is in the image's trust store
+    store = "".join(_docker(docker_env, "run", "--rm", "--network", "none", image, "sh", "-c",
+                            "cat /etc/ssl/certs/*.pem 2>/dev/null; true").stdout.split())
+    assert len(store) > 10_000, "the image has no CA store to check"
+    extra_cas = list(Path("/usr/local/share/ca-certificates").rglob("*.crt"))
+    for extra_ca in extra_cas:
+        body = "".join(extra_ca.read_text().split("-----")[2].split())
+        assert body[:200] not in store, f"{extra_ca} is in the image"
+    assert "BEGIN" not in _docker(docker_env, "history", "--no-trunc", image).stdout
+
+
+def test_harness_run_dpo_default_preset_in_the_container(docker_env, image, tmp_path):
+    """The README's Docker command on the embedded default preset; results and MLflow DB land on the volume."""
+    volume = tmp_path / "work"
+    volume.mkdir()
+    os.chown(volume, 1000, 1000)
+    start = time.time()
+    run = subprocess.run(
+        [DOCKER, "run", "--rm", "--network", "none", "--shm-size=2g", "-v", f"{volume}:/work", image,
+         "harness", "run", "dpo"], env=docker_env, capture_output=True, text=True, timeout=1800)
+    wall = time.time() - start
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    print(f"in-container `harness run dpo` (default preset): {wall:.0f} s")
+    results = list((volume / "runs").glob("*/result.json"))
+    assert len(results) == 1, results
+    result = json.loads(results[0].read_text())
+    assert result["pipeline"] == "dpo" and result["reused_stages"] == []
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert result["manifest"]["git"]["sha"] == head
+    # same pins, same CPU arithmetic: the container reproduces the host's reference run of the default preset
+    reference = json.loads((ROOT / "results" / "reference" / "dpo.json").read_text())["metrics"]
+    metrics = result["metrics"]
+    for key in ("eval/sft_vqa_accuracy", "eval/sft_chartqa_relaxed_accuracy", "eval/vqa_accuracy",
+                "eval/chartqa_relaxed_accuracy", "dpo/reward_accuracy"):
+        assert abs(metrics[key] - reference[key]) <= 0.01, (key, metrics[key], reference[key])
+    assert metrics["dpo/reward_margin_end"] > metrics["dpo/reward_margin_start"]
+    # the MLflow store is on the volume: the parent run and one child per stage, all FINISHED
+    with sqlite3.connect(volume / "mlflow.db") as db:
+        statuses = db.execute("SELECT r.status, t.value FROM runs r LEFT JOIN tags t ON t.run_uuid = r.run_uuid "
+                              "AND t.key = 'mlflow.parentRunId'").fetchall()
+    assert statuses and all(status == "FINISHED" for status, _ in statuses), statuses
+    assert sum(parent is None for _, parent in statuses) == 1 and len(statuses) >= 5
