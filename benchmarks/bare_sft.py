@@ -84,7 +84,7 @@ def main() -> None:
     out = trainer.train()
     trainer.save_model(str(args.out / "final"))
     print(json.dumps({"wall_seconds": time.time() - start, "started_at": start, "first_step_unix": timer.first_step_at,
-                      "busy_seconds": timer.busy, "steps": out.global_step,
+                      "busy_seconds": timer.busy, "steps": out.global_step, "train_loss": out.training_loss,
                       "train_samples_per_second": out.metrics.get("train_samples_per_second")}))
 
 

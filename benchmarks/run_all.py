@@ -8,8 +8,8 @@
                which goes first, median over --reps.
 2. sweep       `harness sweep dpo-beta --trials 8` vs standalone `harness run dpo` of the same (shortened) DPO
                stage, both reusing the overhead run's cached data/model/sft: wall per trial / standalone wall.
-3. utilization busy/held per training stage from the cost accounting (this run's sft and dpo; GRPO from the
-               recorded default-preset reference run), and where the rest of the held time went.
+3. grpo        `harness run grpo` on the default preset (cached sft): with sft, the utilization (busy/held from
+               the cost accounting) of the training stages; DPO's from the recorded default-preset run.
 4. eval        the eval stage's batched lm-eval model vs lm-eval's own `hf-multimodal` at batch size 1 on the same
                checkpoint and items: items/s and both scores.
 5. throughput  samples/s and tokens/s of each training stage.
@@ -45,7 +45,8 @@ def sh(argv: list[str], log: Path) -> float:
 
 
 def newest_result(out: Path) -> dict:
-    return json.loads(max(out.glob("*/result.json"), key=lambda p: p.stat().st_mtime).read_text())
+    path = max(out.glob("*/result.json"), key=lambda p: p.stat().st_mtime)
+    return {**json.loads(path.read_text()), "run_dir": str(path.parent)}
 
 
 def stage(result: dict, name: str) -> dict:
@@ -170,7 +171,7 @@ def tokens_per_sample(work: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="overhead,sweep,eval", help="comma-separated sections")
+    parser.add_argument("--only", default="overhead,sweep,grpo,eval", help="comma-separated sections")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a new temp dir)")
@@ -190,8 +191,14 @@ def main() -> None:
         raise SystemExit("sweep/eval reuse the overhead section's run: include it, or pass its --work directory")
     if "sweep" in sections:
         report["sweep"] = sweep(work, args.trials, args.overrides)
+    if "grpo" in sections:
+        report["grpo"] = grpo_run(work, args.overrides)
     if "eval" in sections:
         report["eval"] = eval_speed(work, args.reps)
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    for section in sections:  # sections kept from an earlier --only run keep their own time
+        if isinstance(report.get(section), dict):
+            report[section]["measured_at"] = stamp
     report["throughput"] = throughput(report, tokens_per_sample(work))
     report["utilization"] = utilization(report)
     report["summary"] = {
@@ -208,28 +215,43 @@ def main() -> None:
 
 
 def throughput(report: dict, tokens: float) -> dict:
-    reference = json.loads((ROOT / "results" / "reference" / "grpo.json").read_text())["metrics"]
     sft = report.get("overhead", {}).get("sft_samples_per_second")
     dpo = report.get("sweep", {}).get("dpo_samples_per_second")
-    grpo = reference.get("grpo/train_samples_per_second")
+    grpo = report.get("grpo", {}).get("samples_per_second")
     return {"tokens_per_sample": tokens,
             "sft": {"samples_per_second": sft, "tokens_per_second": sft and sft * tokens},
             "dpo": {"pairs_per_second": dpo, "tokens_per_second": dpo and dpo * 2 * tokens},
-            "grpo": {"samples_per_second": grpo, "source": "results/reference/grpo.json (default preset)"},
+            "grpo": {"samples_per_second": grpo},
             "note": "DPO tokens count the chosen and the rejected sequence of each pair"}
 
 
+def grpo_run(work: Path, extra: list[str]) -> dict:
+    """`harness run grpo` on the default preset, its data/model/sft from the overhead run's cache."""
+    out = work / "harness0"
+    wall = sh([str(BIN / "harness"), "run", "grpo", f"--output-dir={out}", f"tracking.uri=sqlite:///{out}/mlflow.db",
+               *extra], work / "grpo.log")
+    result = newest_result(out)
+    grpo = stage(result, "grpo")
+    print(f"grpo (default preset): {wall:.1f} s, stage {grpo['wall_seconds']:.1f} s, utilization "
+          f"{grpo['cost']['cost/utilization']:.3f}", flush=True)
+    return {"wall_seconds": wall, "stage_seconds": grpo["wall_seconds"],
+            "utilization": grpo["cost"]["cost/utilization"],
+            "samples_per_second": result["metrics"]["grpo/train_samples_per_second"],
+            "busy_seconds": result["metrics"]["grpo/step_seconds"]}
+
+
 def utilization(report: dict) -> dict:
-    """busy/held per training stage on the default preset: sft from this run, dpo/grpo from the reference runs."""
-    per_stage = {"sft": report.get("overhead", {}).get("sft_utilization")}
-    for name in ("dpo", "grpo"):
-        reference = json.loads((ROOT / "results" / "reference" / f"{name}.json").read_text())
-        per_stage[name] = stage(reference, name)["cost"]["cost/utilization"]
+    """busy/held per training stage on the default preset (dpo: the recorded reference run; 9 minutes)."""
+    reference = json.loads((ROOT / "results" / "reference" / "dpo.json").read_text())
+    per_stage = {"sft": report.get("overhead", {}).get("sft_utilization"),
+                 "dpo": stage(reference, "dpo")["cost"]["cost/utilization"],
+                 "grpo": report.get("grpo", {}).get("utilization")}
     known = [v for v in per_stage.values() if v is not None]
     return {"per_stage": per_stage, "min_train_utilization": min(known) if known else None,
             "dpo_shortened_sweep_runs": report.get("sweep", {}).get("dpo_utilization"),
-            "settings": "default preset: sft from this run; dpo and grpo from results/reference/*.json (recorded "
-                        "default-preset runs, benchmarks/reference_results.py)"}
+            "settings": "default preset: sft and grpo from this run; dpo from results/reference/dpo.json (a "
+                        "recorded default-preset run, benchmarks/reference_results.py, before the Ray Train "
+                        "poll-interval fix, which only shortens held time)"}
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -284,7 +306,7 @@ def write_markdown(report: dict, path: Path) -> None:
               f"| sft | {_fmt(tp['sft']['samples_per_second'], 1)} | {_fmt(tp['sft']['tokens_per_second'], 0)} |",
               f"| dpo (pairs) | {_fmt(tp['dpo']['pairs_per_second'], 1)} | {_fmt(tp['dpo']['tokens_per_second'], 0)} |",
               f"| grpo | {_fmt(tp['grpo']['samples_per_second'], 1)} | n/a |", ""]
-    gpu = sorted((ROOT / "results" / "gpu").glob("*.json"))
+    gpu = sorted((ROOT / "results" / "gpu").glob("gpu_*.json"))
     if gpu:
         lines += ["## GPU: SmolVLM-256M-sized model (`benchmarks/gpu_throughput.py`)", "",
                   "| GPU | precision | batch | samples/s | tokens/s | MFU | memory (GiB) |",
@@ -293,6 +315,17 @@ def write_markdown(report: dict, path: Path) -> None:
             g = json.loads(f.read_text())
             lines.append(f"| {g['gpu']} | {g['precision']} | {g['batch_size']} | {g['samples_per_second']:.1f} | "
                          f"{g['tokens_per_second']:.0f} | {_fmt(g['mfu'])} | {g['max_memory_gib']:.1f} |")
+        lines.append("")
+    tiny = sorted((ROOT / "results" / "gpu").glob("tiny_sft_*.json"))
+    if tiny:
+        lines += ["## GPU: the default preset's SFT through TRL (`bare_sft.py resources.use_gpu=true`)", "",
+                  "See results/gpu/README.md for the machine and command.", "",
+                  "| precision | steps | inside steps (s) | samples/s | train loss |",
+                  "| --- | --- | --- | --- | --- |"]
+        for f in tiny:
+            g = json.loads(f.read_text())
+            lines.append(f"| {f.stem.rsplit('_', 1)[1]} | {g['steps']} | {g['busy_seconds']:.1f} | "
+                         f"{g['train_samples_per_second']:.0f} | {g['train_loss']:.3f} |")
         lines.append("")
     path.write_text("\n".join(lines))
 
