@@ -22,30 +22,20 @@ sys.path.insert(0, str(ROOT))
 
 def make_data(cfg, out: Path) -> dict:
     """Each task's canonical train/test parquet, generated and read back exactly as the data stage does."""
-    from datasets import Dataset, Image
-
-    from stages.data import SYNTHETIC_TEST_OFFSET
+    from stages.data import _synthetic_source, _write_parquet
     from stages.support import datasets as dsets
-    from stages.support import synthetic
 
     tasks = {}
     for kind, spec in (("vqa", cfg.data.vqa), ("chartqa", cfg.data.chartqa)):
-        name = dsets.SYNTHETIC_TASK[kind]
-        for split, size, offset in (("train", spec.train_size or 8000, 0),
-                                    ("test", spec.test_size or 300, SYNTHETIC_TEST_OFFSET)):
-            rows = synthetic.generate(name, size, cfg.seed, cfg.data.image_size, offset)
-            (out / "raw" / name).mkdir(parents=True, exist_ok=True)
-            raw = out / "raw" / name / f"{split}.parquet"
-            Dataset.from_list(rows).cast_column("image", Image()).to_parquet(str(raw))
-        spec = spec.model_copy(update={"source": str(out / "raw" / name), "format": "parquet"})
+        _synthetic_source(kind, spec, cfg, out / "raw")
+        spec = spec.model_copy(update={"source": str(out / "raw" / dsets.SYNTHETIC_TASK[kind]), "format": "parquet"})
         tasks[kind] = {}
         for split_key in ("train", "test"):
             limit = getattr(spec, f"{split_key}_size")
             rows, origin = dsets.load_split(spec, kind, getattr(spec, f"{split_key}_split"), limit)
             path = out / kind / f"{split_key}.parquet"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Dataset.from_list(dsets.canonicalize(rows, kind, spec.columns, origin, limit),
-                              features=dsets.canonical_features()).to_parquet(str(path))
+            canonical = dsets.canonicalize(rows, kind, spec.columns, origin, limit)
+            _write_parquet(canonical, path, dsets.canonical_features())
             tasks[kind][split_key] = str(path)
     return tasks
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+EVAL_SPEED = ROOT / "benchmarks" / "eval_speed.py"
 SWEEP_DPO = ["dpo.max_steps=40", "dpo.preference.size=256", "eval.limit=100"]  # a trial of ~1 minute
 STANDALONE_BETAS = (0.05, 0.2)  # not on the sweep's grid, so the standalone runs are not cache hits
 
@@ -51,6 +52,16 @@ def newest_result(out: Path) -> dict:
 
 def stage(result: dict, name: str) -> dict:
     return next(s for s in result["stages"] if s["name"] == name)
+
+
+def last_json(log: Path) -> dict:
+    """The JSON line a benchmark script prints last."""
+    return json.loads(log.read_text().strip().splitlines()[-1])
+
+
+def overhead_run_dir(work: Path) -> Path:
+    """The first harness run of the overhead section: its data, model and SFT checkpoint feed later sections."""
+    return Path(json.loads((work / "overhead.json").read_text())["reps"][0]["harness"]["run_dir"])
 
 
 def overhead(work: Path, reps: int, extra: list[str]) -> dict:
@@ -75,7 +86,7 @@ def overhead(work: Path, reps: int, extra: list[str]) -> dict:
             else:
                 wall = sh([sys.executable, str(ROOT / "benchmarks" / "bare_sft.py"), f"--out={out_b}", *extra],
                           work / f"bare{rep}.log")
-                line = json.loads((work / f"bare{rep}.log").read_text().strip().splitlines()[-1])
+                line = last_json(work / f"bare{rep}.log")
                 timings["bare"] = {"wall": wall, "first_step": line["first_step_unix"] - launched,
                                    "busy": line["busy_seconds"], "samples_per_second": line["train_samples_per_second"]}
         rows.append(timings)
@@ -132,18 +143,17 @@ def sweep(work: Path, trials: int, extra: list[str]) -> dict:
 
 def eval_speed(work: Path, reps: int) -> dict:
     """The eval stage's lm-eval model (batched) vs stock hf-multimodal at batch size 1: same tasks and items."""
-    run_dir = Path(json.loads((work / "overhead.json").read_text())["reps"][0]["harness"]["run_dir"])
+    run_dir = overhead_run_dir(work)
     result = json.loads((run_dir / "result.json").read_text())
     model_dir = str(Path(stage(result, "sft")["reused_from"] if "reused_from" in stage(result, "sft")
                          else run_dir / "sft") / "model")
     tasks = {k: {"test": str(run_dir / "data" / k / "test.parquet")} for k in ("vqa", "chartqa")}
-    code = (ROOT / "benchmarks" / "eval_speed.py")
     rows = []
     for rep in range(reps):
         for which in ("vlmlab", "lm-eval-bs1") if rep % 2 == 0 else ("lm-eval-bs1", "vlmlab"):
             log = work / f"eval_{which}_{rep}.log"
-            sh([sys.executable, str(code), which, model_dir, json.dumps(tasks)], log)
-            rows.append({"which": which, **json.loads(log.read_text().strip().splitlines()[-1])})
+            sh([sys.executable, str(EVAL_SPEED), which, model_dir, json.dumps(tasks)], log)
+            rows.append({"which": which, **last_json(log)})
     ours = [r for r in rows if r["which"] == "vlmlab"]
     stock = [r for r in rows if r["which"] == "lm-eval-bs1"]
     ips = lambda rs: statistics.median(r["items_per_second"] for r in rs)  # noqa: E731
@@ -161,12 +171,11 @@ def eval_speed(work: Path, reps: int) -> dict:
 
 def tokens_per_sample(work: Path) -> float:
     """Mean tokens (image tokens included) of an SFT sample of the default preset, through the processor."""
-    run_dir = Path(json.loads((work / "overhead.json").read_text())["reps"][0]["harness"]["run_dir"])
-    code = (ROOT / "benchmarks" / "eval_speed.py")
+    run_dir = overhead_run_dir(work)
     log = work / "tokens.log"
-    sh([sys.executable, str(code), "tokens", str(run_dir / "model" / "model"),
+    sh([sys.executable, str(EVAL_SPEED), "tokens", str(run_dir / "model" / "model"),
         json.dumps({k: {"train": str(run_dir / "data" / k / "train.parquet")} for k in ("vqa", "chartqa")})], log)
-    return json.loads(log.read_text().strip().splitlines()[-1])["tokens_per_sample"]
+    return last_json(log)["tokens_per_sample"]
 
 
 def main() -> None:
@@ -207,8 +216,7 @@ def main() -> None:
         "min_train_utilization": report["utilization"]["min_train_utilization"],
         "eval_speedup_vs_lm_eval": report.get("eval", {}).get("eval_speedup_vs_lm_eval")}
     report["machine"] = {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                         "python": platform.python_version(),
-                         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+                         "python": platform.python_version(), "when": stamp}
     out_json.write_text(json.dumps(report, indent=1, default=str))
     write_markdown(report, ROOT / "results" / "benchmarks.md")
     print(json.dumps(report["summary"], indent=1))
@@ -256,6 +264,18 @@ def utilization(report: dict) -> dict:
 
 def _fmt(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _section(title: str, intro: list[str], header: tuple, rows: list[tuple]) -> list[str]:
+    """A markdown section holding one table; nothing when there are no rows."""
+    if not rows:
+        return []
+    return [title, "", *intro, "| " + " | ".join(header) + " |", "|" + " --- |" * len(header),
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows), ""]
 
 
 def write_markdown(report: dict, path: Path) -> None:
@@ -306,30 +326,19 @@ def write_markdown(report: dict, path: Path) -> None:
               f"| sft | {_fmt(tp['sft']['samples_per_second'], 1)} | {_fmt(tp['sft']['tokens_per_second'], 0)} |",
               f"| dpo (pairs) | {_fmt(tp['dpo']['pairs_per_second'], 1)} | {_fmt(tp['dpo']['tokens_per_second'], 0)} |",
               f"| grpo | {_fmt(tp['grpo']['samples_per_second'], 1)} | n/a |", ""]
-    gpu = sorted((ROOT / "results" / "gpu").glob("gpu_*.json"))
-    if gpu:
-        lines += ["## GPU: SmolVLM-256M-sized model (`benchmarks/gpu_throughput.py`)", "",
-                  "| GPU | precision | batch | samples/s | tokens/s | MFU | memory (GiB) |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        for f in gpu:
-            g = json.loads(f.read_text())
-            lines.append(f"| {g['gpu']} | {g['precision']} | {g['batch_size']} | {g['samples_per_second']:.1f} | "
-                         f"{g['tokens_per_second']:.0f} | {_fmt(g['mfu'])} | {g['max_memory_gib']:.1f} |")
-        lines.append("")
-    tiny = sorted((ROOT / "results" / "gpu").glob("tiny_sft_*.json"))
-    if tiny:
-        lines += ["## GPU: the default preset's SFT through TRL (`bare_sft.py resources.use_gpu=true`)", "",
-                  "See results/gpu/README.md for the machine and command.", "",
-                  "| precision | steps | inside steps (s) | samples/s | train loss |",
-                  "| --- | --- | --- | --- | --- |"]
-        for f in tiny:
-            g = json.loads(f.read_text())
-            lines.append(f"| {f.stem.rsplit('_', 1)[1]} | {g['steps']} | {g['busy_seconds']:.1f} | "
-                         f"{g['train_samples_per_second']:.0f} | {g['train_loss']:.3f} |")
-        lines.append("")
+    gpu_rows = [(g["gpu"], g["precision"], g["batch_size"], f"{g['samples_per_second']:.1f}",
+                 f"{g['tokens_per_second']:.0f}", _fmt(g["mfu"]), f"{g['max_memory_gib']:.1f}")
+                for g in map(_load, sorted((ROOT / "results" / "gpu").glob("gpu_*.json")))]
+    lines += _section("## GPU: SmolVLM-256M-sized model (`benchmarks/gpu_throughput.py`)", [],
+                      ("GPU", "precision", "batch", "samples/s", "tokens/s", "MFU", "memory (GiB)"), gpu_rows)
+    tiny_rows = [(f.stem.rsplit("_", 1)[1], g["steps"], f"{g['busy_seconds']:.1f}",
+                  f"{g['train_samples_per_second']:.0f}", f"{g['train_loss']:.3f}")
+                 for f in sorted((ROOT / "results" / "gpu").glob("tiny_sft_*.json")) for g in [_load(f)]]
+    lines += _section("## GPU: the default preset's SFT through TRL (`bare_sft.py resources.use_gpu=true`)",
+                      ["See results/gpu/README.md for the machine and command.", ""],
+                      ("precision", "steps", "inside steps (s)", "samples/s", "train loss"), tiny_rows)
     path.write_text("\n".join(lines))
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     main()
