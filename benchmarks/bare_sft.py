@@ -52,7 +52,7 @@ def main() -> None:
 
     from harness.config import load_config
     from stages.sft import to_prompt_completion
-    from stages.support import tinyvlm, training
+    from stages.support import callbacks, tinyvlm, training
 
     cfg = load_config(None, args.overrides)
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
@@ -69,7 +69,7 @@ def main() -> None:
     sft_args = SFTConfig(**training.common_args(stage_cfg, {"resources": cfg.resources.model_dump(), "seed": cfg.seed},
                                                 args.out / "trainer"), max_length=None, completion_only_loss=True)
     trainer = SFTTrainer(model=model, args=sft_args, train_dataset=data, processing_class=processor)
-    timer = training.StepTimer()
+    timer = callbacks.StepTimer()
     trainer.add_callback(timer)
     out = trainer.train()
     trainer.save_model(str(args.out / "final"))

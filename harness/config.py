@@ -125,6 +125,12 @@ class ResourcesConfig(Section):
     gpus_per_worker: float = Field(1, gt=0)
 
 
+class RayConfig(Section):
+    """The local Ray instance the harness starts (not used under `ray job submit`, which attaches to a cluster)."""
+    dashboard: bool = Field(False, description="also start Ray's dashboard on 127.0.0.1:8265 (nine more processes "
+                                               "sharing the training cores)")
+
+
 class LoraConfig(Section):
     enabled: bool = False
     r: int = Field(16, ge=1)
@@ -304,6 +310,7 @@ class PipelineConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
     align: AlignConfig = Field(default_factory=AlignConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)

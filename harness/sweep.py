@@ -192,7 +192,7 @@ def run_sweep(cfg, pipeline: str, fixed: list[str], space: dict[str, tuple[str, 
     with tracker.closing_on_error():
         tracker.log_params(parent, {"space": json.dumps(space), "trials": trials, "objective": objective,
                                     "shared_stages": ",".join(prefix)})
-        ensure_ray()
+        ensure_ray(base.ray.dashboard)
         if prefix:  # the shared stages, once; trials reuse them from the cache
             shared = base.model_copy(update={"pipelines": {**base.pipelines, "_shared": prefix}})
             shared_cost = run_pipeline(shared, "_shared", str(root), console=console,

@@ -274,9 +274,12 @@ def _check_server(uri: str, timeout: float = 5.0) -> None:
 def log_step_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int,
                      outbox: str | None = None) -> None:
     """Used from Ray workers: log one step's metrics to a run by id; to ``outbox`` if the store fails."""
+    _log_items(uri, run_id, _metrics(metrics, step), outbox)
+
+
+def _log_items(uri: str, run_id: str, items: list, outbox: str | None) -> None:
     from mlflow.tracking import MlflowClient
 
-    items = _metrics(metrics, step)
     if not items:
         return
     if outbox and (run_id.startswith(PENDING) or Path(outbox).exists()):
@@ -288,6 +291,44 @@ def log_step_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int
         if outbox is None:
             raise
         _append(outbox, run_id, items)
+
+
+class BackgroundStepLogger:
+    """Logs step metrics from a background thread, in order, so a training step never waits on the store.
+
+    Metrics keep the time they were logged at. ``close()`` waits until everything queued is written (or sent to
+    the outbox) and re-raises the first error when there is no outbox to fall back on.
+    """
+
+    def __init__(self, uri: str, run_id: str, outbox: str | None = None):
+        import queue
+        import threading
+
+        self.uri, self.run_id, self.outbox = uri, run_id, outbox
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._error: Exception | None = None
+        self._thread = threading.Thread(target=self._drain, name="mlflow-step-logger", daemon=True)
+        self._thread.start()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self._thread.is_alive():
+            self._queue.put(_metrics(metrics, step))
+        else:  # after close(): write directly
+            _log_items(self.uri, self.run_id, _metrics(metrics, step), self.outbox)
+
+    def _drain(self) -> None:
+        while (items := self._queue.get()) is not None:
+            try:
+                _log_items(self.uri, self.run_id, items, self.outbox)
+            except Exception as e:  # only without an outbox; reported by close()
+                self._error = self._error or e
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _append(outbox: str, run_id: str, items: list) -> None:

@@ -147,6 +147,46 @@ def test_eight_concurrent_writers_lose_nothing(ray_session, workdir):
         tracker.end(run_id)
 
 
+def test_background_step_logger_keeps_order_and_falls_back_to_the_outbox(tmp_path):
+    """Step metrics written from the trainer's background thread: all arrive, in step order, with the time they
+    were logged; with the store gone they go to the outbox (synced later); without an outbox close() raises."""
+    from harness.tracking import BackgroundStepLogger, Tracker, sync_outbox
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "vlmlab")
+    run_id = tracker.start("steps")
+    logger = BackgroundStepLogger(uri, run_id)
+    before = time.time() * 1000
+    for step in range(30):
+        logger.log({"loss": 1.0 / (step + 1), "not_a_number": float("nan")}, step)
+    logger.close()
+    history = sorted(tracker.client.get_metric_history(run_id, "loss"), key=lambda m: m.timestamp)
+    assert [m.step for m in history] == list(range(30))
+    assert [m.value for m in history] == [1.0 / (s + 1) for s in range(30)]
+    assert before - 1 <= history[0].timestamp <= history[-1].timestamp
+    assert tracker.client.get_metric_history(run_id, "not_a_number") == []
+    logger.log({"loss": 0.01}, 30)  # after close(): written directly, not lost
+    assert len(tracker.client.get_metric_history(run_id, "loss")) == 31
+
+    (tmp_path / "a-file").write_text("")
+    gone = f"sqlite:///{tmp_path / 'a-file' / 'mlflow.db'}"  # a store that cannot be opened
+    outbox = tmp_path / "mlflow_outbox_worker.jsonl"
+    offline = BackgroundStepLogger(gone, run_id, str(outbox))
+    for step in range(31, 41):
+        offline.log({"loss": 1.0 / (step + 1)}, step)
+    offline.close()
+    entries = [json.loads(line) for line in outbox.read_text().splitlines()]
+    assert [e["metrics"][0]["step"] for e in entries] == list(range(31, 41))
+    assert sync_outbox(uri, [outbox]) == 10
+    assert sorted(m.step for m in tracker.client.get_metric_history(run_id, "loss")) == list(range(41))
+
+    failing = BackgroundStepLogger(gone, run_id)
+    failing.log({"loss": 1.0}, 0)
+    with pytest.raises(OSError, match="a-file"):  # the store's own error reaches the caller
+        failing.close()
+    tracker.end(run_id)
+
+
 def test_planted_secrets_never_written(ray_session, workdir, monkeypatch):
     planted = {"HF_TOKEN": "hf_PLANTEDtoken123456", "MLFLOW_TRACKING_PASSWORD": "PLANTEDpassword987",
                "AWS_SECRET_ACCESS_KEY": "PLANTEDawsSecret555", "MY_API_KEY": "PLANTEDapikey4242"}

@@ -61,6 +61,7 @@ def run_stage(ctx, loop, stage_cfg, extra: dict | None = None):
         "mlflow_outbox": str((ctx.stage_dir / "mlflow_outbox_worker.jsonl").resolve()), **(extra or {}),
     }
     devices = raytrain.devices_held(cfg.resources)
+    raytrain.ensure_ray(cfg.ray.dashboard)  # starting Ray holds no device: the hold starts with the job
     with ctx.meter.hold(devices, device_kind(cfg.resources.use_gpu)):
         metrics = raytrain.fit(loop, {"run": run_info, "stage": stage_cfg.model_dump()}, cfg.resources,
                                ctx.ray_storage, ctx.ray_name, model_out, max_failures=cfg.failure.max_failures,

@@ -7,10 +7,7 @@ stage's MLflow run, resumes from Ray's latest checkpoint, and saves the final mo
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
-
-from transformers import TrainerCallback
 
 
 def user_turn(question: str) -> list[dict]:
@@ -128,59 +125,6 @@ def peft_config(lora: dict):
                       target_modules=lora["target_modules"], task_type="CAUSAL_LM")
 
 
-class StepTimer(TrainerCallback):
-    """Seconds spent inside optimizer steps (forward, backward, update): the stage's busy time.
-
-    ``instrument(trainer)`` also times the backward passes (``backward`` seconds); ``first_step_at`` is the
-    wall-clock time (Unix seconds) the first step began, for time-to-first-step.
-    """
-
-    def __init__(self):
-        self.busy = 0.0
-        self.backward = 0.0
-        self.first_step_at = None
-        self._t0 = None
-
-    def instrument(self, trainer) -> None:
-        inner = trainer.accelerator.backward
-
-        def timed_backward(loss, **kwargs):
-            start = time.perf_counter()
-            try:
-                return inner(loss, **kwargs)
-            finally:
-                self.backward += time.perf_counter() - start
-
-        trainer.accelerator.backward = timed_backward
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._t0 = time.perf_counter()
-        if self.first_step_at is None:
-            self.first_step_at = time.time()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self._t0 is not None:
-            self.busy += time.perf_counter() - self._t0
-            self._t0 = None
-
-
-class MlflowStepLogger(TrainerCallback):
-    """Streams the trainer's logs to the stage's MLflow run as step metrics (rank 0 only)."""
-
-    def __init__(self, uri: str, run_id: str, prefix: str, outbox: str | None = None):
-        self.uri, self.run_id, self.prefix, self.outbox = uri, run_id, prefix, outbox
-        self.history: list[dict] = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        from harness.tracking import log_step_metrics
-
-        metrics = {f"{self.prefix}/{k}": v for k, v in logs.items() if isinstance(v, (int, float))}
-        self.history.append({"step": state.global_step, **logs})
-        log_step_metrics(self.uri, self.run_id, metrics, state.global_step, self.outbox)
-
-
 def loss_summary(history: list[dict], prefix: str) -> dict[str, float]:
     """Mean training loss over the first and the last 10% of logged steps."""
     losses = [h["loss"] for h in history if "loss" in h]
@@ -190,17 +134,12 @@ def loss_summary(history: list[dict], prefix: str) -> dict[str, float]:
     return {f"{prefix}/loss_start": sum(losses[:k]) / k, f"{prefix}/loss_end": sum(losses[-k:]) / k}
 
 
-def grades_callback(run: dict, prefix: str):
-    """The GradES callback for this stage, or None when disabled."""
+def grades_callback(run: dict, log):
+    """The GradES callback for this stage, or None when disabled; ``log(metrics, step)`` records its metrics."""
     settings = run["stage_grades"]
     if not settings["enabled"]:
         return None
-    from harness.tracking import log_step_metrics
     from stages.support.grades import GradESCallback
-
-    def log(metrics: dict, step: int) -> None:
-        log_step_metrics(run["mlflow_uri"], run["mlflow_run_id"], {f"{prefix}/{k}": v for k, v in metrics.items()},
-                         step, run["mlflow_outbox"])
 
     return GradESCallback(settings["vision_tau"], settings["language_tau"], settings["alpha"],
                           settings["compute_interval"], settings["max_frozen_ratio"], settings["patterns"], log)
@@ -238,13 +177,15 @@ def train_and_save(trainer, processor, run: dict, prefix: str, summarize=None) -
     from ray.train import Checkpoint
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
+    from stages.support.callbacks import MlflowStepLogger, StepTimer
+
     optimizer = component_optimizer(trainer, run["stage_cfg"])
     if optimizer is not None:
         trainer.optimizer = optimizer  # Trainer keeps a given optimizer and builds the LR schedule over it
     timer = StepTimer()
     logger = MlflowStepLogger(run["mlflow_uri"], run["mlflow_run_id"], prefix, run["mlflow_outbox"])
     callbacks = [RayTrainReportCallback(), timer, logger]
-    grades = grades_callback(run, prefix)
+    grades = grades_callback(run, logger.log)
     if grades is not None:
         callbacks.insert(0, grades)
     for cb in callbacks:
@@ -252,7 +193,10 @@ def train_and_save(trainer, processor, run: dict, prefix: str, summarize=None) -
     trainer = prepare_trainer(trainer)
     timer.instrument(trainer)
     resume = resume_checkpoint()
-    out = trainer.train(resume_from_checkpoint=resume)
+    try:
+        out = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        logger.close()
     use_gpu = run["resources"]["use_gpu"] and torch.cuda.is_available()
     metrics = {
         f"{prefix}/train_loss": out.training_loss, f"{prefix}/steps": out.global_step,

@@ -1,0 +1,76 @@
+"""Trainer callbacks of the training stages: step timing (busy time) and MLflow step metrics.
+
+Kept apart from `training.py` so that the driver, which imports the stage modules, does not import the
+transformers Trainer stack (~2 s); only Ray Train workers do.
+"""
+from __future__ import annotations
+
+import time
+
+from transformers import TrainerCallback
+
+
+class StepTimer(TrainerCallback):
+    """Seconds spent inside optimizer steps (forward, backward, update): the stage's busy time.
+
+    ``instrument(trainer)`` also times the backward passes (``backward`` seconds); ``first_step_at`` is the
+    wall-clock time (Unix seconds) the first step began, for time-to-first-step.
+    """
+
+    def __init__(self):
+        self.busy = 0.0
+        self.backward = 0.0
+        self.first_step_at = None
+        self._t0 = None
+
+    def instrument(self, trainer) -> None:
+        inner = trainer.accelerator.backward
+
+        def timed_backward(loss, **kwargs):
+            start = time.perf_counter()
+            try:
+                return inner(loss, **kwargs)
+            finally:
+                self.backward += time.perf_counter() - start
+
+        trainer.accelerator.backward = timed_backward
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._t0 is not None:
+            self.busy += time.perf_counter() - self._t0
+            self._t0 = None
+
+
+class MlflowStepLogger(TrainerCallback):
+    """Streams the trainer's logs to the stage's MLflow run as step metrics (rank 0 only).
+
+    Writes go through a background thread (`BackgroundStepLogger`): a step never waits on the store.
+    ``close()`` (also on train end) waits for the queued writes.
+    """
+
+    def __init__(self, uri: str, run_id: str, prefix: str, outbox: str | None = None):
+        from harness.tracking import BackgroundStepLogger
+
+        self.prefix = prefix
+        self.history: list[dict] = []
+        self.writer = BackgroundStepLogger(uri, run_id, outbox)
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.writer.log({f"{self.prefix}/{k}": v for k, v in metrics.items()}, step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        self.history.append({"step": state.global_step, **logs})
+        self.log({k: v for k, v in logs.items() if isinstance(v, (int, float))}, state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        self.writer.close()
