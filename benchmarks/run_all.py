@@ -262,6 +262,11 @@ def utilization(report: dict) -> dict:
                         "poll-interval fix, which only shortens held time)"}
 
 
+def _when(section: dict) -> str:
+    """Sections kept from an earlier `--only` run say when they were measured."""
+    return f"Measured {section['measured_at']}: " if section.get("measured_at") else ""
+
+
 def _fmt(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
@@ -285,7 +290,7 @@ def write_markdown(report: dict, path: Path) -> None:
     u, tp = report["utilization"], report["throughput"]
     lines = [
         "# vlmlab benchmarks", "",
-        f"Measured {report['machine']['when']} on {report['machine']['cpus']} CPU cores "
+        f"Last run {report['machine']['when']} on {report['machine']['cpus']} CPU cores "
         f"(`benchmarks/run_all.py`; JSON: `results/benchmarks.json`). Ratios are measured side by side in one run.", "",
         "| benchmark | target | measured |", "| --- | --- | --- |",
         f"| harness overhead (harness / bare TRL wall) | <= 1.10 | {_fmt(s['harness_overhead_ratio'])} |",
@@ -293,7 +298,8 @@ def write_markdown(report: dict, path: Path) -> None:
         f"| min training-stage utilization (busy/held) | >= 0.8 | {_fmt(s['min_train_utilization'])} |",
         f"| eval items/s vs lm-eval hf-multimodal bs 1 | >= 3x | {_fmt(s['eval_speedup_vs_lm_eval'], 2)} |", ""]
     if o:
-        lines += ["## 1. Harness overhead", "", o["settings"] + f"; median of {len(o['reps'])} repetitions.", "",
+        lines += ["## 1. Harness overhead", "",
+                  _when(o) + o["settings"] + f"; median of {len(o['reps'])} repetitions.", "",
                   "| | harness | bare TRL script |", "| --- | --- | --- |",
                   f"| process wall (s) | {o['harness_wall_seconds']:.1f} | {o['bare_wall_seconds']:.1f} |",
                   f"| time to first step (s) | {o['harness_first_step_seconds']:.1f} | "
@@ -303,7 +309,7 @@ def write_markdown(report: dict, path: Path) -> None:
                   f"{o['time_to_first_step_ratio']:.2f}; the harness spent {o['harness_outside_stages_seconds']:.1f} s "
                   "outside its stages (imports, Ray start, MLflow, result/manifest).", ""]
     if sw:
-        lines += ["## 2. Sweep efficiency", "", sw["settings"] + ".", "",
+        lines += ["## 2. Sweep efficiency", "", _when(sw) + sw["settings"] + ".", "",
                   f"Sweep of {sw['trials']} trials: {sw['sweep_wall_seconds']:.1f} s = {sw['per_trial_seconds']:.1f} s "
                   "a trial; one standalone `harness run dpo` of the same settings: "
                   f"{sw['standalone_wall_seconds']:.1f} s "
@@ -313,7 +319,7 @@ def write_markdown(report: dict, path: Path) -> None:
               "| stage | utilization |", "| --- | --- |"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in u["per_stage"].items()] + [""]
     if ev:
-        lines += ["## 4. Eval throughput", "", ev["settings"] + ".", "",
+        lines += ["## 4. Eval throughput", "", _when(ev) + ev["settings"] + ".", "",
                   "| | items/s | scores |", "| --- | --- | --- |",
                   f"| eval stage (batch {ev['batch_size']}) | {ev['vlmlab_items_per_second']:.1f} | "
                   f"{ev['vlmlab_scores']} |",
