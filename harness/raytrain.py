@@ -17,13 +17,8 @@ def ensure_ray(dashboard: bool = False) -> None:
     """Start a local Ray (or attach to the cluster under `ray job submit`) once per process."""
     import ray
 
-    if not ray.is_initialized():
-        _init_ray(dashboard)
-
-
-def _init_ray(dashboard: bool) -> None:
-    import ray
-
+    if ray.is_initialized():
+        return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray Train's controller polls its workers every 2 s by default, and a finished stage waits several polls
     # (~6 s) before fit() returns. Each poll interrupts the training process, so faster is not free: 300 default
