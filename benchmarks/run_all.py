@@ -249,7 +249,7 @@ def grpo_run(work: Path, extra: list[str]) -> dict:
 
 
 def utilization(report: dict) -> dict:
-    """busy/held per training stage on the default preset (dpo: the recorded reference run; 9 minutes)."""
+    """busy/held per training stage on the default preset (dpo: the recorded reference run)."""
     reference = json.loads((ROOT / "results" / "reference" / "dpo.json").read_text())
     per_stage = {"sft": report.get("overhead", {}).get("sft_utilization"),
                  "dpo": stage(reference, "dpo")["cost"]["cost/utilization"],
@@ -257,9 +257,8 @@ def utilization(report: dict) -> dict:
     known = [v for v in per_stage.values() if v is not None]
     return {"per_stage": per_stage, "min_train_utilization": min(known) if known else None,
             "dpo_shortened_sweep_runs": report.get("sweep", {}).get("dpo_utilization"),
-            "settings": "default preset: sft and grpo from this run; dpo from results/reference/dpo.json (a "
-                        "recorded default-preset run, benchmarks/reference_results.py, before the Ray Train "
-                        "poll-interval fix, which only shortens held time)"}
+            "settings": "default preset: sft and grpo from this run; dpo from results/reference/dpo.json (the "
+                        "recorded default-preset run, benchmarks/reference_results.py)"}
 
 
 def _when(section: dict) -> str:

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+STATE_API_ENV = "VLMLAB_RAY_STATE_API"
+
 
 def ensure_ray(dashboard: bool = False) -> None:
     """Start a local Ray (or attach to the cluster under `ray job submit`) once per process."""
@@ -33,6 +35,8 @@ def ensure_ray(dashboard: bool = False) -> None:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         if not dashboard:
             os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+        # Inherited by Ray's workers (sweep trials included): fit() drops the State API poller there
+        os.environ[STATE_API_ENV] = "1" if dashboard else "0"
         ray.init(num_cpus=os.cpu_count(), include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  log_to_driver=True)
     # ray.init installs a SIGTERM handler that just exits; keep the harness's (mark runs KILLED, say how to resume)
@@ -71,6 +75,28 @@ def worker_runtime_env(stage_cfg) -> dict | None:
     return env or None
 
 
+def _trainer_class():
+    """TorchTrainer, less its PlacementGroupCleaner on a local Ray without the dashboard.
+
+    The cleaner is a detached actor that asks the State API (served by the dashboard) every second whether the
+    Train controller is still alive, to free the placement group of a controller that crashed. Without a dashboard
+    each query fails with a warning (one a second in the user's console), and the placement groups of a local
+    Ray go away with the process anyway.
+    """
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    if os.environ.get(STATE_API_ENV) != "0":
+        return TorchTrainer
+
+    class LocalTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return LocalTorchTrainer
+
+
 def fit(loop: Callable[[dict], None], loop_config: dict, resources, storage: Path, name: str,
         model_out: Path, max_failures: int = 0, runtime_env: dict | None = None) -> dict:
     """Run ``loop`` on Ray Train workers; copy the final checkpoint (the trained model) to ``model_out``.
@@ -78,10 +104,9 @@ def fit(loop: Callable[[dict], None], loop_config: dict, resources, storage: Pat
     Returns the last report's metrics.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
 
     ensure_ray()  # normally already started by the stage, with its config
-    trainer = TorchTrainer(
+    trainer = _trainer_class()(
         loop, train_loop_config=loop_config, scaling_config=scaling(resources),
         run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),

@@ -58,6 +58,12 @@ def test_sft_pipeline_end_to_end(ray_session, workdir):
     assert len(losses) >= 2  # step metrics streamed from the Ray worker
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"config.yaml", "result.json"}
 
+    # Local Ray without the dashboard: Ray Train's State API poller (one failed query and warning a second) is off
+    import ray
+
+    classes = {a["ActorClassName"] for a in ray._private.state.actors().values()}
+    assert "TrainController" in classes and "PlacementGroupCleaner" not in classes
+
 
 def test_bad_data_fails_cleanly(ray_session, workdir):
     """A dataset missing its question column: clear error, no result.json, no MLflow run left RUNNING."""

@@ -53,7 +53,7 @@ def common_args(stage_cfg: dict, run: dict, output_dir: Path) -> dict:
         max_grad_norm=stage_cfg["max_grad_norm"], logging_steps=stage_cfg["logging_steps"],
         save_strategy="steps", save_steps=stage_cfg["save_steps"], save_total_limit=2,
         seed=run["seed"], data_seed=run["seed"], report_to="none", use_cpu=not use_gpu,
-        gradient_checkpointing=False, dataloader_num_workers=0,
+        activation_checkpointing=False, dataloader_num_workers=0,  # TRL defaults gradient_checkpointing on
         # GradES freezes matrices mid-run: DDP must then tolerate parameters that get no gradient
         ddp_find_unused_parameters=stage_cfg["grades"]["enabled"], disable_tqdm=False,
         **precision_flags(stage_cfg["precision"], use_gpu),
