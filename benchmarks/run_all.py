@@ -257,8 +257,8 @@ def utilization(report: dict) -> dict:
     known = [v for v in per_stage.values() if v is not None]
     return {"per_stage": per_stage, "min_train_utilization": min(known) if known else None,
             "dpo_shortened_sweep_runs": report.get("sweep", {}).get("dpo_utilization"),
-            "settings": "default preset: sft and grpo from this run; dpo from results/reference/dpo.json (the "
-                        "recorded default-preset run, benchmarks/reference_results.py)"}
+            "settings": "default preset: sft from the overhead run, grpo from the grpo run; dpo from "
+                        "results/reference/dpo.json (the recorded default-preset run, benchmarks/reference_results.py)"}
 
 
 def _when(section: dict) -> str:
