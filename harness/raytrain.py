@@ -5,6 +5,7 @@ Locally this starts a Ray instance inside the process (reused by every stage and
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -13,12 +14,55 @@ from pathlib import Path
 from typing import Any
 
 STATE_API_ENV = "VLMLAB_RAY_STATE_API"
+_STARTER = "vlmlab-ray-start"  # the thread of start_in_background
+
+_started: threading.Event | None = None  # set once start_in_background's ray.init has returned or failed
+_start_error: BaseException | None = None
+
+
+def start_in_background(dashboard: bool = False) -> None:
+    """Start Ray on a thread, so that its start-up (~3-4 s, mostly waiting on its daemons) overlaps the
+    pipeline's work before the first Ray stage (MLflow set-up, data). ``ensure_ray`` waits for it.
+    """
+    global _started
+    if _started is not None:
+        return
+    started = _started = threading.Event()
+
+    def start() -> None:
+        global _start_error
+        try:
+            ensure_ray(dashboard)
+        except BaseException as exc:  # re-raised by the stage's ensure_ray
+            _start_error = exc
+        finally:
+            started.set()
+        # Ray's daemons die with the *thread* that started them (Linux PR_SET_PDEATHSIG): this one stays
+        threading.Event().wait()
+
+    # ray.init off the main thread installs no SIGTERM handler, which the harness keeps anyway (see below)
+    logging.getLogger("ray._private.worker").addFilter(
+        lambda record: "SIGTERM handler is not set" not in record.getMessage())
+    threading.Thread(target=start, name=_STARTER, daemon=True).start()
+
+
+def settle_background_start() -> None:
+    """Wait until a background start has finished (before exiting on an error: no half-started Ray)."""
+    if _started is not None:
+        _started.wait()
 
 
 def ensure_ray(dashboard: bool = False) -> None:
     """Start a local Ray (or attach to the cluster under `ray job submit`) once per process."""
+    global _started, _start_error
     import ray
 
+    if _started is not None and threading.current_thread().name != _STARTER:
+        _started.wait()
+        _started = None
+        error, _start_error = _start_error, None
+        if error is not None:
+            raise error
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -34,7 +78,13 @@ def ensure_ray(dashboard: bool = False) -> None:
         # are opt-in (ray.dashboard); a single machine is never preempted, so no preemption-watcher actor polls.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         if not dashboard:
-            os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+            # Only the dashboard reads metrics and task events: without it every Ray process would still
+            # collect and ship them (each idle actor ~0.5 % of a core, taken from the training threads)
+            for name in ("RAY_TRAIN_METRICS_ENABLED", "RAY_enable_metrics_collection",
+                         "RAY_task_events_report_interval_ms"):
+                os.environ.setdefault(name, "0")
+        # Ray ships every progress-bar redraw of a worker to the driver's console: one a second is plenty
+        os.environ.setdefault("TQDM_MININTERVAL", "1")
         # Inherited by Ray's workers (sweep trials included): fit() drops the State API poller there
         os.environ[STATE_API_ENV] = "1" if dashboard else "0"
         ray.init(num_cpus=os.cpu_count(), include_dashboard=dashboard, dashboard_host="127.0.0.1",
@@ -76,25 +126,28 @@ def worker_runtime_env(stage_cfg) -> dict | None:
 
 
 def _trainer_class():
-    """TorchTrainer, less its PlacementGroupCleaner on a local Ray without the dashboard.
+    """TorchTrainer, less two default callbacks that start actors this harness never uses.
 
-    The cleaner is a detached actor that asks the State API (served by the dashboard) every second whether the
-    Train controller is still alive, to free the placement group of a controller that crashed. Without a dashboard
-    each query fails with a warning (one a second in the user's console), and the placement groups of a local
-    Ray go away with the process anyway.
+    * ``DatasetsCallback`` starts a DatasetManager actor (a process) for Ray Data inputs; the stages read their
+      data themselves and pass no ``datasets``.
+    * ``PlacementGroupCleanerCallback``, on a local Ray without the dashboard: a detached actor that asks the
+      State API (served by the dashboard) every second whether the Train controller is still alive, to free the
+      placement group of a controller that crashed. Without a dashboard each query fails with a warning (one a
+      second in the user's console), and the placement groups of a local Ray go away with the process anyway.
     """
     from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    if os.environ.get(STATE_API_ENV) != "0":
-        return TorchTrainer
+    no_state_api = os.environ.get(STATE_API_ENV) == "0"
 
-    class LocalTorchTrainer(TorchTrainer):
+    class HarnessTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):
-            callbacks = super()._create_default_callbacks()
-            return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+            unused = (() if self.datasets else (DatasetsCallback,)) + (
+                (PlacementGroupCleanerCallback,) if no_state_api else ())
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, unused)]
 
-    return LocalTorchTrainer
+    return HarnessTorchTrainer
 
 
 def fit(loop: Callable[[dict], None], loop_config: dict, resources, storage: Path, name: str,

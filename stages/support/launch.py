@@ -9,12 +9,12 @@ import shutil
 
 def check_grades(cfg, stage: str) -> None:
     """Fail at config time when a GradES pattern group matches no weight matrix of the model."""
-    from harness.errors import ConfigError
-    from stages.support.grades import DEFAULT_PATTERNS, group_of
-
     settings = getattr(cfg, stage).grades
     if not settings.enabled:
         return
+    from harness.errors import ConfigError
+    from stages.support.grades import DEFAULT_PATTERNS, group_of  # imports the Trainer stack (~1.5 s)
+
     names = parameter_names(cfg)
     if names is None:  # a hub id not in the local cache: checked when training starts
         return
