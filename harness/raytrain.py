@@ -79,7 +79,7 @@ def ensure_ray(dashboard: bool = False) -> None:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         if not dashboard:
             # Only the dashboard reads metrics and task events: without it every Ray process would still
-            # collect and ship them (each idle actor ~0.5 % of a core, taken from the training threads)
+            # collect and ship them, on the cores the training uses
             for name in ("RAY_TRAIN_METRICS_ENABLED", "RAY_enable_metrics_collection",
                          "RAY_task_events_report_interval_ms"):
                 os.environ.setdefault(name, "0")
