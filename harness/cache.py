@@ -53,10 +53,6 @@ class StageCache:
         storage, run_name = self.ray_storage(name, key)
         shutil.rmtree(storage / run_name, ignore_errors=True)
 
-    def has(self, name: str, key: str) -> bool:
-        """Whether an entry exists (not verified: ``lookup`` is the check that counts)."""
-        return self._entry_path(name, key).exists()
-
     def lookup(self, name: str, key: str) -> dict | None:
         """The verified entry, or None. A damaged entry is reported, deleted and treated as a miss."""
         path = self._entry_path(name, key)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import yaml
 
-from harness import raytrain
 from harness.cache import StageCache, stage_key
 from harness.config import PipelineConfig
 from harness.cost import Meter
@@ -50,16 +49,6 @@ class _Runner:
         self.run_dir = root / self.run_id
         if self.run_dir.exists():
             raise UserError(f"run directory already exists: {self.run_dir} (choose another run_name)")
-        self.keys: list[str] = []
-        for name in cfg.stages_of(pipeline):
-            self.keys.append(stage_key(name, STAGES[name].CONFIG_KEYS, self.resolved, self.keys))
-        if self._will_train():
-            raytrain.start_in_background(cfg.ray.dashboard)  # overlaps the stages before the first Ray stage
-
-    def _will_train(self) -> bool:
-        """Whether a Ray stage of the pipeline will run rather than come from the stage cache."""
-        return any(getattr(STAGES[name], "USES_RAY", False) and (self.force or not self.cache.has(name, key))
-                   for name, key in zip(self.cfg.stages_of(self.pipeline), self.keys, strict=True))
 
     def say(self, text: str) -> None:
         if self.console:
@@ -78,8 +67,11 @@ class _Runner:
             tracker.set_tags(self.parent, {"manifest": manifest})
             tracker.log_artifact(self.parent, str(self.run_dir / "config.yaml"))
             outputs: dict[str, StageOutput] = {}
-            records = [self._stage(name, key, outputs)
-                       for name, key in zip(self.cfg.stages_of(self.pipeline), self.keys, strict=True)]
+            records, keys = [], []
+            for name in self.cfg.stages_of(self.pipeline):
+                key = stage_key(name, STAGES[name].CONFIG_KEYS, self.resolved, keys)
+                records.append(self._stage(name, key, outputs))
+                keys.append(key)
             result = self._assemble(records, outputs, manifest)
             atomic_write(self.run_dir / "result.json", json.dumps(result, indent=2))
             tracker.log_metrics(self.parent, result["metrics"] | {
@@ -173,7 +165,4 @@ def run_pipeline(cfg: PipelineConfig, pipeline: str, output_dir: str | None = No
     for name in cfg.stages_of(pipeline):
         STAGES[name].check(cfg)
     root = Path(output_dir or cfg.output_dir).expanduser().resolve()
-    try:
-        return _Runner(cfg, pipeline, root, force, console, parent_run_id).run()
-    finally:
-        raytrain.settle_background_start()
+    return _Runner(cfg, pipeline, root, force, console, parent_run_id).run()

@@ -5,7 +5,6 @@ Locally this starts a Ray instance inside the process (reused by every stage and
 """
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import threading
@@ -14,55 +13,12 @@ from pathlib import Path
 from typing import Any
 
 STATE_API_ENV = "VLMLAB_RAY_STATE_API"
-_STARTER = "vlmlab-ray-start"  # the thread of start_in_background
-
-_started: threading.Event | None = None  # set once start_in_background's ray.init has returned or failed
-_start_error: BaseException | None = None
-
-
-def start_in_background(dashboard: bool = False) -> None:
-    """Start Ray on a thread, so that its start-up (~3-4 s, mostly waiting on its daemons) overlaps the
-    pipeline's work before the first Ray stage (MLflow set-up, data). ``ensure_ray`` waits for it.
-    """
-    global _started
-    if _started is not None:
-        return
-    started = _started = threading.Event()
-
-    def start() -> None:
-        global _start_error
-        try:
-            ensure_ray(dashboard)
-        except BaseException as exc:  # re-raised by the stage's ensure_ray
-            _start_error = exc
-        finally:
-            started.set()
-        # Ray's daemons die with the *thread* that started them (Linux PR_SET_PDEATHSIG): this one stays
-        threading.Event().wait()
-
-    # ray.init off the main thread installs no SIGTERM handler, which the harness keeps anyway (see below)
-    logging.getLogger("ray._private.worker").addFilter(
-        lambda record: "SIGTERM handler is not set" not in record.getMessage())
-    threading.Thread(target=start, name=_STARTER, daemon=True).start()
-
-
-def settle_background_start() -> None:
-    """Wait until a background start has finished (before exiting on an error: no half-started Ray)."""
-    if _started is not None:
-        _started.wait()
 
 
 def ensure_ray(dashboard: bool = False) -> None:
     """Start a local Ray (or attach to the cluster under `ray job submit`) once per process."""
-    global _started, _start_error
     import ray
 
-    if _started is not None and threading.current_thread().name != _STARTER:
-        _started.wait()
-        _started = None
-        error, _start_error = _start_error, None
-        if error is not None:
-            raise error
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -4,8 +4,7 @@ A stage module defines:
 
 * ``CONFIG_KEYS`` – the config fields its result depends on (with its inputs' keys: the stage-cache key);
 * ``check(cfg)``  – static validation before any work in the pipeline starts (raise ``UserError``);
-* ``run(ctx) -> StageOutput`` – do the work, reading earlier stages' outputs from ``ctx.inputs``;
-* ``USES_RAY = True`` (optional) – the stage runs a Ray Train job, so the pipeline starts Ray ahead of it.
+* ``run(ctx) -> StageOutput`` – do the work, reading earlier stages' outputs from ``ctx.inputs``.
 
 The harness (``harness/pipeline.py``) does the rest: timing, accelerator accounting, MLflow child runs,
 ``result.json``. Training stages hand their loop to Ray Train through ``harness.raytrain``.

@@ -8,7 +8,6 @@ from stages.sft import train_loop
 from stages.support import launch
 
 CONFIG_KEYS = ("seed", "align", "resources")
-USES_RAY = True  # a Ray Train job: the pipeline starts Ray early when this stage will run
 
 
 def check(cfg) -> None:

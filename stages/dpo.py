@@ -20,7 +20,6 @@ PREFERENCE_COLUMNS = ("question", "chosen", "rejected", "image")
 
 
 CONFIG_KEYS = ("seed", "dpo", "resources", "eval.batch_size", "eval.max_new_tokens")
-USES_RAY = True  # a Ray Train job: the pipeline starts Ray early when this stage will run
 
 
 def check(cfg) -> None:

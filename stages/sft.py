@@ -11,7 +11,6 @@ from stages import StageContext, StageOutput
 from stages.support import launch, training
 
 CONFIG_KEYS = ("seed", "sft", "resources")
-USES_RAY = True  # a Ray Train job: the pipeline starts Ray early when this stage will run
 
 
 def check(cfg) -> None:

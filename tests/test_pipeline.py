@@ -2,15 +2,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
-from conftest import ROOT, tiny_overrides
+from conftest import tiny_overrides
 from mlflow.tracking import MlflowClient
 
-from harness import raytrain
 from harness.config import load_config
 from harness.errors import DataError
 from harness.pipeline import run_pipeline
@@ -22,19 +18,9 @@ def _runs(workdir):
     return client, client.search_runs([exp.experiment_id]) if exp else []
 
 
-def _record_early_starts(monkeypatch) -> list[bool]:
-    """The pipeline's calls to raytrain.start_in_background (passed through to it)."""
-    calls, real = [], raytrain.start_in_background
-    monkeypatch.setattr(raytrain, "start_in_background", lambda dashboard=False: (calls.append(dashboard),
-                                                                                  real(dashboard)))
-    return calls
-
-
-def test_sft_pipeline_end_to_end(ray_session, workdir, monkeypatch):
+def test_sft_pipeline_end_to_end(ray_session, workdir):
     cfg = load_config(None, tiny_overrides())
-    early_starts = _record_early_starts(monkeypatch)
     result = run_pipeline(cfg, "sft")
-    assert early_starts == [False]  # sft will train: Ray started ahead of it, without the dashboard
     run_dir = workdir / "runs" / result["run_id"]
 
     on_disk = json.loads((run_dir / "result.json").read_text())
@@ -120,39 +106,18 @@ def first_run(ray_session, tmp_path_factory):
     mp.undo()
 
 
-def test_rerun_reuses_every_stage(ray_session, first_run, monkeypatch):
+def test_rerun_reuses_every_stage(ray_session, first_run):
     root, first = first_run
-    early_starts = _record_early_starts(monkeypatch)
     again = run_pipeline(load_config(None, tiny_overrides(**LEARNS)), "sft")
     assert again["reused_stages"] == ["data", "model", "sft", "eval"]
-    assert early_starts == []  # nothing to train: Ray is not started ahead
     assert again["metrics"] == first["metrics"]
     assert again["cost_usd"] == pytest.approx(first["cost_usd"]) and again["cost_usd_this_run"] == 0
     assert again["wall_seconds"] < 0.1 * first["wall_seconds"]
 
 
-def test_changed_key_reruns_only_downstream(ray_session, first_run, monkeypatch):
-    early_starts = _record_early_starts(monkeypatch)
+def test_changed_key_reruns_only_downstream(ray_session, first_run):
     result = run_pipeline(load_config(None, tiny_overrides(**LEARNS, **{"eval.max_new_tokens": 6})), "sft")
     assert result["reused_stages"] == ["data", "model", "sft"]
-    assert early_starts == []  # only eval reruns, in the driver
-
-
-def test_ray_started_in_the_background_outlives_the_start(tmp_path):
-    """Linux kills the processes a thread started when that thread ends (PR_SET_PDEATHSIG, which Ray sets on its
-    daemons): the background start must keep its thread alive, and ensure_ray must wait for it."""
-    script = textwrap.dedent("""
-        import time, ray
-        from harness import raytrain
-        raytrain.start_in_background()
-        raytrain.ensure_ray()
-        time.sleep(3)
-        print("ANSWER", ray.get(ray.remote(lambda: 41 + 1).remote(), timeout=60))
-    """)
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "ANSWER 42" in out.stdout
-    assert "SIGTERM handler is not set" not in out.stderr
 
 
 def test_damaged_cache_entry_is_recomputed(ray_session, first_run, capsys):
