@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -78,6 +79,8 @@ def test_worker_killed_mid_stage_restarts_from_checkpoint(ray_session, workdir):
         worker[0].kill()
         killed.append(worker[0].pid)
 
+    temp = Path(tempfile.gettempdir())
+    litter_before = set(temp.glob("checkpoint_tmp_*"))
     killer = threading.Thread(target=kill_worker_after_first_checkpoint, daemon=True)
     killer.start()
     result = run_pipeline(load_config(None, overrides + ["failure.max_failures=1"]), "sft", str(workdir / "runs"))
@@ -85,6 +88,8 @@ def test_worker_killed_mid_stage_restarts_from_checkpoint(ray_session, workdir):
     assert killed, "the worker was never killed"
     assert result["metrics"]["sft/resumed_from_step"] > 0
     assert result["metrics"]["sft/steps"] == 80
+    # the checkpoint resumed from is copied into the stage's work directory, which goes with the stage
+    assert set(temp.glob("checkpoint_tmp_*")) <= litter_before
     for key in ("eval/vqa_accuracy", "eval/chartqa_relaxed_accuracy"):
         assert result["metrics"][key] == clean["metrics"][key], key
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from conftest import tiny_overrides
@@ -64,6 +65,13 @@ def test_sft_pipeline_end_to_end(ray_session, workdir):
 
     classes = {a["ActorClassName"] for a in ray._private.state.actors().values()}
     assert "TrainController" in classes and not classes & {"PlacementGroupCleaner", "DatasetManager"}
+
+    # and its processes give each of their ~40 threads a malloc arena (else the training thread queues on a lock)
+    @ray.remote
+    def arena_limit():
+        return os.environ.get("MALLOC_ARENA_MAX")
+
+    assert int(ray.get(arena_limit.remote())) >= 64
 
 
 def test_bad_data_fails_cleanly(ray_session, workdir):

@@ -153,14 +153,18 @@ def resumed_step(checkpoint: str | None) -> int:
     return int(json.loads(state.read_text())["global_step"]) if state.exists() else 0
 
 
-def resume_checkpoint() -> str | None:
-    """The HF checkpoint inside Ray's latest checkpoint, when Ray restarted this worker group."""
+def resume_checkpoint(work_dir: str) -> str | None:
+    """The HF checkpoint inside Ray's latest checkpoint, when Ray restarted this worker group.
+
+    Copied into the stage's work directory (removed with it), not a temporary directory nobody deletes.
+    """
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return None
-    path = Path(ckpt.to_directory()) / "checkpoint"
+    dest = Path(work_dir) / f"resumed_rank{ray.train.get_context().get_world_rank()}"
+    path = Path(ckpt.to_directory(str(dest))) / "checkpoint"
     return str(path) if path.exists() else None
 
 
@@ -192,7 +196,7 @@ def train_and_save(trainer, processor, run: dict, prefix: str, summarize=None) -
         trainer.add_callback(cb)
     trainer = prepare_trainer(trainer)
     timer.instrument(trainer)
-    resume = resume_checkpoint()
+    resume = resume_checkpoint(run["work_dir"])
     try:
         out = trainer.train(resume_from_checkpoint=resume)
     finally:
