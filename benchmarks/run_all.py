@@ -189,7 +189,8 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="vlmlab-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    print(f"benchmarks: scratch in {work}", flush=True)
+    commit = git_commit()
+    print(f"benchmarks: commit {commit}, scratch in {work}", flush=True)
     sections = args.only.split(",")
     out_json = ROOT / "results" / "benchmarks.json"
     report = json.loads(out_json.read_text()) if out_json.exists() else {}
@@ -207,7 +208,7 @@ def main() -> None:
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     for section in sections:  # sections kept from an earlier --only run keep their own time
         if isinstance(report.get(section), dict):
-            report[section]["measured_at"] = stamp
+            report[section].update(measured_at=stamp, commit=commit)
     report["throughput"] = throughput(report, tokens_per_sample(work))
     report["utilization"] = utilization(report)
     report["summary"] = {
@@ -262,8 +263,20 @@ def utilization(report: dict) -> dict:
 
 
 def _when(section: dict) -> str:
-    """Sections kept from an earlier `--only` run say when they were measured."""
-    return f"Measured {section['measured_at']}: " if section.get("measured_at") else ""
+    """Sections kept from an earlier `--only` run say when, and on which commit, they were measured."""
+    if not section.get("measured_at"):
+        return ""
+    commit = f" on commit {section['commit']}" if section.get("commit") else ""
+    return f"Measured {section['measured_at']}{commit}: "
+
+
+def git_commit() -> str:
+    """The commit being measured; '+dirty' when tracked files outside results/ differ from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    sha = git("rev-parse", "--short", "HEAD") or "unknown"
+    return sha + ("+dirty" if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results") else "")
 
 
 def _fmt(value, digits: int = 3) -> str:

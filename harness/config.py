@@ -178,8 +178,19 @@ class ComponentsConfig(Section):
 class RuntimeEnvConfig(Section):
     """Ray runtime_env of a stage's training workers. `image_uri` runs them inside a container image (Ray's podman
     path): podman must be on every node, and the image's Ray and Python versions must equal the cluster's exactly
-    (build vlmlab on the cluster's own `rayproject/ray` base)."""
+    (build vlmlab on the cluster's own `rayproject/ray` base). `env_vars` are set in the workers' environment
+    before they start (e.g. `MALLOC_ARENA_MAX`, which glibc reads only then)."""
     image_uri: str | None = None
+    env_vars: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("env_vars", mode="before")
+    @classmethod
+    def _scalars_as_strings(cls, value):
+        """`env_vars.OMP_NUM_THREADS=2` arrives from YAML as a number: environment values are strings."""
+        if not isinstance(value, dict):
+            return value
+        as_text = {bool: lambda v: str(v).lower(), int: str, float: str}
+        return {k: as_text[type(v)](v) if type(v) in as_text else v for k, v in value.items()}
 
 
 class TrainStageConfig(Section):

@@ -82,7 +82,7 @@ def _tune_callbacks() -> list:
 
 def worker_runtime_env(stage_cfg) -> dict | None:
     """The Ray runtime_env for a training stage's workers (None: the driver's own environment)."""
-    env = stage_cfg.runtime_env.model_dump(exclude_none=True)
+    env = {k: v for k, v in stage_cfg.runtime_env.model_dump(exclude_none=True).items() if v}
     return env or None
 
 

@@ -82,5 +82,9 @@ def test_stage_runtime_env_reaches_the_ray_workers():
     cfg = load_config(None, ["dpo.runtime_env.image_uri=localhost/vlmlab:latest"])
     assert worker_runtime_env(cfg.dpo) == {"image_uri": "localhost/vlmlab:latest"}
     assert worker_runtime_env(cfg.sft) is None  # other stages keep the driver's environment
+    cfg = load_config(None, ["sft.runtime_env.env_vars.MALLOC_ARENA_MAX=64", "sft.runtime_env.env_vars.X=true"])
+    assert worker_runtime_env(cfg.sft) == {"env_vars": {"MALLOC_ARENA_MAX": "64", "X": "true"}}
+    with pytest.raises(ConfigError, match="sft.runtime_env.env_vars.X"):
+        load_config(None, ["sft.runtime_env.env_vars.X=[1,2]"])
     with pytest.raises(ConfigError, match="dpo.runtime_env.pip"):
         load_config(None, ["dpo.runtime_env.pip=[torch]"])
