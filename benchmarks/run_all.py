@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -112,8 +113,17 @@ def overhead(work: Path, reps: int, extra: list[str]) -> dict:
     }
 
 
+def forget(out: Path, *stages: str) -> None:
+    """Drop these stages' entries from the stage cache under ``out``: a rerun of a section measures them again."""
+    cache = out / ".cache"
+    for name in stages:
+        for entry in [*cache.glob(f"{name}-*.json"), *(cache / "ray").glob(f"{name}-*")]:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
 def sweep(work: Path, trials: int, extra: list[str]) -> dict:
     out = work / "harness0"  # holds the cached data/model/sft of the overhead run (same keys)
+    forget(out, "dpo", "eval")  # left by an earlier run of this section
     common = [f"--output-dir={out}", f"tracking.uri=sqlite:///{out}/mlflow.db", *SWEEP_DPO, *extra]
     standalone = []
     for beta in STANDALONE_BETAS:
@@ -237,6 +247,7 @@ def throughput(report: dict, tokens: float) -> dict:
 def grpo_run(work: Path, extra: list[str]) -> dict:
     """`harness run grpo` on the default preset, its data/model/sft from the overhead run's cache."""
     out = work / "harness0"
+    forget(out, "grpo")
     wall = sh([str(BIN / "harness"), "run", "grpo", f"--output-dir={out}", f"tracking.uri=sqlite:///{out}/mlflow.db",
                *extra], work / "grpo.log")
     result = newest_result(out)
