@@ -152,6 +152,43 @@ def test_eight_concurrent_writers_lose_nothing(ray_session, workdir):
         tracker.end(run_id)
 
 
+def test_actor_hung_on_its_way_out_is_reaped(ray_session):
+    """An actor Ray counts as dead whose process never exits (Ray 2.60's core worker can deadlock in its exit
+    handlers; here a Python exit handler that sleeps stands in for it) is SIGKILLed, not left to outlive Ray."""
+    import psutil
+    import ray
+
+    from harness.raytrain import reap_hung_actors
+
+    @ray.remote(num_cpus=0)
+    class HangsOnExit:
+        def pid(self) -> int:
+            import atexit
+
+            atexit.register(time.sleep, 3600)
+            return os.getpid()
+
+        def leave(self) -> None:
+            ray.actor.exit_actor()
+
+    actor = HangsOnExit.remote()
+    pid = ray.get(actor.pid.remote())
+    actor.leave.remote()
+    _wait_for(lambda: any(a["Pid"] == pid for a in ray._private.state.actors(actor_state_name="DEAD").values()),
+              30, "Ray to count the actor dead")
+    time.sleep(1)
+    assert psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # still hanging in its exit handler
+    assert pid in reap_hung_actors()
+
+    def dead() -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    _wait_for(dead, 10, "the hung process to die")
+
+
 def test_background_step_logger_keeps_order_and_falls_back_to_the_outbox(tmp_path):
     """Step metrics written from the trainer's background thread: all arrive, in step order, with the time they
     were logged; with the store gone they go to the outbox (synced later); without an outbox close() raises."""

@@ -7,6 +7,7 @@ stage's MLflow run, resumes from Ray's latest checkpoint, and saves the final mo
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 
@@ -164,6 +165,7 @@ def resume_checkpoint(work_dir: str) -> str | None:
     if ckpt is None:
         return None
     dest = Path(work_dir) / f"resumed_rank{ray.train.get_context().get_world_rank()}"
+    shutil.rmtree(dest, ignore_errors=True)  # left by an earlier restart: never mix two checkpoints' files
     path = Path(ckpt.to_directory(str(dest))) / "checkpoint"
     return str(path) if path.exists() else None
 
