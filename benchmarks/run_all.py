@@ -21,13 +21,14 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from harness.cache import StageCache
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -115,10 +116,9 @@ def overhead(work: Path, reps: int, extra: list[str]) -> dict:
 
 def forget(out: Path, *stages: str) -> None:
     """Drop these stages' entries from the stage cache under ``out``: a rerun of a section measures them again."""
-    cache = out / ".cache"
+    cache = StageCache(out / ".cache")
     for name in stages:
-        for entry in [*cache.glob(f"{name}-*.json"), *(cache / "ray").glob(f"{name}-*")]:
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        cache.forget(name)
 
 
 def sweep(work: Path, trials: int, extra: list[str]) -> dict:

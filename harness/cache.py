@@ -53,6 +53,13 @@ class StageCache:
         storage, run_name = self.ray_storage(name, key)
         shutil.rmtree(storage / run_name, ignore_errors=True)
 
+    def forget(self, name: str) -> None:
+        """Drop every entry of stage ``name``, whatever its key, with its Ray storage (a benchmark re-measures it)."""
+        for path in self.root.glob(f"{name}-*.json"):
+            path.unlink()
+        for path in (self.root / "ray").glob(f"{name}-*"):
+            shutil.rmtree(path, ignore_errors=True)
+
     def lookup(self, name: str, key: str) -> dict | None:
         """The verified entry, or None. A damaged entry is reported, deleted and treated as a miss."""
         path = self._entry_path(name, key)
