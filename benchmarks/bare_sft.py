@@ -53,6 +53,7 @@ def main() -> None:
     from harness.config import load_config
     from stages.sft import to_prompt_completion
     from stages.support import callbacks, tinyvlm, training
+    from stages.support.settings import TrainSettings
 
     cfg = load_config(None, args.overrides)
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
@@ -65,9 +66,11 @@ def main() -> None:
     model, processor = training.load_model(str(model_dir), False)
     data = training.load_tasks(tasks, "train", cfg.seed)
     data = data.map(to_prompt_completion, remove_columns=["question", "answers", "answer", "question_type"])
-    stage_cfg = cfg.sft.model_dump()
-    sft_args = SFTConfig(**training.common_args(stage_cfg, {"resources": cfg.resources.model_dump(), "seed": cfg.seed},
-                                                args.out / "trainer"), max_length=None, completion_only_loss=True)
+    settings = TrainSettings(stage=cfg.sft, prefix="sft", seed=cfg.seed, resources=cfg.resources,
+                             model_dir=str(model_dir), tasks=tasks, trust_remote_code=False, stage_dir=str(args.out),
+                             mlflow_uri="", mlflow_run_id="")
+    sft_args = SFTConfig(**training.common_args(settings, args.out / "trainer"), max_length=None,
+                         completion_only_loss=True)
     trainer = SFTTrainer(model=model, args=sft_args, train_dataset=data, processing_class=processor)
     timer = callbacks.StepTimer()
     trainer.add_callback(timer)

@@ -33,7 +33,7 @@ from harness.cache import StageCache
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 EVAL_SPEED = ROOT / "benchmarks" / "eval_speed.py"
-SWEEP_DPO = ["dpo.max_steps=40", "dpo.preference.size=256", "eval.limit=100"]  # a trial of ~1 minute
+SWEEP_DPO = ["dpo.max_steps=40", "dpo.save_steps=40", "dpo.preference.size=256", "eval.limit=100"]  # ~1 minute a trial
 STANDALONE_BETAS = (0.05, 0.2)  # not on the sweep's grid, so the standalone runs are not cache hits
 
 

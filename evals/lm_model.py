@@ -1,19 +1,50 @@
-"""lm-eval's `hf-multimodal` model, timed: the seconds spent inside generation are the eval's busy time."""
+"""lm-eval's `hf-multimodal` model, timed and shardable.
+
+Timed: the seconds spent inside generation are the eval's busy time. Shardable: as shard ``k`` of ``n`` it
+generates only every n-th of lm-eval's own batches (from the k-th on) and answers "" for the rest, so every item's
+prediction comes from exactly the batch, padding and thread count a one-shard run gives it.
+"""
 from __future__ import annotations
 
 import time
 
 from lm_eval.api.registry import register_model
 from lm_eval.models.hf_vlms import HFMultimodalLM
+from lm_eval.models.utils import Collator
 
 
 @register_model("vlmlab-hf-multimodal")
 class TimedHFMultimodalLM(HFMultimodalLM):
-    """HFMultimodalLM that accumulates wall time spent in `generate` (``busy_seconds``)."""
+    """HFMultimodalLM that accumulates wall time spent in `generate` (``busy_seconds``) and generates one shard's
+    batches; ``owned`` holds the (task, doc_id) of the items it generated."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, shard: int = 0, num_shards: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         self.busy_seconds = 0.0
+        self.shard, self.num_shards = shard, num_shards
+        self.owned: set[tuple[str, int]] = set()
+
+    def _batches(self, requests) -> list[list[int]]:
+        """Request indices per batch, exactly as HFMultimodalLM.generate_until batches them: grouped by generation
+        settings, sorted by descending context length then context, cut into `batch_size` chunks."""
+        def longest_first(x):
+            return -len(self.tok_encode(x[0])), x[0]
+
+        collator = Collator([(*r.args, i) for i, r in enumerate(requests)], longest_first, group_by="gen_kwargs",
+                            group_fn=lambda x: x[1])
+        return [[x[-1] for x in batch] for batch in collator.get_batched(n=self.batch_size, batch_fn=None)]
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        # A subset made of whole batches, in the original order, is sorted and cut by the parent into those same
+        # batches (a stable sort; only a group's last batch can be short, and it sorts last).
+        mine = sorted(i for b, batch in enumerate(self._batches(requests)) if b % self.num_shards == self.shard
+                      for i in batch)
+        answers = super().generate_until([requests[i] for i in mine], disable_tqdm) if mine else []
+        out = [""] * len(requests)
+        for i, answer in zip(mine, answers, strict=True):
+            out[i] = answer
+        self.owned |= {(requests[i].task_name, requests[i].doc_id) for i in mine}
+        return out
 
     def _model_multimodal_generate(self, inputs, max_length, stop, **generation_kwargs):
         start = time.perf_counter()

@@ -6,6 +6,7 @@ Built-ins are named in config as ``accuracy`` and ``format``; a user's own rewar
 """
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
 import re
@@ -47,14 +48,66 @@ def format_reward(completions, **_) -> list[float]:
 BUILTIN = {"accuracy": accuracy_reward, "format": format_reward}
 
 
-def resolve(spec: str) -> Callable:
-    """A built-in name, ``module:function`` or ``file.py:function`` -> the callable. Raises ValueError."""
-    if spec in BUILTIN:
-        return BUILTIN[spec]
+def _split(spec: str) -> tuple[str, str]:
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
         raise ValueError(f"reward '{spec}' is not a built-in ({', '.join(BUILTIN)}) nor 'module:function' "
                          "or 'path/to/file.py:function'")
+    return target, name
+
+
+def _module_file(module: str) -> Path:
+    """The source file of ``module`` (dotted), found on sys.path the way import would, without importing it or its
+    parent packages."""
+    from importlib.machinery import PathFinder
+
+    parts, spec, search = module.split("."), None, None
+    for i in range(len(parts)):
+        spec = PathFinder.find_spec(".".join(parts[:i + 1]), search)
+        if spec is None:
+            raise ValueError(f"cannot find module '{module}' on the Python path; give a path/to/file.py instead")
+        search = spec.submodule_search_locations
+    origin = Path(spec.origin or "")
+    if origin.suffix != ".py":
+        raise ValueError(f"module '{module}' is not Python source ({spec.origin}); give a path/to/file.py instead")
+    return origin
+
+
+def check(spec: str) -> None:
+    """Check a reward spec without running user code: a built-in, or a file/module (found, not imported) whose
+    source defines ``function`` at top level (def, assignment or import). Raises ValueError."""
+    if spec in BUILTIN:
+        return
+    target, name = _split(spec)
+    try:
+        path = Path(target).expanduser() if target.endswith(".py") else _module_file(target)
+    except ValueError as exc:
+        raise ValueError(f"reward '{spec}': {exc}") from None
+    if not path.is_file():
+        raise ValueError(f"reward '{spec}': file not found: {path}")
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except (SyntaxError, ValueError) as exc:
+        raise ValueError(f"reward '{spec}': {path} is not valid Python ({exc}); fix the file") from None
+    defined = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            defined.update(t.id for t in targets if isinstance(t, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            defined.update((a.asname or a.name).split(".")[0] for a in node.names)
+    if name not in defined:
+        raise ValueError(f"reward '{spec}': {path} defines no top-level function '{name}'; check the name")
+
+
+def resolve(spec: str) -> Callable:
+    """A built-in name, ``module:function`` or ``file.py:function`` -> the callable (importing, so running, the
+    user's code: only where the run uses it). Raises ValueError."""
+    if spec in BUILTIN:
+        return BUILTIN[spec]
+    target, name = _split(spec)
     if target.endswith(".py"):
         path = Path(target).expanduser()
         if not path.is_file():

@@ -25,10 +25,20 @@ def _select(tree: dict, dotted: str):
     return node
 
 
+# Fields a stage reads that never change what it computes: how long to wait for a cluster to have room
+NOT_IN_KEY = {"resources": ("placement_timeout_s",)}
+
+
+def _key_fields(key: str, value):
+    if isinstance(value, dict) and key in NOT_IN_KEY:
+        return {k: v for k, v in value.items() if k not in NOT_IN_KEY[key]}
+    return value
+
+
 def stage_key(name: str, config_keys: tuple[str, ...], resolved: dict, upstream: list[str]) -> str:
     """sha256 over the stage name, the config fields it reads, and its upstream stages' keys."""
     payload = {"version": CACHE_VERSION, "stage": name,
-               "config": {k: _select(resolved, k) for k in config_keys}, "upstream": upstream}
+               "config": {k: _key_fields(k, _select(resolved, k)) for k in config_keys}, "upstream": upstream}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

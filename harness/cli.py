@@ -3,17 +3,25 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import signal
 import sys
+from contextlib import contextmanager
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from harness.errors import UserError
+from harness.secrets import RedactingStream, redact_text
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="vlmlab: train and score small vision-language models, reproducibly.")
+try:  # typer 0.29 carries its own click
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover
+    from click.exceptions import NoArgsIsHelpError, UsageError
+
 console = Console()
 err = Console(stderr=True, soft_wrap=True)  # messages stay on one line: greppable in logs
 
@@ -21,8 +29,55 @@ CONFIG_HELP = "Preset name in configs/ (default: tiny) or a YAML file."
 
 
 def _fail(exc: UserError) -> None:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(redact_text(str(exc)))}", highlight=False)
     raise typer.Exit(code=2)
+
+
+def _warn(text: str) -> None:
+    err.print(f"[yellow]warning:[/] {escape(redact_text(text.removeprefix('warning: ')))}", highlight=False)
+
+
+@contextmanager
+def _one_line_usage_errors():
+    try:
+        yield
+    except NoArgsIsHelpError:
+        raise
+    except UsageError as exc:  # unknown command or option, bad option value
+        where = exc.ctx.command_path if exc.ctx else "harness"
+        _fail(UserError(f"{where}: {exc.format_message()} (see `{where} --help`)"))
+
+
+class _Commands(TyperGroup):
+    """Usage errors print one line and exit 2, like every other bad input (not click's usage box)."""
+
+    def make_context(self, *args, **kwargs):
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True,
+                  help="vlmlab: train and score small vision-language models, reproducibly.")
+
+
+@app.callback()
+def _private_and_redacted(ctx: typer.Context) -> None:
+    """For every command: what it prints passes the secret redactor, and what it creates (run directories,
+    config.yaml, MLflow's SQLite file, the outbox: data and tracking URIs) is readable by its owner only."""
+    streams, umask = (sys.stdout, sys.stderr), os.umask(0o077)
+    sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
+
+    def restore() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = streams
+        os.umask(umask)
+
+    ctx.call_on_close(restore)
 
 
 def _disk_full(exc: BaseException) -> str | None:
@@ -112,18 +167,19 @@ def _num(value) -> str:
 @app.command()
 def reproduce(
     target: str = typer.Argument(..., help="A run directory or its result.json."),
-    tolerance: float = typer.Option(0.01, "--tolerance", help="Largest allowed |now - recorded| per metric."),
+    tolerance: float = typer.Option(0.01, "--tolerance", min=0, help="Largest allowed |now - recorded| per metric."),
+    trust: bool = typer.Option(False, "--trust", help="Allow what the recorded config would run or change: custom "
+                               "GRPO rewards (imported), model.trust_remote_code, a stage's runtime_env."),
     output_dir: str | None = typer.Option(None, "--output-dir", "-o", help="Where the rerun goes "
                                              "(default: beside the recorded run)."),
 ):
     """Rerun a recorded run's config from scratch and compare its metrics; exit 1 if any differs."""
-    from harness.config import PipelineConfig
     from harness.pipeline import run_pipeline
-    from harness.reproduce import compare_metrics, load_result, manifest_differences
+    from harness.reproduce import compare_metrics, load_result, manifest_differences, recorded_config
 
     try:
         recorded, path = load_result(target)
-        cfg = PipelineConfig.model_validate(recorded["config"] | {"run_name": None})
+        cfg = recorded_config(recorded, path, trust)
         now = run_pipeline(cfg, recorded["pipeline"], output_dir or str(path.parent.parent), console=console,
                            force=True)
     except UserError as exc:
@@ -296,14 +352,17 @@ def validate(
     config: str = typer.Argument(..., help=CONFIG_HELP),
     overrides: list[str] | None = typer.Argument(None, help="key=value overrides"),
 ):
-    """Check a config (and overrides) without running anything."""
+    """Check a config (and overrides) without running anything: keys, values, pipelines, GRPO rewards (read, not
+    imported), the device's price, local data sources."""
+    from harness.inputs import check_inputs
     from stages import STAGES
 
     try:
         cfg = _load(config, overrides or [])
-        for chain in cfg.pipelines.values():
-            for name in chain:
-                STAGES[name].check(cfg)
+        stages = list(dict.fromkeys(name for chain in cfg.pipelines.values() for name in chain))
+        for name in stages:
+            STAGES[name].check(cfg)
+        check_inputs(cfg, stages, say=_warn)
     except UserError as exc:
         _fail(exc)
     console.print(f"[green]ok[/]: {config} (pipelines: {', '.join(cfg.pipelines)}; "

@@ -5,28 +5,37 @@ Unknown keys, wrong types and missing files fail here, before any work, with the
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from harness.cost import DEFAULT_PRICES
 from harness.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = "tiny"
 
-# Public on-demand list prices, USD per device-hour (2026). CPU is priced per core-hour.
-DEFAULT_PRICES = {
-    "T4": 0.35, "L4": 0.80, "A10G": 1.01, "A100": 1.29, "H100": 2.49, "H200": 3.50, "CPU": 0.045,
-}
+# What each stage reads from earlier stages and hands on (StageContext.latest): a pipeline's order must provide it.
+STAGE_NEEDS = {"data": (), "model": ("tasks",), "eval": ("tasks", "model_dir")} | {
+    name: ("tasks", "model_dir") for name in ("align", "sft", "dpo", "grpo")}
+STAGE_GIVES = {"data": ("tasks",)} | {name: ("model_dir",) for name in ("model", "align", "sft", "dpo", "grpo")}
+PROVIDER = {"tasks": "data", "model_dir": "model"}
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # run and pipeline names become directory names
+LR_SCHEDULERS = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                        "inverse_sqrt"]
+TASK_COLUMNS = Literal["image", "question", "answers", "answer", "question_type"]
+PREFERENCE_COLUMNS = Literal["question", "chosen", "rejected", "image"]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # no .inf / .nan learning rates or betas
 
 
 def _looks_like_path(source: str) -> bool:
@@ -39,7 +48,7 @@ class TaskDataConfig(Section):
     format: Literal["auto", "parquet", "hf_disk", "vqa_official", "chartqa_json", "hub"] = "auto"
     train_split: str = "train"
     test_split: str = "test"
-    columns: dict[str, str] = Field(default_factory=dict, description="canonical name -> source column")
+    columns: dict[TASK_COLUMNS, str] = Field(default_factory=dict, description="canonical name -> source column")
     train_size: int | None = Field(None, ge=1)
     test_size: int | None = Field(None, ge=1)
 
@@ -123,6 +132,8 @@ class ResourcesConfig(Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(2, gt=0)
     gpus_per_worker: float = Field(1, gt=0)
+    placement_timeout_s: float = Field(300, ge=0, description="how long a stage waits for a cluster (an autoscaling "
+                                       "one may grow) to have room for its workers before it stops with an error")
 
 
 class RayConfig(Section):
@@ -200,7 +211,7 @@ class TrainStageConfig(Section):
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(50, ge=0)
-    lr_scheduler: str = "cosine"
+    lr_scheduler: LR_SCHEDULERS = "cosine"
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -210,6 +221,15 @@ class TrainStageConfig(Section):
     grades: GradESSettings = Field(default_factory=GradESSettings)
     components: ComponentsConfig = Field(default_factory=ComponentsConfig)
     runtime_env: RuntimeEnvConfig = Field(default_factory=RuntimeEnvConfig)
+
+    @field_validator("save_steps")
+    @classmethod
+    def _checkpoint_before_the_end(cls, v: int, info) -> int:
+        last = info.data.get("max_steps")
+        if last is not None and v > last:
+            raise ValueError(f"more than max_steps ({last}): no checkpoint to resume from before the end; set it to "
+                             f"{last} or less")
+        return v
 
 
 class SFTConfig(TrainStageConfig):
@@ -228,7 +248,7 @@ class PreferenceDataConfig(Section):
     source: str = "tasks"
     format: Literal["auto", "parquet", "hf_disk", "hub"] = "auto"
     split: str = "train"
-    columns: dict[str, str] = Field(default_factory=dict, description="canonical name -> source column")
+    columns: dict[PREFERENCE_COLUMNS, str] = Field(default_factory=dict, description="canonical name -> source column")
     size: int | None = Field(None, ge=1)
     rejected: Literal["same_type", "on_policy"] = Field(
         "same_type", description="same_type: another answer of the same question type; on_policy: the "
@@ -249,6 +269,7 @@ class DPOConfig(TrainStageConfig):
     batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(2e-5, gt=0)
     warmup_steps: int = Field(10, ge=0)
+    save_steps: int = Field(50, ge=1)
     beta: float = Field(0.1, gt=0)
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "apo_zero"] = "sigmoid"
     sft_weight: float = Field(0.0, ge=0, description="add the chosen answers' SFT loss with this weight (RPO); "
@@ -262,6 +283,7 @@ class GRPOConfig(TrainStageConfig):
     learning_rate: float = Field(1e-5, gt=0)
     warmup_steps: int = Field(0, ge=0)
     logging_steps: int = Field(1, ge=1)
+    save_steps: int = Field(50, ge=1)
     num_generations: int = Field(4, ge=2)
     max_completion_length: int = Field(8, ge=1)
     temperature: float = Field(1.0, gt=0)
@@ -291,7 +313,9 @@ class EvalConfig(Section):
 
 class CostConfig(Section):
     price_per_hour: float | None = Field(None, ge=0, description="override the detected device's price")
-    prices: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
+    prices: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: dict(DEFAULT_PRICES), min_length=1,
+        description="USD per device-hour by device model (harness/cost.py PRICE_TABLE)")
 
 
 class FailureConfig(Section):
@@ -301,7 +325,7 @@ class FailureConfig(Section):
 
 class TrackingConfig(Section):
     uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
-    experiment: str = "vlmlab"
+    experiment: str = Field("vlmlab", min_length=1, max_length=200)
 
     def resolved_uri(self) -> str:
         """The tracking URI, with a relative SQLite path made absolute (Ray workers run elsewhere)."""
@@ -314,9 +338,9 @@ class TrackingConfig(Section):
 
 class PipelineConfig(Section):
     """The whole run: which pipelines exist, and each stage's settings."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="numpy's range")
     output_dir: str = "runs"
-    run_name: str | None = None
+    run_name: str | None = Field(None, max_length=100, pattern=NAME)
     pipelines: dict[str, list[str]] = Field(default_factory=lambda: {"sft": ["data", "model", "sft", "eval"]})
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -338,25 +362,33 @@ class PipelineConfig(Section):
         for name, chain in v.items():
             if not chain:
                 raise ValueError(f"pipeline '{name}' has no stages")
-            for stage in chain:
+            if not re.fullmatch(NAME, name) or len(name) > 50:
+                raise ValueError(f"pipeline name '{name}' must be letters, digits, '_', '.', '-' (50 at most)")
+            given: set[str] = set()
+            for i, stage in enumerate(chain):
                 if stage not in STAGES:
                     raise ValueError(f"pipeline '{name}': unknown stage '{stage}' (known: {', '.join(STAGES)})")
-        return v
-
-    @field_validator("run_name")
-    @classmethod
-    def _safe_run_name(cls, v: str | None) -> str | None:
-        if v is not None and (not v or "/" in v or "\\" in v or v.startswith(".")):
-            raise ValueError("run_name must be a plain name (no '/', '\\' or leading '.')")
+                if stage in chain[:i]:
+                    raise ValueError(f"pipeline '{name}': stage '{stage}' appears twice; list each stage once")
+                for need in STAGE_NEEDS[stage]:
+                    if need not in given:
+                        raise ValueError(f"pipeline '{name}': stage '{stage}' needs {need} from an earlier "
+                                         f"'{PROVIDER[need]}' stage; put '{PROVIDER[need]}' before it, e.g. "
+                                         "[data, model, sft, eval]")
+                given.update(STAGE_GIVES.get(stage, ()))
         return v
 
     def stages_of(self, pipeline: str) -> list[str]:
         if pipeline not in self.pipelines:
-            raise ConfigError(f"unknown pipeline '{pipeline}' (this config defines: {', '.join(self.pipelines)})")
+            raise ConfigError(f"unknown pipeline '{pipeline}' (this config defines: {', '.join(self.pipelines)}); "
+                              "run one of those, or declare it under pipelines:")
         return self.pipelines[pipeline]
 
     def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+        """sha256 of the config as written to config.yaml: secrets replaced by their placeholders."""
+        from harness.secrets import redact
+
+        return hashlib.sha256(json.dumps(redact(self.model_dump(mode="json")), sort_keys=True).encode()).hexdigest()
 
 
 def resolve_config_path(config: str | None) -> Path:
@@ -366,8 +398,35 @@ def resolve_config_path(config: str | None) -> Path:
     if not path.suffix and not path.exists():
         path = CONFIG_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise ConfigError(f"config file not found: {name}")
+        presets = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError(f"config file not found: {name}; give a YAML file or a preset ({presets})")
     return path
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that rejects a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _yaml(text: str, origin: str):
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no Python objects
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{origin}: not valid YAML: {exc.problem or exc.context}{where}; fix it there") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin}: not valid YAML ({' '.join(str(exc).split())}); fix it there") from None
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -376,17 +435,14 @@ def parse_overrides(overrides: list[str]) -> dict:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"override '{item}' is not of the form key=value")
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. sft.max_steps=50)")
         node = tree
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}' conflicts with an earlier override")
-        try:
-            node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override '{item}': value is not valid YAML ({exc})") from None
+                raise ConfigError(f"override '{item}' conflicts with an earlier override; give each key once")
+        node[parts[-1]] = _yaml(raw, f"override '{item}'") if raw != "" else ""
     return tree
 
 
@@ -400,30 +456,53 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def _format_errors(exc: ValidationError, origin: str) -> str:
-    lines = [f"invalid config ({origin}):"]
+def _known_keys(loc: tuple) -> list[str]:
+    """The keys the config model accepts where ``loc`` points (for 'did you mean')."""
+    model = PipelineConfig
+    for part in loc:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        if field is None:
+            return []
+        model = next((t for t in (field.annotation, *get_args(field.annotation))
+                      if isinstance(t, type) and issubclass(t, BaseModel)), None)
+    return list(model.model_fields) if model else []
+
+
+def format_errors(exc: ValidationError, origin: str,
+                  fix: str = "fix it in the config file or with a key=value override") -> str:
+    """Every problem on one line, each naming its key, and how to fix them."""
+    problems = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            close = difflib.get_close_matches(str(err["loc"][-1]), _known_keys(err["loc"][:-1]), n=1)
+            msg = "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
         elif "input" in err and not isinstance(err["input"], dict):
-            msg += f" (got {err['input']!r})"
-        lines.append(f"  {key}: {msg}")
-    return "\n".join(lines)
+            got = repr(err["input"])
+            msg += f" (got {got if len(got) <= 60 else got[:57] + '...'})"
+        problems.append(f"{key}: {msg}")
+    return f"invalid config ({origin}): {'; '.join(problems)}; {fix}"
+
+
+_format_errors = format_errors  # harness/sweep.py's name for it
 
 
 def load_config(config: str | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """Load a preset or YAML file, apply `key=value` overrides and validate. Raises ConfigError."""
     path = resolve_config_path(config)
+    data = path.read_bytes()
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); save the "
+                          "file as UTF-8") from None
+    raw = _yaml(text, str(path)) or {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+        raise ConfigError(f"{path}: top level must be a mapping of config keys (seed: 0, sft: {{...}}), "
+                          f"not a {type(raw).__name__}")
     merged = _merge(raw, parse_overrides(overrides or []))
     try:
         return PipelineConfig.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, str(path))) from None
+        raise ConfigError(format_errors(exc, f"{path}{' and overrides' if overrides else ''}")) from None

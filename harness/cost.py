@@ -1,17 +1,56 @@
 """Accelerator accounting: devices held x wall time, busy time, and the price of it."""
 from __future__ import annotations
 
+import os
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-GPU_ALIASES = ("T4", "L4", "A10G", "A100", "H100", "H200")
+from harness.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Price:
+    usd_per_hour: float
+    source: str
+    date: str
+
+
+# Public on-demand list prices, USD per device-hour (CPU: per core-hour), keyed by the exact device model. A run on
+# a device not listed stops before its first stage unless cost.prices.<MODEL> or cost.price_per_hour is set.
+PRICE_TABLE = {
+    "CPU": Price(0.045, "AWS EC2 c7i.large, us-east-1 ($0.0893/h for 2 vCPU)", "2026-11"),
+    "T4": Price(0.35, "Google Cloud GPU pricing, NVIDIA T4, us-central1", "2026-11"),
+    "V100": Price(0.55, "Lambda, 8x Tesla V100 16 GB ($4.40/h)", "2026-11"),
+    "A10": Price(0.75, "Lambda, 1x A10 24 GB", "2026-11"),
+    "L4": Price(0.805, "AWS EC2 g6.xlarge (1x L4), us-east-1", "2026-11"),
+    "A10G": Price(1.006, "AWS EC2 g5.xlarge (1x A10G), us-east-1", "2026-11"),
+    "L40S": Price(1.861, "AWS EC2 g6e.xlarge (1x L40S), us-east-1", "2026-11"),
+    "A100-40GB": Price(1.29, "Lambda, 1x A100 40 GB SXM4", "2026-11"),
+    "A100-80GB": Price(1.79, "Lambda, 8x A100 80 GB SXM4 ($14.32/h)", "2026-11"),
+    "GH200": Price(1.49, "Lambda, 1x GH200 96 GB", "2026-11"),
+    "H100": Price(2.49, "Lambda, 1x H100 80 GB PCIe", "2026-11"),
+    "H200": Price(3.50, "specialty clouds' on-demand H200 SXM, low end of $3.50-4.50 (Mercatus price survey)",
+                  "2026-05"),
+}
+DEFAULT_PRICES = {model: price.usd_per_hour for model, price in PRICE_TABLE.items()}
+UNLABELLED_GPU = "unlabelled-GPU"
 
 
 def gpu_alias(name: str) -> str:
-    """'Tesla T4' -> 'T4', 'NVIDIA H100 80GB HBM3' -> 'H100'; 'CPU' and unknown names pass through."""
-    upper = name.upper()
-    return next((alias for alias in GPU_ALIASES if alias in upper), name)
+    """The price-table model of a device name, from torch ('Tesla T4', 'NVIDIA A100-SXM4-80GB', 'NVIDIA GH200 480GB')
+    or Ray's accelerator_type ('L40S', 'A100-80G'). The model is the first word after the vendor, matched whole (L40S
+    is not L4, GH200 is not H200), an A100 also by its memory. Other names come back as Ray spells them ('RTX-A6000').
+    """
+    words = [w for w in re.findall(r"[A-Z0-9]+", name.upper()) if w not in ("NVIDIA", "TESLA")]
+    model = words[0] if words else ""
+    if model == "A100":
+        memory = next((w[:2] for w in words[1:] if w in ("40G", "40GB", "80G", "80GB")), None)
+        return f"A100-{memory}GB" if memory else "A100"  # Ray labels both sizes 'A100': priced only when told
+    if model in PRICE_TABLE:
+        return model
+    return re.sub(r"^(NVIDIA|Tesla)\s+", "", name.strip()).replace(" ", "-") or name
 
 
 def device_kind(use_gpu: bool) -> str:
@@ -23,11 +62,59 @@ def device_kind(use_gpu: bool) -> str:
     return "CPU"
 
 
+def cluster_gpus(nodes: list[dict]) -> set[str]:
+    """GPU models of a Ray cluster's live GPU nodes (``ray.nodes()``), from the ``accelerator_type:<model>`` resource
+    Ray gives each; the most specific label wins (``A100-80G`` over ``A100``)."""
+    kinds = set()
+    for node in nodes:
+        resources = node.get("Resources", {})
+        if node.get("Alive") and resources.get("GPU", 0) > 0:
+            labels = [key.split(":", 1)[1] for key in resources if key.startswith("accelerator_type:")]
+            kinds.add(gpu_alias(max(labels, key=len)) if labels else UNLABELLED_GPU)
+    return kinds
+
+
+def planned_devices(cfg) -> set[str]:
+    """The device models the run's stages will use, known before the first starts: CPU; the GPUs torch sees here;
+    or, attached to a Ray cluster (RAY_ADDRESS or an initialised Ray), the GPU models of its nodes."""
+    if not cfg.resources.use_gpu:
+        return {"CPU"}
+    import ray
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        from harness.raytrain import ensure_ray
+
+        ensure_ray(cfg.ray.dashboard)
+        return cluster_gpus(ray.nodes())
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("resources.use_gpu is true but torch sees no CUDA GPU on this machine: install a CUDA build "
+                          "of torch, or set resources.use_gpu=false")
+    return {gpu_alias(torch.cuda.get_device_name(i)) for i in range(torch.cuda.device_count())}
+
+
+def check_priced(cfg) -> set[str]:
+    """Pre-flight, before the first stage: every device the run may use has a price (or cost.price_per_hour is
+    set). Returns the devices. Raises ConfigError."""
+    if cfg.cost.price_per_hour is not None:
+        return set()
+    kinds = planned_devices(cfg)
+    if not kinds:
+        raise ConfigError("resources.use_gpu: the Ray cluster has no live GPU node, so the device and its price are "
+                          "unknown: start the GPU nodes first, or set cost.price_per_hour=<USD per device-hour>")
+    missing = sorted(kinds - set(cfg.cost.prices))
+    if missing:
+        raise ConfigError(f"cost: no price for device {', '.join(missing)} (priced: {', '.join(cfg.cost.prices)}): "
+                          f"set cost.prices.{missing[0]}=<USD per device-hour> or cost.price_per_hour=<USD>")
+    return kinds
+
+
 def price_per_hour(kind: str, prices: dict[str, float], override: float | None) -> float:
     if override is not None:
         return override
     if kind not in prices:
-        raise KeyError(f"no price for device '{kind}': set cost.price_per_hour or cost.prices.{kind}")
+        raise ConfigError(f"cost: no price for device '{kind}': set cost.price_per_hour or cost.prices.{kind}")
     return prices[kind]
 
 

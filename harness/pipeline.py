@@ -19,6 +19,7 @@ from harness.cache import StageCache, stage_key
 from harness.config import PipelineConfig
 from harness.cost import Meter
 from harness.errors import UserError
+from harness.inputs import check_inputs
 from harness.manifest import build_manifest
 from harness.secrets import redact
 from harness.tracking import Tracker
@@ -29,6 +30,17 @@ def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def worker_hardware(records: list[dict]) -> list[dict]:
+    """The distinct hardware the stages' Ray workers ran on (training ranks, eval and generation shards)."""
+    seen: list[dict] = []
+    for record in records:
+        ran_on = record.get("ran_on", {})
+        for hw in [ran_on.get("hardware"), *(s.get("hardware") for s in ran_on.get("shards", []))]:
+            if hw and hw not in seen:
+                seen.append(hw)
+    return seen
 
 
 def new_run_id(pipeline: str) -> str:
@@ -118,7 +130,9 @@ class _Runner:
         cost = meter.summary(cfg.cost.prices, cfg.cost.price_per_hour)
         record = {"name": name, "metrics": out.metrics, "wall_seconds": wall,
                   "accelerator_hours": cost["cost/accelerator_hours"], "cost_usd": cost["cost/usd"],
-                  "device": meter.kind, "devices": meter.devices, "cost": cost}
+                  "device": meter.kind, "devices": meter.devices, "cost": cost, "outputs": out.outputs}
+        if out.ran_on:
+            record["ran_on"] = out.ran_on
         self.say(f"stage {name} done in {wall:.1f}s")
         return record, out
 
@@ -131,6 +145,10 @@ class _Runner:
         model = next((o.outputs for o in outputs.values() if "model_source" in o.outputs), {})
         manifest = manifest | {"data_fingerprints": data_fp, "model_source": model.get("model_source"),
                                "model_weights_sha256": model.get("weights_sha256")}
+        workers = worker_hardware(records)
+        if workers:  # the hardware the work ran on (Ray workers), not the driver's
+            manifest = manifest | {"driver_hardware": manifest["hardware"],
+                                   "hardware": workers[0] if len(workers) == 1 else workers}
         self.tracker.set_tags(self.parent, {"manifest.data_fingerprints": data_fp,
                                             "manifest.model_source": model.get("model_source")})
         fresh = [r for r in records if "reused_from" not in r]
@@ -164,5 +182,6 @@ def run_pipeline(cfg: PipelineConfig, pipeline: str, output_dir: str | None = No
     """
     for name in cfg.stages_of(pipeline):
         STAGES[name].check(cfg)
+    check_inputs(cfg, cfg.stages_of(pipeline), say=console.print if console else print)  # price, data, secrets
     root = Path(output_dir or cfg.output_dir).expanduser().resolve()
     return _Runner(cfg, pipeline, root, force, console, parent_run_id).run()

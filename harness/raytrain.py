@@ -10,11 +10,13 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 STATE_API_ENV = "VLMLAB_RAY_STATE_API"
+_started_here = False  # this process started its own local Ray (which never grows), rather than attaching
 
 
 def ensure_ray(dashboard: bool = False) -> None:
@@ -52,6 +54,8 @@ def ensure_ray(dashboard: bool = False) -> None:
         os.environ[STATE_API_ENV] = "1" if dashboard else "0"
         ray.init(num_cpus=os.cpu_count(), include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  log_to_driver=True)
+        global _started_here
+        _started_here = True
         atexit.register(reap_hung_actors)  # runs before the atexit shutdown ray.init registered
     # ray.init installs a SIGTERM handler that just exits; keep the harness's (mark runs KILLED, say how to resume)
     if callable(previous) and threading.current_thread() is threading.main_thread():
@@ -89,10 +93,104 @@ def reap_hung_actors() -> list[int]:
 def scaling(resources) -> Any:
     from ray.train import ScalingConfig
 
-    per_worker = {"CPU": resources.cpus_per_worker}
+    return ScalingConfig(num_workers=resources.workers, use_gpu=resources.use_gpu,
+                         resources_per_worker=worker_bundle(resources))
+
+
+def worker_bundle(resources) -> dict[str, float]:
+    """What one worker (a training rank, an eval or generation shard) asks Ray for."""
+    bundle = {"CPU": float(resources.cpus_per_worker)}
     if resources.use_gpu:
-        per_worker["GPU"] = resources.gpus_per_worker
-    return ScalingConfig(num_workers=resources.workers, use_gpu=resources.use_gpu, resources_per_worker=per_worker)
+        bundle["GPU"] = float(resources.gpus_per_worker)
+    return bundle
+
+
+def room_for(bundle: dict[str, float], nodes: list[dict]) -> int:
+    """How many such bundles the nodes could hold in all (each bundle on one node), busy or not."""
+    return sum(min(int(node.get(k, 0.0) // v) for k, v in bundle.items()) for node in nodes)
+
+
+def _describe(nodes: list[dict]) -> str:
+    if not nodes:
+        return "no alive node"
+    parts = [" ".join(f"{k} {node.get(k, 0):g}" for k in ("CPU", "GPU")) for node in nodes]
+    return f"{len(nodes)} node(s): " + "; ".join(parts)
+
+
+_PLACEABLE: set[tuple] = set()  # worker shapes this process has seen the cluster hold: checked once
+
+
+def require_resources(resources, what: str) -> None:
+    """Wait until the cluster has room for ``resources.workers`` workers, at most ``resources.placement_timeout_s``.
+
+    Room means total capacity (busy nodes free up; a concurrent sweep trial is no reason to fail). A pending
+    placement group is the demand an autoscaler grows the cluster for. A Ray this process started itself never
+    grows, so it is answered at once. Raises UserError naming what is missing and what the cluster has.
+    """
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from harness.errors import UserError
+
+    bundle = worker_bundle(resources)
+    shape = (resources.workers, *sorted(bundle.items()))
+    if shape in _PLACEABLE:
+        return
+
+    def nodes() -> list[dict]:
+        return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+    timeout = 0.0 if _started_here else resources.placement_timeout_s
+    deadline = time.monotonic() + timeout
+    group = None
+    try:
+        while room_for(bundle, nodes()) < resources.workers:
+            if time.monotonic() >= deadline:
+                want = ", ".join(f"{k}: {v:g}" for k, v in bundle.items())
+                raise UserError(
+                    f"resources: {what} needs {resources.workers} worker(s) of {{{want}}}, but after "
+                    f"{timeout:g} s the cluster has room for {room_for(bundle, nodes())} ({_describe(nodes())}); "
+                    "lower resources.workers / cpus_per_worker / gpus_per_worker, add nodes, or raise "
+                    "resources.placement_timeout_s")
+            if group is None:
+                group = placement_group([bundle] * resources.workers, strategy="PACK")
+            if group.wait(timeout_seconds=min(5.0, max(0.1, deadline - time.monotonic()))):
+                break
+    finally:
+        if group is not None:
+            remove_placement_group(group)
+    _PLACEABLE.add(shape)
+
+
+def _on_worker(fn: Callable, shard, use_gpu: bool, threads: int) -> dict:
+    """One shard of work inside a Ray task: ``fn(shard, device)``, and where it ran."""
+    import ray
+    import torch
+
+    from harness.manifest import hardware
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    result = fn(shard, "cuda" if use_gpu else "cpu")  # Ray made only this task's GPUs visible
+    return {"result": result, "seconds": time.perf_counter() - start,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "device": torch.cuda.get_device_name(0) if use_gpu else "CPU", "hardware": hardware()}
+
+
+def run_shards(fn: Callable, shards: list, resources, stage: str, max_retries: int = 3) -> list[dict]:
+    """Run ``fn(shard, device)`` once per shard as Ray tasks, each holding one worker's resources, so that a
+    cluster's head (which has none) never runs one and the driver never loads a model. A task whose worker dies
+    is retried (``max_retries``). Returns, in shard order, ``{result, seconds, node_id, device, hardware}``."""
+    import ray
+
+    ensure_ray()
+    require_resources(resources, f"stage '{stage}'")
+    options = {"num_cpus": resources.cpus_per_worker, "max_retries": max_retries, "name": f"{stage}-shard"}
+    if resources.use_gpu:
+        options["num_gpus"] = resources.gpus_per_worker
+    task = ray.remote(_on_worker).options(**options)
+    threads = max(1, int(resources.cpus_per_worker))
+    return ray.get([task.remote(fn, shard, resources.use_gpu, threads) for shard in shards])
 
 
 def devices_held(resources) -> float:
@@ -142,17 +240,17 @@ def _trainer_class():
     return HarnessTorchTrainer
 
 
-def fit(loop: Callable[[dict], None], loop_config: dict, resources, storage: Path, name: str,
-        model_out: Path, max_failures: int = 0, runtime_env: dict | None = None) -> dict:
-    """Run ``loop`` on Ray Train workers; copy the final checkpoint (the trained model) to ``model_out``.
-
-    Returns the last report's metrics.
+def fit(loop: Callable[[dict], None], settings, storage: Path, name: str, model_out: Path, max_failures: int = 0,
+        runtime_env: dict | None = None) -> dict:
+    """Run ``loop({"settings": settings})`` on Ray Train workers; copy the final checkpoint (the trained model) to
+    ``model_out``. Returns the last report's metrics.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     ensure_ray()  # normally already started by the stage, with its config
+    require_resources(settings.resources, f"stage '{settings.prefix}'")
     trainer = _trainer_class()(
-        loop, train_loop_config=loop_config, scaling_config=scaling(resources),
+        loop, train_loop_config={"settings": settings}, scaling_config=scaling(settings.resources),
         run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=max_failures),

@@ -3,13 +3,26 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
-from harness.errors import UserError
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from harness.errors import ConfigError, UserError
 
 # Metrics that measure the machine, not the result: never compared.
 TIMING_MARKERS = ("per_second", "runtime", "wall", "seconds", "cost/", "_unix")
 MANIFEST_FIELDS = ("git", "packages", "packages_sha256", "hardware", "data_fingerprints", "model_weights_sha256")
+
+
+class RecordedRun(BaseModel):
+    """The parts of a result.json that `harness reproduce` reads."""
+    model_config = ConfigDict(extra="allow")
+    run_id: str
+    pipeline: str
+    config: dict
+    metrics: dict[str, float]
+    manifest: dict
 
 
 def load_result(target: str) -> tuple[dict, Path]:
@@ -17,11 +30,61 @@ def load_result(target: str) -> tuple[dict, Path]:
     if path.is_dir():
         path = path / "result.json"
     if not path.is_file():
-        raise UserError(f"no result.json at {target}")
+        raise UserError(f"no result.json at {target}: give a run directory or its result.json")
+    hint = "give the result.json a `harness run` wrote"
     try:
-        return json.loads(path.read_text()), path
+        recorded = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); {hint}") from None
     except ValueError as exc:
-        raise UserError(f"{path}: not valid JSON: {exc}") from None
+        raise UserError(f"{path}: not valid JSON ({exc}); {hint}") from None
+    if not isinstance(recorded, dict):
+        raise UserError(f"{path}: not a vlmlab result (the top level is a {type(recorded).__name__}, not an object); "
+                        f"{hint}")
+    try:
+        RecordedRun.model_validate(recorded)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].lower()}" for e in exc.errors()[:5])
+        raise UserError(f"{path}: not a vlmlab result ({problems}); {hint}") from None
+    return recorded, path
+
+
+def untrusted(config: dict) -> list[str]:
+    """What in a recorded config would run code or change the workers' environment: custom GRPO rewards,
+    trust_remote_code, a stage's runtime_env (env vars such as LD_PRELOAD, a container image)."""
+    from evals.rewards import BUILTIN
+
+    sections = {name: value for name, value in config.items() if isinstance(value, dict)}
+    found = [f"grpo.rewards: {spec}" for spec in sections.get("grpo", {}).get("rewards") or []
+             if spec not in BUILTIN]
+    if sections.get("model", {}).get("trust_remote_code"):
+        found.append("model.trust_remote_code: true")
+    for stage, section in sections.items():
+        env = section.get("runtime_env")
+        if isinstance(env, dict) and any(env.values()):
+            found.append(f"{stage}.runtime_env: {', '.join(k for k, v in env.items() if v)}")
+    return found
+
+
+def recorded_config(recorded: dict, path: Path, trust: bool):
+    """The recorded run's config, ready to rerun: user code only with ``trust``, secrets back from the environment."""
+    from harness.config import PipelineConfig, format_errors
+    from harness.secrets import placeholders, restore
+
+    risky = untrusted(recorded["config"])
+    if risky and not trust:
+        raise UserError(f"{path} asks to run code or set the workers' environment ({'; '.join(risky)}); "
+                        "read it, and rerun with --trust if you trust whoever made it")
+    missing = sorted(name for name in placeholders(recorded["config"]) if name not in os.environ)
+    if missing:
+        raise UserError(f"{path}: the recorded run used secrets that were kept out of result.json; set "
+                        f"{', '.join(missing)} in the environment to the values it used, then rerun")
+    config = restore(recorded["config"], os.environ) | {"run_name": None}
+    try:
+        return PipelineConfig.model_validate(config)
+    except ValidationError as exc:
+        fix = "it no longer validates: rerun it with the vlmlab version of its manifest"
+        raise ConfigError(format_errors(exc, f"the config recorded in {path}", fix)) from None
 
 
 def comparable(name: str) -> bool:

@@ -14,7 +14,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from harness.errors import UserError
 from harness.secrets import redact_text
@@ -63,6 +63,8 @@ class Tracker:
             raise UserError(f"MLflow tracking store {redact_text(uri)!r} is not usable: "
                             f"{redact_text(str(exc))}") from None
         publish_cost_view(self.client, self.experiment_id)
+        if uri.startswith("sqlite:///") and Path(uri[len("sqlite:///"):]).is_file():
+            os.chmod(uri[len("sqlite:///"):], 0o600)  # the store holds params, tags, artifact paths: owner only
         self._open: list[str] = []
         self.outbox: Path | None = None
         self.offline = False
@@ -78,7 +80,7 @@ class Tracker:
                 return getattr(self.client, op)(**kwargs)
             except Exception as exc:
                 self._go_offline(exc)
-        with open(self.outbox, "a") as f:
+        with _private_append(self.outbox) as f:
             f.write(json.dumps({"op": op, **kwargs}, default=_entity_json) + "\n")
         return None
 
@@ -331,6 +333,11 @@ class BackgroundStepLogger:
             raise self._error
 
 
+def _private_append(path) -> TextIO:
+    """Open ``path`` for appending, created readable by its owner only (an outbox holds run data)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a")
+
+
 def _append(outbox: str, run_id: str, items: list) -> None:
-    with open(outbox, "a") as f:
+    with _private_append(outbox) as f:
         f.write(json.dumps({"op": "log_batch", "run_id": run_id, "metrics": items}, default=_entity_json) + "\n")

@@ -43,9 +43,11 @@ STAGES = _Registry()
 
 @dataclass
 class StageOutput:
-    """What a stage hands back: metrics, named outputs (paths, fingerprints) for later stages."""
+    """What a stage hands back: metrics, named outputs (paths, fingerprints) for later stages, and where its work
+    ran (``ran_on``: node id, device, hardware of the Ray worker; empty for work done in the driver)."""
     metrics: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, Any] = field(default_factory=dict)
+    ran_on: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -19,4 +19,4 @@ def run(ctx: StageContext) -> StageOutput:
     stage_cfg.components.vision.freeze = True
     stage_cfg.components.language.freeze = True
     stage_cfg.components.connector.freeze = False
-    return launch.run_stage(ctx, train_loop, stage_cfg, extra={"prefix": "align"})
+    return launch.run_stage(ctx, train_loop, stage_cfg)

@@ -115,22 +115,37 @@ def pairs_from_source(pref) -> list[dict]:
     return out
 
 
-def on_policy_wrong_answers(ctx: StageContext, tasks: dict, size: int | None) -> dict[int, str]:
-    """Greedy generations of the incoming checkpoint on the training questions (row index -> answer)."""
-    from harness import raytrain
-    from harness.cost import device_kind
+def generate_shard(job: dict, device: str) -> list[str]:
+    """On a Ray worker: greedy answers for this shard's rows (whole batches of the training rows)."""
     from stages.support.generate import generate_answers
 
-    rows = training_rows(tasks, size)
+    rows = training_rows(job["tasks"], job["size"])
+    picked = [rows[i] for i in job["indices"]]
+    return generate_answers(job["model_dir"], [r["question"] for r in picked], [r["image"] for r in picked],
+                            batch_size=job["batch_size"], max_new_tokens=job["max_new_tokens"], device=device,
+                            trust_remote_code=job["trust_remote_code"])
+
+
+def on_policy_wrong_answers(ctx: StageContext, tasks: dict, size: int | None) -> tuple[dict[int, str], list[dict]]:
+    """Greedy generations of the incoming checkpoint on the training questions (row index -> answer), sharded over
+    `resources.workers` Ray tasks; also returns where each shard ran."""
+    from harness import raytrain
+    from stages.support.generate import shard_batches
+
     cfg = ctx.cfg
-    device = "cuda" if cfg.resources.use_gpu else "cpu"
-    with ctx.meter.hold(raytrain.devices_held(cfg.resources) / cfg.resources.workers,
-                        device_kind(cfg.resources.use_gpu)):
-        answers = generate_answers(ctx.latest("model_dir"), [r["question"] for r in rows],
-                                   [r["image"] for r in rows], batch_size=cfg.eval.batch_size,
-                                   max_new_tokens=cfg.eval.max_new_tokens, device=device,
-                                   trust_remote_code=cfg.model.trust_remote_code)
-    return dict(enumerate(answers))
+    n_rows = len(training_rows(tasks, size))
+    jobs = [{"tasks": tasks, "size": size, "indices": indices, "model_dir": ctx.latest("model_dir"),
+             "batch_size": cfg.eval.batch_size, "max_new_tokens": cfg.eval.max_new_tokens,
+             "trust_remote_code": cfg.model.trust_remote_code}
+            for indices in shard_batches(n_rows, cfg.eval.batch_size, cfg.resources.workers) if indices]
+    raytrain.ensure_ray(cfg.ray.dashboard)
+    with ctx.meter.hold(raytrain.devices_held(cfg.resources), "CPU"):
+        done = raytrain.run_shards(generate_shard, jobs, cfg.resources, "dpo-generate")
+    answers = {i: a for job, d in zip(jobs, done, strict=True) for i, a in zip(job["indices"], d["result"],
+                                                                               strict=True)}
+    shards = [{"node_id": d["node_id"], "device": d["device"], "items": len(job["indices"]),
+               "hardware": d["hardware"]} for job, d in zip(jobs, done, strict=True)]
+    return answers, shards
 
 
 def to_preference(row: dict) -> dict:
@@ -153,39 +168,40 @@ def summarize(history: list[dict]) -> dict[str, float]:
             "dpo/reward_accuracy": mean([h["rewards/accuracies"] for h in logs[-k:]])}
 
 
-def loss_args(stage_cfg: dict) -> dict:
+def loss_args(stage) -> dict:
     """TRL loss settings: the preference loss, plus the SFT loss on chosen answers when sft_weight > 0."""
-    if stage_cfg["sft_weight"] > 0:
-        return {"loss_type": [stage_cfg["loss_type"], "sft"], "loss_weights": [1.0, stage_cfg["sft_weight"]]}
-    return {"loss_type": [stage_cfg["loss_type"]]}
+    if stage.sft_weight > 0:
+        return {"loss_type": [stage.loss_type, "sft"], "loss_weights": [1.0, stage.sft_weight]}
+    return {"loss_type": [stage.loss_type]}
 
 
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
-    import torch
     from datasets import load_dataset
     from trl import DPOConfig, DPOTrainer
 
-    run, stage_cfg = config["run"], config["stage"]
-    torch.set_num_threads(max(1, int(run["resources"]["cpus_per_worker"])))
-    model, processor = training.load_model(run["model_dir"], run["trust_remote_code"])
-    training.freeze_components(model, stage_cfg["components"])
-    data = load_dataset("parquet", data_files=run["pairs"], split="train").shuffle(seed=run["seed"])
+    settings = config["settings"]
+    stage = settings.stage
+    scratch = training.worker_setup(settings)
+    model, processor = training.load_model(settings.model_dir, settings.trust_remote_code)
+    training.freeze_components(model, stage.components)
+    data = load_dataset("parquet", data_files=settings.inputs["pairs"], split="train").shuffle(seed=settings.seed)
     data = data.map(to_preference, remove_columns=["question", "chosen", "rejected"])
-    args = DPOConfig(**training.common_args(stage_cfg, run, Path(run["work_dir"])), max_length=None,
-                     beta=stage_cfg["beta"], **loss_args(stage_cfg))
+    args = DPOConfig(**training.common_args(settings, scratch), max_length=None, beta=stage.beta, **loss_args(stage))
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=data, processing_class=processor,
-                         peft_config=training.peft_config(stage_cfg["lora"]))
-    training.train_and_save(trainer, processor, run, prefix="dpo", summarize=summarize)
+                         peft_config=training.peft_config(stage.lora))
+    training.train_and_save(trainer, processor, settings, scratch, summarize=summarize)
 
 
 def run(ctx: StageContext) -> StageOutput:
     from datasets import Dataset, Features, Image, Value
 
     pref = ctx.cfg.dpo.preference
+    wrong, shards = None, []
     if pref.source == "tasks":
         tasks = ctx.latest("tasks")
-        wrong = on_policy_wrong_answers(ctx, tasks, pref.size) if pref.rejected == "on_policy" else None
+        if pref.rejected == "on_policy":
+            wrong, shards = on_policy_wrong_answers(ctx, tasks, pref.size)
         pairs = pairs_from_tasks(tasks, pref, ctx.cfg.seed, wrong)
     else:
         pairs = pairs_from_source(pref)
@@ -195,6 +211,9 @@ def run(ctx: StageContext) -> StageOutput:
     features = Features({"image": Image(), "question": Value("string"), "chosen": Value("string"),
                          "rejected": Value("string")})
     Dataset.from_list(pairs, features=features).to_parquet(str(path))
-    out = launch.run_stage(ctx, train_loop, ctx.cfg.dpo, extra={"pairs": str(path)})
+    out = launch.run_stage(ctx, train_loop, ctx.cfg.dpo, inputs={"pairs": str(path.resolve())})
     out.metrics["dpo/pairs"] = float(len(pairs))
+    if shards:
+        out.outputs["generation_shards"] = [{k: v for k, v in s.items() if k != "hardware"} for s in shards]
+        out.ran_on["shards"] = shards
     return out

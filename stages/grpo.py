@@ -6,8 +6,6 @@ all resolved before any work starts.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from evals import rewards
 from harness.errors import ConfigError
 from stages import StageContext, StageOutput
@@ -20,7 +18,7 @@ def check(cfg) -> None:
     launch.check_grades(cfg, "grpo")
     for i, spec in enumerate(cfg.grpo.rewards):
         try:
-            rewards.resolve(spec)
+            rewards.check(spec)  # without importing: no user code runs here
         except ValueError as exc:
             raise ConfigError(f"grpo.rewards[{i}]: {exc}") from None
 
@@ -41,26 +39,26 @@ def summarize(history: list[dict], main_reward: str) -> dict[str, float]:
 
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
-    import torch
     from trl import GRPOConfig, GRPOTrainer
 
-    run, stage_cfg = config["run"], config["stage"]
-    torch.set_num_threads(max(1, int(run["resources"]["cpus_per_worker"])))
-    model, processor = training.load_model(run["model_dir"], run["trust_remote_code"])
-    training.freeze_components(model, stage_cfg["components"])
+    settings = config["settings"]
+    stage = settings.stage
+    scratch = training.worker_setup(settings)
+    model, processor = training.load_model(settings.model_dir, settings.trust_remote_code)
+    training.freeze_components(model, stage.components)
     processor.tokenizer.padding_side = "left"
-    data = training.load_tasks(run["tasks"], "train", run["seed"], with_task=True)
+    data = training.load_tasks(settings.tasks, "train", settings.seed, with_task=True)
     data = data.map(lambda r: {"prompt": training.user_turn(r["question"])}, remove_columns=["question"])
-    funcs = [rewards.resolve(spec) for spec in stage_cfg["rewards"]]
+    funcs = [rewards.resolve(spec) for spec in stage.rewards]
     args = GRPOConfig(
-        **training.common_args(stage_cfg, run, Path(run["work_dir"])),
-        num_generations=stage_cfg["num_generations"], max_completion_length=stage_cfg["max_completion_length"],
-        temperature=stage_cfg["temperature"], beta=stage_cfg["beta"], loss_type=stage_cfg["loss_type"],
-        reward_weights=stage_cfg["reward_weights"], remove_unused_columns=False, log_completions=False)
+        **training.common_args(settings, scratch), num_generations=stage.num_generations,
+        max_completion_length=stage.max_completion_length, temperature=stage.temperature, beta=stage.beta,
+        loss_type=stage.loss_type, reward_weights=stage.reward_weights, remove_unused_columns=False,
+        log_completions=False)
     trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=data,
-                          processing_class=processor, peft_config=training.peft_config(stage_cfg["lora"]))
+                          processing_class=processor, peft_config=training.peft_config(stage.lora))
     main = reward_name(funcs[0])
-    training.train_and_save(trainer, processor, run, prefix="grpo", summarize=lambda h: summarize(h, main))
+    training.train_and_save(trainer, processor, settings, scratch, summarize=lambda h: summarize(h, main))
 
 
 def run(ctx: StageContext) -> StageOutput:

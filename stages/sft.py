@@ -5,8 +5,6 @@ turn the short answer.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from stages import StageContext, StageOutput
 from stages.support import launch, training
 
@@ -22,24 +20,22 @@ def to_prompt_completion(row: dict) -> dict:
 
 
 def train_loop(config: dict) -> None:
-    """Runs on every Ray Train worker."""
-    import torch
+    """Runs on every Ray Train worker (also for `align`, whose settings freeze all but the connector)."""
     from trl import SFTConfig, SFTTrainer
 
-    run, stage_cfg = config["run"], config["stage"]
-    prefix = run.get("prefix", "sft")
-    torch.set_num_threads(max(1, int(run["resources"]["cpus_per_worker"])))
-    model, processor = training.load_model(run["model_dir"], run["trust_remote_code"])
-    trainable = training.freeze_components(model, stage_cfg["components"])
-    data = training.load_tasks(run["tasks"], "train", run["seed"])
+    settings = config["settings"]
+    scratch = training.worker_setup(settings)
+    model, processor = training.load_model(settings.model_dir, settings.trust_remote_code)
+    trainable = training.freeze_components(model, settings.stage.components)
+    data = training.load_tasks(settings.tasks, "train", settings.seed)
     data = data.map(to_prompt_completion, remove_columns=["question", "answers", "answer", "question_type"])
-    args = SFTConfig(**training.common_args(stage_cfg, run, Path(run["work_dir"])), max_length=None,
-                     completion_only_loss=True)
+    args = SFTConfig(**training.common_args(settings, scratch), max_length=None, completion_only_loss=True)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=processor,
-                         peft_config=training.peft_config(stage_cfg["lora"]))
+                         peft_config=training.peft_config(settings.stage.lora))
+    prefix = settings.prefix
     counts = {f"{prefix}/trainable_params": float(sum(trainable.values())),
               **{f"{prefix}/trainable_params_{k}": float(v) for k, v in trainable.items()}}
-    training.train_and_save(trainer, processor, run, prefix=prefix, summarize=lambda _history: counts)
+    training.train_and_save(trainer, processor, settings, scratch, summarize=lambda _history: counts)
 
 
 def run(ctx: StageContext) -> StageOutput:

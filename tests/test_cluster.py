@@ -1,5 +1,6 @@
-"""A real Ray cluster, as a lab would use one: `ray start --head`, then `ray job submit -- harness run sft`
-(the default preset: ~6 minutes on 2 cores)."""
+"""A real multi-node Ray cluster, as a lab runs one: a head with nothing schedulable (the usual GPU-less head)
+and two worker nodes with one CPU each, their own raylets, one shared filesystem, token auth, a real `mlflow
+server`. `ray job submit -- harness run dpo` must train DDP across both nodes and score and generate on them."""
 from __future__ import annotations
 
 import json
@@ -18,10 +19,22 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, loopback_only
+from conftest import ROOT, loopback_only, tiny_overrides
 from mlflow.tracking import MlflowClient
 
 BIN = Path(sys.executable).parent
+NODES_SCRIPT = """
+import json, sys, time
+import ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+deadline = time.time() + float(sys.argv[2])
+while True:
+    alive = [{"id": n["NodeID"], "cpus": n["Resources"].get("CPU", 0)} for n in ray.nodes() if n["Alive"]]
+    if len(alive) >= int(sys.argv[3]) or time.time() > deadline:
+        break
+    time.sleep(1)
+print(json.dumps(alive))
+"""
 
 
 def _free_port() -> int:
@@ -30,82 +43,151 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """Stop what we started, by PID: each `ray start --block` and everything below it (raylet, GCS, workers)."""
+    started = []
+    for proc in procs:
+        if proc.poll() is None:
+            started += psutil.Process(proc.pid).children(recursive=True)
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    for child in started:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:  # answering (even 401 for an unauthenticated call) means it is up
+            return
+        except OSError:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, f"{what} did not come up"
+            time.sleep(1)
+
+
 @pytest.fixture(scope="module")
-def ray_head():
-    """A single-node Ray cluster on loopback; stopped afterwards by the PIDs it started (never `ray stop`)."""
+def cluster():
+    """Head (0 CPUs, 0 GPUs) + two 1-CPU worker nodes + an MLflow server, all on loopback."""
     if not loopback_only():
         pytest.fail("cluster tests must run inside a loopback-only network namespace: use scripts/test")
     tmp = Path(tempfile.mkdtemp(prefix="vc", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
-    dashboard = _free_port()
     token = tmp / "auth_token"  # Ray's token auth, with a token of this cluster's own (not ~/.ray's)
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     env.pop("RAY_ADDRESS", None)
-    with open(tmp / "head.log", "w") as log:  # the child keeps its own copy of the descriptor
-        head = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}", "--node-ip-address=127.0.0.1",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-             f"--temp-dir={tmp / 'ray'}", "--disable-usage-stats"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
+    gcs, dashboard, mlflow_port = _free_port(), _free_port(), _free_port()
+    common = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    procs: list[subprocess.Popen] = []
+
+    def start(name: str, args: list[str]) -> subprocess.Popen:
+        with open(tmp / f"{name}.log", "w") as log:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(proc)
+        return proc
+
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:  # answering (even 401 for an unauthenticated call) means it is up
-                break
-            except OSError:
-                assert head.poll() is None, (tmp / "head.log").read_text()[-3000:]
-                assert time.time() < deadline, "the Ray head's dashboard did not come up"
-                time.sleep(1)
-        yield address, env, tmp
+        head = start("head", [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=0", "--num-gpus=0",
+                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                              f"--temp-dir={tmp / 'ray'}", *common])
+        address = f"http://127.0.0.1:{dashboard}"
+        _wait_http(f"{address}/api/version", head, tmp / "head.log", "the Ray head's dashboard")
+        for i in (1, 2):
+            start(f"worker{i}", [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1",
+                                 "--num-gpus=0", *common])
+        server = start("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri",
+                                  f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination", str(tmp / "artifacts"),
+                                  "--host", "127.0.0.1", "--port", str(mlflow_port)])
+        # worker nodes took > 15 s to register on 2 busy cores: ask the GCS rather than sleep
+        nodes = subprocess.run([sys.executable, "-c", NODES_SCRIPT, f"127.0.0.1:{gcs}", "240", "3"], env=env,
+                               capture_output=True, text=True, timeout=400)
+        alive = json.loads(nodes.stdout.strip().splitlines()[-1]) if nodes.returncode == 0 else []
+        assert len(alive) == 3, nodes.stdout[-2000:] + nodes.stderr[-3000:]
+        _wait_http(f"http://127.0.0.1:{mlflow_port}/health", server, tmp / "mlflow.log", "mlflow server", 240)
+        yield {"address": address, "gcs": f"127.0.0.1:{gcs}", "env": env, "tmp": tmp,
+               "tracking": f"http://127.0.0.1:{mlflow_port}",
+               "head": {n["id"] for n in alive if n["cpus"] == 0}, "workers": {n["id"] for n in alive if n["cpus"]}}
     finally:
-        started = psutil.Process(head.pid).children(recursive=True) if head.poll() is None else []
-        head.terminate()
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-        for proc in started:  # the head's raylet, GCS, dashboard and workers: ours, by PID
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
+        _stop(procs)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def test_ray_job_submit_runs_a_pipeline_on_the_cluster(ray_head):
-    address, env, tmp = ray_head
-    out, db = tmp / "runs", tmp / "mlflow.db"
+def _stage(run_dir: Path, name: str) -> dict:
+    return json.loads((run_dir / name / "stage.json").read_text())
+
+
+def test_dpo_job_trains_across_nodes_and_scores_on_the_workers(cluster):
+    out = cluster["tmp"] / "runs"
+    overrides = tiny_overrides(**{
+        "resources.workers": 2, "resources.cpus_per_worker": 1, "dpo.max_steps": 4, "dpo.save_steps": 2,
+        "dpo.batch_size": 4, "dpo.logging_steps": 1, "dpo.warmup_steps": 0, "dpo.preference.size": 32,
+        "dpo.preference.rejected": "on_policy", "tracking.uri": cluster["tracking"]})
     submit = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", f"--address={address}", f"--working-dir={ROOT}", "--",
-         "harness", "run", "sft", f"--output-dir={out}", f"tracking.uri=sqlite:///{db}"],  # the default preset
-        env=env, capture_output=True, text=True, timeout=1800)
-    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        [str(BIN / "ray"), "job", "submit", f"--address={cluster['address']}", f"--working-dir={ROOT}", "--",
+         "harness", "run", "dpo", f"--output-dir={out}", *overrides],
+        env=cluster["env"], capture_output=True, text=True, timeout=1800)
+    assert submit.returncode == 0, submit.stdout[-5000:] + submit.stderr[-3000:]
     job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
     # the Jobs SDK, in a fresh process: an earlier ray.init() in this one caches ~/.ray's token, not this cluster's
     status = subprocess.run(
         [sys.executable, "-c", "import sys; from ray.job_submission import JobSubmissionClient as C; "
-         "print(C(sys.argv[1]).get_job_status(sys.argv[2]).value)", address, job_id],
-        env=env, capture_output=True, text=True, timeout=120)
+         "print(C(sys.argv[1]).get_job_status(sys.argv[2]).value)", cluster["address"], job_id],
+        env=cluster["env"], capture_output=True, text=True, timeout=120)
     assert status.stdout.strip() == "SUCCEEDED", status.stdout + status.stderr[-2000:]
-    # the job attached to this cluster rather than starting a Ray of its own
-    assert "Connecting to existing Ray cluster" in submit.stdout + submit.stderr
-    results = list(out.glob("*/result.json"))
-    assert len(results) == 1
-    result = json.loads(results[0].read_text())
-    metrics = result["metrics"]
-    assert metrics["sft/steps"] == 1000
-    # the cluster's one 2-CPU worker computes what a local run computes: the recorded default-preset result
-    reference = json.loads((ROOT / "results" / "reference" / "sft.json").read_text())["metrics"]
-    for key in ("sft/loss_end", "eval/vqa_accuracy", "eval/chartqa_relaxed_accuracy"):
-        assert abs(metrics[key] - reference[key]) <= 0.01, (key, metrics[key], reference[key])
-    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    runs = client.search_runs([client.get_experiment_by_name("vlmlab").experiment_id],
-                              filter_string="tags.`vlmlab.pipeline` = 'sft'")
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert runs[0].data.metrics["cost/usd"] > 0
+    assert "Connecting to existing Ray cluster" in submit.stdout + submit.stderr  # attached, no Ray of its own
+
+    (result_path,) = out.glob("*/result.json")
+    result, run_dir = json.loads(result_path.read_text()), result_path.parent
+    assert result["metrics"]["sft/steps"] == 4 and result["metrics"]["dpo/steps"] == 4
+    workers, head = cluster["workers"], cluster["head"]
+    for name in ("sft", "dpo"):  # DDP: one rank on each worker node, none on the head
+        assert set(_stage(run_dir, name)["ran_on"]["rank_nodes"]) == workers, name
+        assert not (run_dir / name / "trainer").exists()  # each rank's scratch went with the stage
+    generated = _stage(run_dir, "dpo")["outputs"]["generation_shards"]
+    assert len(generated) == 2 and sum(s["items"] for s in generated) == 32
+    shards = _stage(run_dir, "eval")["outputs"]["shards"]
+    assert {s["checkpoint"] for s in shards} == {"base", "sft", "dpo"} and len(shards) == 6
+    for shard in generated + shards:  # the GPU-less head never loads a model
+        assert shard["node_id"] in workers and shard["node_id"] not in head, shard
+    assert sum(s["items"] for s in shards if s["checkpoint"] == "dpo") == 32  # 16 per task, each scored once
+    assert result["manifest"]["hardware"]["cpu_count"] and "driver_hardware" in result["manifest"]
+
+    client = MlflowClient(tracking_uri=cluster["tracking"])
+    runs = client.search_runs([client.get_experiment_by_name("vlmlab").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("vlmlab.pipeline") == "dpo"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert parents[0].data.metrics["cost/usd"] > 0
+    dpo_run = next(r for r in runs if r.data.tags.get("vlmlab.stage") == "dpo")
+    assert len(client.get_metric_history(dpo_run.info.run_id, "dpo/loss")) == 4  # rank 0's steps, each once
+
+
+def test_more_workers_than_the_cluster_holds_fail_with_what_it_has(cluster, tmp_path):
+    """4 one-CPU workers on a cluster with room for 2: waits placement_timeout_s, then one clear error, exit 2,
+    before any stage ran."""
+    env = {**cluster["env"], "RAY_ADDRESS": cluster["gcs"]}
+    proc = subprocess.run(
+        [str(BIN / "harness"), "run", "sft", f"--output-dir={tmp_path / 'runs'}",
+         *tiny_overrides(**{"resources.workers": 4, "resources.cpus_per_worker": 1,
+                            "resources.placement_timeout_s": 3, "tracking.uri": cluster["tracking"]})],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = next(ln for ln in proc.stderr.splitlines() if "error:" in ln)
+    assert "needs 4 worker(s) of {CPU: 1}" in line and "room for 2" in line and "3 node(s)" in line, line
+    assert not (tmp_path / "runs").exists()  # the pre-flight check: no stage work, no run directory
+    client = MlflowClient(tracking_uri=cluster["tracking"])
+    experiment = client.get_experiment_by_name("vlmlab")
+    runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    assert not [r for r in runs if r.info.status == "RUNNING"]

@@ -22,7 +22,7 @@ def test_presets_validate():
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config(None, ["sft.max_steps=12", "sft.learning_rate=3e-4", "sft.lora.enabled=true",
+    cfg = load_config(None, ["sft.max_steps=12", "sft.save_steps=6", "sft.learning_rate=3e-4", "sft.lora.enabled=true",
                              "data.vqa.columns={question: q}"])
     assert cfg.sft.max_steps == 12 and cfg.sft.learning_rate == pytest.approx(3e-4)
     assert cfg.sft.lora.enabled is True and cfg.data.vqa.columns == {"question": "q"}
@@ -33,8 +33,8 @@ def test_overrides_are_typed_and_nested():
     (["sft.max_stepz=3"], "sft.max_stepz: unknown key"),
     (["sft.max_steps=many"], "sft.max_steps: Input should be a valid integer"),
     (["sft.learning_rate=-1"], "sft.learning_rate: Input should be greater than 0"),
-    (["model.source=./no/such/model"], "model.source: Value error, model directory not found: ./no/such/model"),
-    (["data.vqa.source=/no/such/dir"], "data.vqa.source: Value error, data directory not found"),
+    (["model.source=./no/such/model"], "model.source: model directory not found: ./no/such/model"),
+    (["data.vqa.source=/no/such/dir"], "data.vqa.source: data directory not found"),
     (["pipelines.sft=[data, teleport]"], "unknown stage 'teleport'"),
     (["run_name=../escape"], "run_name"),
     (["noequals"], "not of the form key=value"),

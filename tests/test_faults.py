@@ -1,5 +1,5 @@
 """Faults injected for real: killed workers and processes, signals, unreachable tracking, bad checkpoints,
-concurrent writers, planted secrets. Each asserts that nothing is lost and nothing is left RUNNING."""
+concurrent writers. Each asserts that nothing is lost and nothing is left RUNNING."""
 from __future__ import annotations
 
 import json
@@ -227,24 +227,6 @@ def test_background_step_logger_keeps_order_and_falls_back_to_the_outbox(tmp_pat
     with pytest.raises(OSError, match="a-file"):  # the store's own error reaches the caller
         failing.close()
     tracker.end(run_id)
-
-
-def test_planted_secrets_never_written(ray_session, workdir, monkeypatch):
-    planted = {"HF_TOKEN": "hf_PLANTEDtoken123456", "MLFLOW_TRACKING_PASSWORD": "PLANTEDpassword987",
-               "AWS_SECRET_ACCESS_KEY": "PLANTEDawsSecret555", "MY_API_KEY": "PLANTEDapikey4242"}
-    for k, v in planted.items():
-        monkeypatch.setenv(k, v)
-    overrides = tiny_overrides() + ["run_name=secrets", "data.vqa.columns={note: PLANTEDapikey4242}"]
-    try:
-        run_pipeline(load_config(None, overrides), "sft")
-    except Exception:
-        pass  # the bogus column mapping may fail the run; what was written must still be clean
-    hits = []
-    for path in workdir.rglob("*"):
-        if path.is_file() and path.stat().st_size < 50_000_000:
-            data = path.read_bytes()
-            hits += [f"{path}: {k}" for k, v in planted.items() if v.encode() in data]
-    assert not hits, hits
 
 
 def test_redaction_survives_another_thread_changing_the_environment(monkeypatch):

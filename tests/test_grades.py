@@ -161,11 +161,11 @@ def test_per_component_learning_rates_and_freezing():
             self.text_model = torch.nn.Linear(4, 4)
 
     cfg = load_config(None, ["sft.components.vision.freeze=true", "sft.components.connector.lr=1e-2",
-                             "sft.learning_rate=1e-4"]).sft.model_dump()
+                             "sft.learning_rate=1e-4"]).sft
     model = Composed()
-    counts = freeze_components(model, cfg["components"])
+    counts = freeze_components(model, cfg.components)
     assert counts == {"connector": 20, "language": 20} and not model.vision_model.weight.requires_grad
     opt = component_optimizer(SimpleNamespace(model=model), cfg)
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
     assert lrs == {"connector": 1e-2, "language": 1e-4}
-    assert component_optimizer(SimpleNamespace(model=model), load_config(None, []).sft.model_dump()) is None
+    assert component_optimizer(SimpleNamespace(model=model), load_config(None, []).sft) is None

@@ -56,8 +56,8 @@ def test_grpo_pipeline_with_user_reward(ray_session, workdir):
 
 @pytest.mark.parametrize("spec, message", [
     ("no_such_reward", "grpo.rewards\\[0\\]: reward 'no_such_reward' is not a built-in"),
-    ("json:nope", "'nope' is not a function in json"),
-    ("missing_mod_xyz:f", "cannot import module 'missing_mod_xyz'"),
+    ("json:nope", "json/__init__.py defines no top-level function 'nope'"),  # read, not imported
+    ("missing_mod_xyz:f", "cannot find module 'missing_mod_xyz'"),
     ("/no/file.py:f", "file not found: /no/file.py"),
 ])
 def test_unknown_reward_fails_at_check(spec, message):

@@ -58,7 +58,7 @@ def _image_bytes(value, where: str) -> dict:
     from PIL import Image
 
     if value is None:
-        raise DataError(f"{where}: image is missing")
+        raise DataError(f"{where}: image is missing; add it or drop that row")
     if isinstance(value, Image.Image):
         buf = io.BytesIO()
         value.save(buf, format="PNG")
@@ -68,13 +68,14 @@ def _image_bytes(value, where: str) -> dict:
     data, path = value.get("bytes"), value.get("path")
     if data is None:
         if not path or not Path(path).is_file():
-            raise DataError(f"{where}: image file not found: {path}")
+            raise DataError(f"{where}: image file not found: {path}; add the file or drop that row")
         data = Path(path).read_bytes()
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.verify()
     except Exception as exc:
-        raise DataError(f"{where}: image cannot be decoded ({path or 'embedded bytes'}): {exc}") from None
+        raise DataError(f"{where}: image cannot be decoded ({path or 'embedded bytes'}: {exc}); replace it or drop "
+                        "that row") from None
     return {"bytes": data, "path": Path(path).name if path else None}
 
 
@@ -83,7 +84,7 @@ def canonicalize(rows, kind: str, columns: dict[str, str], origin: str, limit: i
     mapping = {**KIND_DEFAULT_COLUMNS[kind], **columns}
     available = set(rows.column_names if hasattr(rows, "column_names") else (rows[0].keys() if rows else ()))
     if len(rows) == 0:
-        raise DataError(f"{origin}: split is empty")
+        raise DataError(f"{origin}: split is empty; add rows or choose another split")
     for name in REQUIRED:
         if mapping[name] not in available:
             raise DataError(f"{origin}: missing column '{mapping[name]}' (needed for '{name}'; "
@@ -97,21 +98,54 @@ def canonicalize(rows, kind: str, columns: dict[str, str], origin: str, limit: i
     for i in range(n):
         row = rows[i]
         where = f"{origin} row {i}"
-        answers = _answer_texts(row[mapping["answers"]])
+        try:
+            answers = _answer_texts(row[mapping["answers"]])
+        except (KeyError, TypeError):
+            raise DataError(f"{where}: column '{mapping['answers']}' must hold answer strings or "
+                            "{'answer': ...} records") from None
         if not answers:
-            raise DataError(f"{where}: no answers in column '{mapping['answers']}'")
+            raise DataError(f"{where}: no answers in column '{mapping['answers']}'; add one or drop that row")
         target = row.get(mapping["answer"]) if mapping["answer"] in available else None
         target = _answer_texts(target)[0] if _answer_texts(target) else answers[0]
         question = row[mapping["question"]]
         if not isinstance(question, str) or not question.strip():
-            raise DataError(f"{where}: empty question in column '{mapping['question']}'")
+            raise DataError(f"{where}: empty question in column '{mapping['question']}'; fill it or drop that row")
         qtype = row.get(mapping["question_type"]) if mapping["question_type"] in available else None
         if kind == "chartqa" and qtype in NUMERIC_TYPES and not all(_is_number(a) for a in answers):
             raise DataError(f"{where}: question type '{qtype}' needs a numeric answer, got {answers!r} "
-                            f"in column '{mapping['answers']}'")
+                            f"in column '{mapping['answers']}'; fix the answer or the question type")
         out.append({"image": _image_bytes(row[mapping["image"]], where), "question": question.strip(),
                     "answers": answers, "answer": target, "question_type": str(qtype or "all")})
     return out
+
+
+def _read_json(path: Path):
+    """A JSON file's content, or a DataError naming the file and where it breaks."""
+    data = path.read_bytes()
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg}); repair or "
+                        "re-download the file") from None
+
+
+def _field(entry, key: str, where: str, hint: str):
+    """``entry[key]``, or a DataError naming the file and row."""
+    if not isinstance(entry, dict) or key not in entry:
+        raise DataError(f"{where}: no '{key}' ({hint}); fix or drop that entry")
+    return entry[key]
+
+
+def _entries(content, key: str | None, path: Path, layout: str) -> list:
+    """The list of records of a JSON file: the file itself, or its ``key`` member."""
+    records = content.get(key) if key and isinstance(content, dict) else content
+    if not isinstance(records, list):
+        want = f"an object with a list under '{key}'" if key else "a list of entries"
+        raise DataError(f"{path}: expected {want}, got a {type(content).__name__}; give the file in the {layout} "
+                        "layout")
+    return records
 
 
 def _vqa_official(root: Path, split: str) -> list[dict]:
@@ -120,23 +154,32 @@ def _vqa_official(root: Path, split: str) -> list[dict]:
         found = sorted(root.rglob(pattern))
         matching = [p for p in found if split in p.name] or found
         if not matching:
-            raise DataError(f"{root}: no file matching '{pattern}' (official VQA layout)")
+            raise DataError(f"{root}: no file matching '{pattern}' (official VQA layout); add it or set the task's "
+                            "format")
         return matching[0]
 
     qfile, afile = pick("*questions*.json"), pick("*annotations*.json")
-    questions = json.loads(qfile.read_text())
-    annotations = {a["question_id"]: a for a in json.loads(afile.read_text())["annotations"]}
-    subtype = questions.get("data_subtype", "")
+    questions = _read_json(qfile)
+    annotations = {}
+    for i, a in enumerate(_entries(_read_json(afile), "annotations", afile, "official VQA")):
+        annotations[_field(a, "question_id", f"{afile} row {i}", "official VQA annotations")] = a
+    subtype = questions.get("data_subtype", "") if isinstance(questions, dict) else ""
     images = {p.name: p for p in root.rglob("*.jpg")} | {p.name: p for p in root.rglob("*.png")}
     rows = []
-    for i, q in enumerate(questions["questions"]):
-        ann = annotations.get(q["question_id"])
+    for i, q in enumerate(_entries(questions, "questions", qfile, "official VQA")):
+        where = f"{qfile} row {i}"
+        qid = _field(q, "question_id", where, "official VQA questions")
+        ann = annotations.get(qid)
         if ann is None:
-            raise DataError(f"{afile}: no annotation for question_id {q['question_id']} (row {i} of {qfile.name})")
-        name = f"COCO_{subtype}_{q['image_id']:012d}.jpg"
+            raise DataError(f"{afile}: no annotation for question_id {qid} ({where}); add it or drop the question")
+        image_id = _field(q, "image_id", where, "official VQA questions")
+        if not isinstance(image_id, int):
+            raise DataError(f"{where}: image_id must be an integer (got {image_id!r}); fix that entry")
+        name = f"COCO_{subtype}_{image_id:012d}.jpg"
         path = images.get(name)
-        rows.append({"image": str(path) if path else str(root / name), "question": q["question"],
-                     "answers": ann["answers"],
+        rows.append({"image": str(path) if path else str(root / name),
+                     "question": _field(q, "question", where, "official VQA questions"),
+                     "answers": _field(ann, "answers", f"{afile} question_id {qid}", "official VQA annotations"),
                      "multiple_choice_answer": ann.get("multiple_choice_answer"),
                      "question_type": ann.get("answer_type") or ann.get("question_type")})
     return rows
@@ -147,12 +190,16 @@ def _chartqa_json(root: Path, split: str) -> list[dict]:
     split_dir = root / split
     files = sorted(split_dir.glob(f"{split}_*.json"))
     if not files:
-        raise DataError(f"{split_dir}: no {split}_*.json (ChartQA layout)")
+        raise DataError(f"{split_dir}: no {split}_*.json (ChartQA layout); add them or set the task's train_split / "
+                        "test_split")
     rows = []
     for f in files:
-        for entry in json.loads(f.read_text()):
-            rows.append({"image": str(split_dir / "png" / entry["imgname"]), "query": entry["query"],
-                         "label": [str(entry["label"])], "question_type": f.stem.split("_", 1)[1]})
+        for i, entry in enumerate(_entries(_read_json(f), None, f, "ChartQA")):
+            where = f"{f} row {i}"
+            rows.append({"image": str(split_dir / "png" / _field(entry, "imgname", where, "the chart's file in png/")),
+                         "query": _field(entry, "query", where, "the question"),
+                         "label": [str(_field(entry, "label", where, "the answer"))],
+                         "question_type": f.stem.split("_", 1)[1]})
     return rows
 
 
@@ -180,16 +227,33 @@ def load_rows(source: str, fmt: str, split: str, limit: int | None):
     root = Path(source).expanduser()
     if fmt == "hub" or (fmt == "auto" and not root.exists()):
         sliced = f"{split}[:{limit}]" if limit else split
-        return load_dataset(source, split=sliced), f"{source}:{split}"
+        try:
+            return load_dataset(source, split=sliced), f"{source}:{split}"
+        except Exception as exc:  # not on the hub, no such split, offline...
+            raise DataError(f"{source}: cannot load split '{split}' from the hub ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:300]}); check the dataset id and split, or use a local "
+                            "directory") from None
     fmt = _detect_format(root) if fmt == "auto" else fmt
     if fmt == "hf_disk":
-        ds = load_from_disk(str(root))
+        try:
+            ds = load_from_disk(str(root))
+        except Exception as exc:
+            raise DataError(f"{root}: not a readable save_to_disk directory ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:300]}); save it again with Dataset.save_to_disk") from None
+        if hasattr(ds, "keys") and split not in ds:
+            raise DataError(f"{root}: no split '{split}' (splits: {', '.join(ds.keys())}); set the task's "
+                            "train_split / test_split to one of them")
         return (ds[split] if hasattr(ds, "keys") else ds), f"{root}:{split}"
     if fmt == "parquet":
         files = sorted(p for p in root.rglob("*.parquet") if p.name.startswith(split) or f"/{split}/" in str(p))
         if not files:
-            raise DataError(f"{root}: no parquet files for split '{split}'")
-        return load_dataset("parquet", data_files=[str(f) for f in files], split="train"), f"{files[0]}"
+            raise DataError(f"{root}: no parquet files for split '{split}' (expected {split}*.parquet or "
+                            f"{split}/*.parquet); add them or set the task's train_split / test_split")
+        try:
+            return load_dataset("parquet", data_files=[str(f) for f in files], split="train"), f"{files[0]}"
+        except Exception as exc:
+            raise DataError(f"{root}: parquet files of split '{split}' cannot be read ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:300]}); repair or re-export them") from None
     if fmt == "vqa_official":
         return _vqa_official(root, split), f"{root}:{split}"
     return _chartqa_json(root, split), f"{root}:{split}"

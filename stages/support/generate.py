@@ -1,4 +1,4 @@
-"""Batched greedy generation with a VLM checkpoint (on-policy DPO pairs; fast scoring)."""
+"""Batched greedy generation with a VLM checkpoint (on-policy DPO pairs), shardable over Ray workers."""
 from __future__ import annotations
 
 import io
@@ -37,3 +37,10 @@ def generate_answers(model_dir: str, questions: list[str], images: list, batch_s
         if progress is not None:
             progress(len(qs))
     return [a.strip() for a in answers]
+
+
+def shard_batches(n_items: int, batch_size: int, n_shards: int) -> list[list[int]]:
+    """Item indices per shard: shard k takes whole batches k, k+n, ... of the one-shard run, so every item is
+    generated in the same batch (same padding) whatever the number of shards."""
+    batches = [list(range(i, min(i + batch_size, n_items))) for i in range(0, n_items, batch_size)]
+    return [[i for batch in batches[k::n_shards] for i in batch] for k in range(n_shards)]

@@ -44,30 +44,33 @@ def parameter_names(cfg) -> list[str] | None:
     return [n for n, p in model.named_parameters() if p.dim() == 2]
 
 
-def run_stage(ctx, loop, stage_cfg, extra: dict | None = None):
+def run_stage(ctx, loop, stage_cfg, inputs: dict[str, str] | None = None):
     """Shared driver side of every TRL stage: launch the Ray job, account for devices, return the model."""
+    import json
+
     from harness import raytrain
     from harness.cost import device_kind, gpu_alias
     from stages import StageOutput
+    from stages.support.settings import TrainSettings
 
     cfg = ctx.cfg
     model_out = ctx.stage_dir / "model"
-    run_info = {
-        "seed": cfg.seed, "model_dir": ctx.latest("model_dir"), "tasks": ctx.latest("tasks"),
-        "trust_remote_code": cfg.model.trust_remote_code, "resources": cfg.resources.model_dump(),
-        "work_dir": str((ctx.stage_dir / "trainer").resolve()), "stage_dir": str(ctx.stage_dir.resolve()),
-        "stage_grades": stage_cfg.grades.model_dump(), "stage_cfg": stage_cfg.model_dump(),
-        "mlflow_uri": ctx.tracker.uri, "mlflow_run_id": ctx.mlflow_run_id,
-        "mlflow_outbox": str((ctx.stage_dir / "mlflow_outbox_worker.jsonl").resolve()), **(extra or {}),
-    }
+    settings = TrainSettings(
+        stage=stage_cfg, prefix=ctx.name, seed=cfg.seed, resources=cfg.resources, model_dir=ctx.latest("model_dir"),
+        tasks=ctx.latest("tasks"), trust_remote_code=cfg.model.trust_remote_code,
+        stage_dir=str(ctx.stage_dir.resolve()), mlflow_uri=ctx.tracker.uri, mlflow_run_id=ctx.mlflow_run_id,
+        inputs=inputs or {})
     devices = raytrain.devices_held(cfg.resources)
     raytrain.ensure_ray(cfg.ray.dashboard)  # starting Ray holds no device: the hold starts with the job
     with ctx.meter.hold(devices, device_kind(cfg.resources.use_gpu)):
-        metrics = raytrain.fit(loop, {"run": run_info, "stage": stage_cfg.model_dump()}, cfg.resources,
-                               ctx.ray_storage, ctx.ray_name, model_out, max_failures=cfg.failure.max_failures,
+        metrics = raytrain.fit(loop, settings, ctx.ray_storage, ctx.ray_name, model_out,
+                               max_failures=cfg.failure.max_failures,
                                runtime_env=raytrain.worker_runtime_env(stage_cfg))
     ctx.meter.add_busy(float(metrics.pop("busy_seconds", 0.0)))
     ctx.meter.kind = gpu_alias(metrics.pop("device", "CPU"))  # what the workers actually ran on
-    shutil.rmtree(run_info["work_dir"], ignore_errors=True)  # Ray holds the checkpoints that matter
+    hardware = json.loads(metrics.pop("hardware", "null"))
+    node_ids = json.loads(metrics.pop("node_ids", "[]"))
+    shutil.rmtree(settings.scratch_root, ignore_errors=True)  # Ray holds the checkpoints that matter
     scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-    return StageOutput(metrics=scalars, outputs={"model_dir": str(model_out)})
+    return StageOutput(metrics=scalars, outputs={"model_dir": str(model_out)},
+                       ran_on={"rank_nodes": node_ids, "device": ctx.meter.kind, "hardware": hardware})

@@ -42,23 +42,30 @@ def precision_flags(precision: str, use_gpu: bool) -> dict:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def common_args(stage_cfg: dict, run: dict, output_dir: Path) -> dict:
+def common_args(settings, output_dir: Path) -> dict:
     """Arguments every TRL config (SFTConfig, DPOConfig, GRPOConfig) takes the same way."""
-    use_gpu = run["resources"]["use_gpu"]
+    stage, use_gpu = settings.stage, settings.resources.use_gpu
     return dict(
-        output_dir=str(output_dir), max_steps=stage_cfg["max_steps"],
-        per_device_train_batch_size=stage_cfg["batch_size"],
-        gradient_accumulation_steps=stage_cfg["gradient_accumulation_steps"],
-        learning_rate=stage_cfg["learning_rate"], warmup_steps=stage_cfg["warmup_steps"],
-        lr_scheduler_type=stage_cfg["lr_scheduler"], weight_decay=stage_cfg["weight_decay"],
-        max_grad_norm=stage_cfg["max_grad_norm"], logging_steps=stage_cfg["logging_steps"],
-        save_strategy="steps", save_steps=stage_cfg["save_steps"], save_total_limit=2,
-        seed=run["seed"], data_seed=run["seed"], report_to="none", use_cpu=not use_gpu,
+        output_dir=str(output_dir), max_steps=stage.max_steps, per_device_train_batch_size=stage.batch_size,
+        gradient_accumulation_steps=stage.gradient_accumulation_steps, learning_rate=stage.learning_rate,
+        warmup_steps=stage.warmup_steps, lr_scheduler_type=stage.lr_scheduler, weight_decay=stage.weight_decay,
+        max_grad_norm=stage.max_grad_norm, logging_steps=stage.logging_steps,
+        save_strategy="steps", save_steps=stage.save_steps, save_total_limit=2,
+        seed=settings.seed, data_seed=settings.seed, report_to="none", use_cpu=not use_gpu,
         activation_checkpointing=False, dataloader_num_workers=0,  # TRL defaults gradient_checkpointing on
         # GradES freezes matrices mid-run: DDP must then tolerate parameters that get no gradient
-        ddp_find_unused_parameters=stage_cfg["grades"]["enabled"], disable_tqdm=False,
-        **precision_flags(stage_cfg["precision"], use_gpu),
+        ddp_find_unused_parameters=stage.grades.enabled, disable_tqdm=False,
+        **precision_flags(stage.precision, use_gpu),
     )
+
+
+def worker_setup(settings) -> Path:
+    """Per-worker set-up every training loop starts with: its thread count; returns this rank's scratch dir."""
+    import ray.train
+    import torch
+
+    torch.set_num_threads(max(1, int(settings.resources.cpus_per_worker)))
+    return settings.scratch(ray.train.get_context().get_world_rank())
 
 
 def load_model(model_dir: str, trust_remote_code: bool):
@@ -88,42 +95,44 @@ def component_of(name: str) -> str | None:
     return group_of(name, {"vision": DEFAULT_PATTERNS["vision"], "language": DEFAULT_PATTERNS["language"]})
 
 
-def freeze_components(model, components: dict) -> dict[str, int]:
-    """requires_grad=False for the frozen components; returns trainable parameter counts per component."""
+def freeze_components(model, components) -> dict[str, int]:
+    """requires_grad=False for the frozen components (a ComponentsConfig); returns trainable parameter counts per
+    component."""
     counts: dict[str, int] = {}
     for name, param in model.named_parameters():
         part = component_of(name)
-        if part and components[part]["freeze"]:
+        if part and getattr(components, part).freeze:
             param.requires_grad_(False)
         if param.requires_grad:
             counts[part or "other"] = counts.get(part or "other", 0) + param.numel()
     return counts
 
 
-def component_optimizer(trainer, stage_cfg: dict):
-    """An AdamW with one parameter group per component (its own LR when configured); None if no LR is set."""
+def component_optimizer(trainer, stage):
+    """An AdamW with one parameter group per component (its own LR when configured); None if no LR is set.
+
+    ``stage`` is the stage's config section (a TrainStageConfig)."""
     import torch
 
-    components = stage_cfg["components"]
-    if all(c["lr"] is None for c in components.values()):
+    lrs = {part: getattr(stage.components, part).lr for part in ("vision", "language", "connector")}
+    if all(lr is None for lr in lrs.values()):
         return None
     groups: dict[str, list] = {}
     for name, param in trainer.model.named_parameters():
         if param.requires_grad:
             groups.setdefault(component_of(name) or "other", []).append(param)
-    base = stage_cfg["learning_rate"]
-    param_groups = [{"params": params, "lr": (components.get(part, {}).get("lr") or base), "name": part}
-                    for part, params in groups.items()]
-    return torch.optim.AdamW(param_groups, lr=base, weight_decay=stage_cfg["weight_decay"])
+    base = stage.learning_rate
+    param_groups = [{"params": params, "lr": lrs.get(part) or base, "name": part} for part, params in groups.items()]
+    return torch.optim.AdamW(param_groups, lr=base, weight_decay=stage.weight_decay)
 
 
-def peft_config(lora: dict):
-    if not lora["enabled"]:
+def peft_config(lora):
+    if not lora.enabled:
         return None
     from peft import LoraConfig
 
-    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                      target_modules=lora["target_modules"], task_type="CAUSAL_LM")
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, task_type="CAUSAL_LM")
 
 
 def loss_summary(history: list[dict], prefix: str) -> dict[str, float]:
@@ -135,15 +144,15 @@ def loss_summary(history: list[dict], prefix: str) -> dict[str, float]:
     return {f"{prefix}/loss_start": sum(losses[:k]) / k, f"{prefix}/loss_end": sum(losses[-k:]) / k}
 
 
-def grades_callback(run: dict, log):
-    """The GradES callback for this stage, or None when disabled; ``log(metrics, step)`` records its metrics."""
-    settings = run["stage_grades"]
-    if not settings["enabled"]:
+def grades_callback(grades, log):
+    """The GradES callback for these settings (GradESSettings), or None when disabled; ``log(metrics, step)``
+    records its metrics."""
+    if not grades.enabled:
         return None
     from stages.support.grades import GradESCallback
 
-    return GradESCallback(settings["vision_tau"], settings["language_tau"], settings["alpha"],
-                          settings["compute_interval"], settings["max_frozen_ratio"], settings["patterns"], log)
+    return GradESCallback(grades.vision_tau, grades.language_tau, grades.alpha, grades.compute_interval,
+                          grades.max_frozen_ratio, grades.patterns, log)
 
 
 def resumed_step(checkpoint: str | None) -> int:
@@ -154,27 +163,58 @@ def resumed_step(checkpoint: str | None) -> int:
     return int(json.loads(state.read_text())["global_step"]) if state.exists() else 0
 
 
-def resume_checkpoint(work_dir: str) -> str | None:
+def resume_checkpoint(scratch: Path) -> str | None:
     """The HF checkpoint inside Ray's latest checkpoint, when Ray restarted this worker group.
 
-    Copied into the stage's work directory (removed with it), not a temporary directory nobody deletes.
+    Ray merges every rank's upload into one checkpoint (rank 0's model, optimizer and trainer state, each rank's
+    RNG state); each rank copies it into its own scratch directory, removed with the stage.
     """
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return None
-    dest = Path(work_dir) / f"resumed_rank{ray.train.get_context().get_world_rank()}"
+    dest = scratch / "resumed"
     shutil.rmtree(dest, ignore_errors=True)  # left by an earlier restart: never mix two checkpoints' files
     path = Path(ckpt.to_directory(str(dest))) / "checkpoint"
     return str(path) if path.exists() else None
 
 
-def train_and_save(trainer, processor, run: dict, prefix: str, summarize=None) -> None:
+def rank_nodes() -> list[str]:
+    """The Ray node id of every rank, in rank order (all ranks must call it)."""
+    import ray
+    import torch.distributed as dist
+
+    mine = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [mine]
+    nodes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, mine)
+    return nodes
+
+
+def write_grades_record(grades, settings, rank: int) -> None:
+    """Every rank's freeze decisions (so anyone can check the ranks agreed); rank 0 adds the history and plot."""
+    stage_dir = Path(settings.stage_dir)
+    (stage_dir / f"grades_events_rank{rank}.json").write_text(json.dumps(grades.events, indent=1))
+    if rank != 0:
+        return
+    (stage_dir / "grades_history.json").write_text(json.dumps(grades.history()))
+    plot = stage_dir / "grades_convergence.png"
+    grades.plot(str(plot))
+    try:
+        from mlflow.tracking import MlflowClient
+        MlflowClient(tracking_uri=settings.mlflow_uri).log_artifact(settings.mlflow_run_id, str(plot))
+    except Exception:  # store unreachable: the plot stays in the stage directory
+        pass
+
+
+def train_and_save(trainer, processor, settings, scratch: Path, summarize=None) -> None:
     """Run ``trainer`` under Ray; rank 0 reports the final model (LoRA merged) as the last checkpoint.
 
-    ``summarize(history) -> dict`` adds stage-specific scalars (e.g. reward margin at start/end) computed
-    from the trainer's log history.
+    Rank-safe on shared storage by construction: each rank's HF ``output_dir`` is its own ``scratch`` (Ray's
+    report callback copies from there), only rank 0 streams step metrics, every file a rank writes is named
+    after it. ``summarize(history) -> dict`` adds stage-specific scalars computed from the trainer's log history.
     """
     import tempfile
 
@@ -183,59 +223,53 @@ def train_and_save(trainer, processor, run: dict, prefix: str, summarize=None) -
     from ray.train import Checkpoint
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
+    from harness.manifest import hardware
     from stages.support.callbacks import MlflowStepLogger, StepTimer
 
-    optimizer = component_optimizer(trainer, run["stage_cfg"])
+    assert Path(trainer.args.output_dir) == scratch, "a rank's HF output_dir must be its own scratch directory"
+    prefix, rank = settings.prefix, ray.train.get_context().get_world_rank()
+    optimizer = component_optimizer(trainer, settings.stage)
     if optimizer is not None:
         trainer.optimizer = optimizer  # Trainer keeps a given optimizer and builds the LR schedule over it
     timer = StepTimer()
-    logger = MlflowStepLogger(run["mlflow_uri"], run["mlflow_run_id"], prefix, run["mlflow_outbox"])
-    callbacks = [RayTrainReportCallback(), timer, logger]
-    grades = grades_callback(run, logger.log)
+    logger = MlflowStepLogger(settings.mlflow_uri, settings.mlflow_run_id, prefix, settings.mlflow_outbox) \
+        if rank == 0 else None
+    callbacks = [RayTrainReportCallback(), timer] + ([logger] if logger else [])
+    grades = grades_callback(settings.stage.grades, logger.log if logger else None)
     if grades is not None:
         callbacks.insert(0, grades)
     for cb in callbacks:
         trainer.add_callback(cb)
     trainer = prepare_trainer(trainer)
     timer.instrument(trainer)
-    resume = resume_checkpoint(run["work_dir"])
+    resume = resume_checkpoint(scratch)
     try:
         out = trainer.train(resume_from_checkpoint=resume)
     finally:
-        logger.close()
-    use_gpu = run["resources"]["use_gpu"] and torch.cuda.is_available()
+        if logger:
+            logger.close()
+    use_gpu = settings.resources.use_gpu and torch.cuda.is_available()
     metrics = {
         f"{prefix}/train_loss": out.training_loss, f"{prefix}/steps": out.global_step,
         f"{prefix}/train_samples_per_second": out.metrics.get("train_samples_per_second", 0.0),
         f"{prefix}/backward_seconds": timer.backward, f"{prefix}/step_seconds": timer.busy,
         f"{prefix}/resumed_from_step": resumed_step(resume), f"{prefix}/first_step_unix": timer.first_step_at or 0.0,
         "busy_seconds": timer.busy, "device": torch.cuda.get_device_name(0) if use_gpu else "CPU",
+        "hardware": json.dumps(hardware()), "node_ids": json.dumps(rank_nodes()),
     }
     metrics.update(loss_summary(trainer.state.log_history, prefix))
     if summarize is not None:
         metrics.update(summarize(trainer.state.log_history))
-    rank = ray.train.get_context().get_world_rank()
     if grades is not None:
         metrics.update({f"{prefix}/{k}": v for k, v in grades.summary().items()})
-        # every rank's freeze decisions, so anyone can check that the ranks agreed
-        events = Path(run["stage_dir"]) / f"grades_events_rank{rank}.json"
-        events.write_text(json.dumps(grades.events, indent=1))
-        if rank == 0:
-            (Path(run["stage_dir"]) / "grades_history.json").write_text(json.dumps(grades.history()))
-            plot = Path(run["stage_dir"]) / "grades_convergence.png"
-            grades.plot(str(plot))
-            try:
-                from mlflow.tracking import MlflowClient
-                MlflowClient(tracking_uri=run["mlflow_uri"]).log_artifact(run["mlflow_run_id"], str(plot))
-            except Exception:  # store unreachable: the plot stays in the stage directory
-                pass
+        write_grades_record(grades, settings, rank)
     if rank != 0:
         ray.train.report(metrics)
         return
     model = trainer.model
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # node-local: Ray uploads it to the stage's storage
         getattr(model, "module", model).save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))

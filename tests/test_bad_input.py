@@ -1,0 +1,217 @@
+"""Hostile and broken input, table-driven, through the real CLI (in-process): config files, overrides, data files,
+result.json files for `harness reproduce`, command-line arguments. Every case must exit 2 with one line that names
+the problem and the fix, before any work: no run directory, no MLflow store, no result.json, no user code run."""
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from harness.cli import app
+from harness.config import load_config
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+PNG = _png()
+EVIL = "import pathlib\npathlib.Path(__file__).with_name('RAN').write_text('user code ran')\ndef reward(c, **_): ...\n"
+
+
+def _vqa(questions: bytes | str, annotations: str = '{"annotations": []}') -> dict:
+    return {"vqa/v2_questions_train.json": questions, "vqa/v2_annotations_train.json": annotations,
+            "vqa/v2_questions_test.json": questions, "vqa/v2_annotations_test.json": annotations}
+
+
+def _result(**config_changes) -> str:
+    """A well-formed result.json whose recorded config has ``config_changes`` (dotted keys) applied."""
+    config = load_config("tiny").model_dump(mode="json")
+    for dotted, value in config_changes.items():
+        *parents, last = dotted.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return json.dumps({"run_id": "r", "pipeline": "sft", "config": config, "metrics": {}, "manifest": {}})
+
+
+def _hf_disk_train_only(root):
+    from datasets import Dataset, DatasetDict
+
+    row = {"image": {"bytes": PNG, "path": None}, "question": "q?", "answers": ["a"]}
+    DatasetDict({"train": Dataset.from_list([row])}).save_to_disk(str(root / "disk"))
+
+
+def _parquet(root, rows, splits=("train", "test")):
+    from datasets import Dataset
+
+    (root / "pq").mkdir()
+    for split in splits:
+        Dataset.from_list(rows).to_parquet(str(root / "pq" / f"{split}.parquet"))
+
+
+RUN = ["run", "sft"]
+VQA_DIR = "data.vqa.source={d}/vqa"
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+
+# id, argv ({d}: the case's directory), files to create there, problem named, fix named
+CASES = [
+    # config files
+    ("config-not-utf8", [*RUN, "-c", "{d}/c.yaml"], {"c.yaml": "seed: 1 # caf\xe9\n".encode("latin-1")},
+     "not UTF-8 text (byte 13", "save the file as UTF-8"),
+    ("config-duplicate-key", [*RUN, "-c", "{d}/c.yaml"], {"c.yaml": "seed: 1\nsft: {max_steps: 3}\nseed: 2\n"},
+     "duplicate key 'seed' at line 3", "fix it there"),
+    ("config-bad-yaml", [*RUN, "-c", "{d}/c.yaml"], {"c.yaml": "seed: [1\n"}, "not valid YAML", "fix it there"),
+    ("config-python-tag", [*RUN, "-c", "{d}/c.yaml"], {"c.yaml": "seed: !!python/object/apply:os.system [id]\n"},
+     "not valid YAML: could not determine a constructor", "fix it there"),
+    ("config-top-level-list", [*RUN, "-c", "{d}/c.yaml"], {"c.yaml": "[1, 2]\n"},
+     "top level must be a mapping", "seed: 0"),
+    ("config-missing", [*RUN, "-c", "{d}/nope.yaml"], {}, "config file not found", "give a YAML file or a preset"),
+    ("config-unknown-key", [*RUN, "-c", "{d}/c.yaml"], {"c.yaml": "sft: {max_stepz: 3}\n"},
+     "sft.max_stepz: unknown key (did you mean 'max_steps'?)", "fix it in the config file"),
+    # overrides
+    ("lr-scheduler", [*RUN, "sft.lr_scheduler=bogus"], {}, "sft.lr_scheduler: Input should be 'linear'", "fix it"),
+    ("negative-seed", [*RUN, "seed=-1"], {}, "seed: Input should be greater than or equal to 0", "fix it"),
+    ("infinite-lr", [*RUN, "sft.learning_rate=.inf"], {}, "sft.learning_rate: Input should be a finite number",
+     "fix it"),
+    ("nan-beta", ["run", "dpo", "dpo.beta=.nan"], {}, "dpo.beta: Input should be a finite number", "fix it"),
+    ("zero-beta", ["run", "dpo", "dpo.beta=0"], {}, "dpo.beta: Input should be greater than 0", "fix it"),
+    ("save-after-end", [*RUN, "sft.save_steps=5000"], {}, "sft.save_steps: more than max_steps (1000)",
+     "set it to 1000 or less"),
+    ("long-run-name", [*RUN, "run_name=" + "x" * 300], {}, "run_name: String should have at most 100 characters",
+     "fix it"),
+    ("run-name-escape", [*RUN, "run_name=../escape"], {}, "run_name: String should match pattern", "fix it"),
+    ("eval-alone", ["run", "x", "pipelines={x: [eval]}"], {}, "stage 'eval' needs tasks from an earlier 'data'",
+     "put 'data' before it"),
+    ("sft-before-model", ["run", "x", "pipelines={x: [data, sft, eval]}"], {},
+     "stage 'sft' needs model_dir from an earlier 'model'", "put 'model' before it"),
+    ("stage-twice", [*RUN, "pipelines.sft=[data, model, sft, sft, eval]"], {}, "stage 'sft' appears twice",
+     "list each stage once"),
+    ("unknown-stage", [*RUN, "pipelines.sft=[data, teleport]"], {}, "unknown stage 'teleport'", "known: data"),
+    ("unknown-pipeline", ["run", "nosuch"], {}, "unknown pipeline 'nosuch'", "declare it under pipelines:"),
+    ("no-prices", [*RUN, "cost.prices={}"], {}, "cost.prices: Dictionary should have at least 1 item", "fix it"),
+    ("cpu-unpriced", [*RUN, "cost.prices={T4: 0.35}"], {}, "no price for device CPU", "set cost.prices.CPU="),
+    ("negative-price", [*RUN, "cost.prices.CPU=-1"], {}, "cost.prices.CPU: Input should be greater than or equal",
+     "fix it"),
+    pytest.param("gpu-without-cuda", [*RUN, "resources.use_gpu=true"], {}, "torch sees no CUDA GPU",
+                 "set resources.use_gpu=false", marks=NO_CUDA, id="gpu-without-cuda"),
+    ("precision", [*RUN, "sft.precision=fp8"], {}, "sft.precision: Input should be 'auto'", "fix it"),
+    ("dpo-loss", ["run", "dpo", "dpo.loss_type=bogus"], {}, "dpo.loss_type: Input should be 'sigmoid'", "fix it"),
+    ("connector", [*RUN, "model.source=compose", "model.compose={vision: a, language: b, connector: qformer}"], {},
+     "model.compose.connector: Input should be 'linear', 'mlp' or 'pixel_shuffle'", "fix it"),
+    ("not-key-value", [*RUN, "noequals"], {}, "override 'noequals' is not of the form key=value",
+     "e.g. sft.max_steps=50"),
+    ("not-an-integer", [*RUN, "sft.max_steps=many"], {}, "sft.max_steps: Input should be a valid integer", "fix it"),
+    ("empty-experiment", [*RUN, "tracking.experiment="], {}, "tracking.experiment: String should have at least 1",
+     "fix it"),
+    ("missing-model-dir", [*RUN, "model.source=./no/such/model"], {}, "model.source: model directory not found",
+     "fix it"),
+    ("reward-undefined", ["run", "grpo", "grpo.rewards=[{d}/evil.py:nothere]"], {"evil.py": EVIL},
+     "defines no top-level function 'nothere'", "check the name"),
+    ("reward-no-module", ["run", "grpo", "grpo.rewards=[no_such_module_xyz:f]"], {},
+     "cannot find module 'no_such_module_xyz'", "give a path/to/file.py instead"),
+    ("column-name", [*RUN, "data.vqa.columns={note: x}"], {}, "data.vqa.columns.note.[key]: Input should be 'image'",
+     "fix it"),
+    ("zero-new-tokens", [*RUN, "eval.max_new_tokens=0"], {}, "eval.max_new_tokens: Input should be greater than",
+     "fix it"),
+    ("missing-data-dir", [*RUN, "data.vqa.source=/no/such/dir"], {}, "data directory not found", "fix it"),
+    # data files (checked before the first stage)
+    ("vqa-corrupt-json", [*RUN, VQA_DIR], _vqa('{"questions": [1,'),
+     "v2_questions_train.json: not valid JSON at line 1", "repair or re-download the file"),
+    ("vqa-not-utf8", [*RUN, VQA_DIR], _vqa('{"questions": [], "x": "caf\xe9"}'.encode("latin-1")),
+     "v2_questions_train.json: not UTF-8 text", "save it as UTF-8"),
+    ("vqa-no-image-id", [*RUN, VQA_DIR],
+     _vqa('{"questions": [{"question_id": 1, "question": "q?"}]}',
+          '{"annotations": [{"question_id": 1, "answers": [{"answer": "a"}]}]}'),
+     "v2_questions_train.json row 0: no 'image_id'", "fix or drop that entry"),
+    ("vqa-annotations-not-list", [*RUN, VQA_DIR], _vqa('{"questions": []}', '{"annotations": 3}'),
+     "expected an object with a list under 'annotations'", "give the file in the official VQA layout"),
+    ("chartqa-no-imgname", [*RUN, "data.chartqa.source={d}/chartqa"],
+     {"chartqa/train/train_human.json": '[{"query": "q?", "label": "1"}]', "chartqa/test/test_human.json": "[]"},
+     "train_human.json row 0: no 'imgname'", "fix or drop that entry"),
+    ("disk-missing-split", [*RUN, "data.vqa.source={d}/disk"], _hf_disk_train_only,
+     "no split 'test' (splits: train)", "set the task's train_split / test_split"),
+    ("parquet-missing-split", [*RUN, "data.vqa.source={d}/pq"],
+     lambda d: _parquet(d, [{"image": {"bytes": PNG, "path": None}, "question": "q", "answers": ["a"]}], ["train"]),
+     "no parquet files for split 'test'", "add them or set the task's train_split / test_split"),
+    ("parquet-missing-column", [*RUN, "data.vqa.source={d}/pq"],
+     lambda d: _parquet(d, [{"image": {"bytes": PNG, "path": None}, "query": "q", "answers": ["a"]}]),
+     "missing column 'question'", "remap with data.<task>.columns"),
+    ("parquet-bad-image", [*RUN, "data.vqa.source={d}/pq"],
+     lambda d: _parquet(d, [{"image": {"bytes": b"not a png", "path": None}, "question": "q", "answers": ["a"]}]),
+     "row 0: image cannot be decoded", "replace it or drop that row"),
+    # result.json for reproduce
+    ("result-empty-object", ["reproduce", "{d}/r.json"], {"r.json": "{}"}, "not a vlmlab result (run_id: field "
+     "required", "give the result.json a `harness run` wrote"),
+    ("result-list", ["reproduce", "{d}/r.json"], {"r.json": "[1, 2]"}, "the top level is a list",
+     "give the result.json"),
+    ("result-not-json", ["reproduce", "{d}/r.json"], {"r.json": "{oops"}, "not valid JSON", "give the result.json"),
+    ("result-not-utf8", ["reproduce", "{d}/r.json"], {"r.json": b'{"x": "\xff"}'}, "not UTF-8 text",
+     "give the result.json"),
+    ("result-missing", ["reproduce", "{d}/none"], {}, "no result.json at", "give a run directory or its result.json"),
+    ("result-custom-reward", ["reproduce", "{d}/r.json"], {"r.json": _result(**{"grpo.rewards": ["{d}/evil.py:f"]}),
+                                                          "evil.py": EVIL},
+     "grpo.rewards: ", "rerun with --trust"),
+    ("result-remote-code", ["reproduce", "{d}/r.json"], {"r.json": _result(**{"model.trust_remote_code": True})},
+     "model.trust_remote_code: true", "rerun with --trust"),
+    ("result-runtime-env", ["reproduce", "{d}/r.json"],
+     {"r.json": _result(**{"sft.runtime_env": {"image_uri": None, "env_vars": {"LD_PRELOAD": "/tmp/x.so"}}})},
+     "sft.runtime_env: env_vars", "rerun with --trust"),
+    ("result-secret-missing", ["reproduce", "{d}/r.json"],
+     {"r.json": _result(**{"tracking.uri": "http://${secret:VLMLAB_TEST_NOT_SET}@127.0.0.1:9/"})},
+     "kept out of result.json", "set VLMLAB_TEST_NOT_SET in the environment"),
+    ("result-invalid-config", ["reproduce", "{d}/r.json"], {"r.json": _result(**{"sft.max_steps": 0})},
+     "sft.max_steps: Input should be greater than or equal to 1", "rerun it with the vlmlab version"),
+    # command-line arguments
+    ("unknown-option", [*RUN, "--bogus"], {}, "No such option: --bogus", "--help"),
+    ("negative-tolerance", ["reproduce", "{d}", "--tolerance", "-1"], {}, "Invalid value for '--tolerance'",
+     "--help"),
+    ("unknown-command", ["frob"], {}, "No such command 'frob'", "--help"),
+    ("leaderboard-format", ["leaderboard", "--format", "xml"], {}, "--format must be table, markdown, csv or json",
+     "must be"),
+    ("sweep-mode", ["sweep", "--space", "dpo.beta=choice(0.1,0.2)", "--mode", "sideways"], {},
+     "--mode must be max or min", "must be"),
+    ("sweep-preset", ["sweep", "nosuch"], {}, "unknown sweep preset 'nosuch'", "known: "),
+    ("sweep-sampler", ["sweep", "--space", "dpo.beta=bogus(1)"], {}, "unknown sampler 'bogus'", "use "),
+    ("sweep-scheduler", ["sweep", "dpo-beta", "--scheduler", "hyperband"], {}, "--scheduler must be asha",
+     "must be"),
+]
+
+
+def _make(directory, files) -> None:
+    if callable(files):
+        files(directory)
+        return
+    for name, content in files.items():
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content.replace("{d}", str(directory)))
+
+
+def test_the_table_is_big_enough():
+    assert len(CASES) >= 40
+
+
+@pytest.mark.parametrize("case, argv, files, problem, fix",
+                         [c if hasattr(c, "marks") else pytest.param(*c, id=c[0]) for c in CASES])
+def test_bad_input_exits_2_with_one_line_before_any_work(workdir, case, argv, files, problem, fix):
+    _make(workdir, files)
+    before = sorted(workdir.rglob("*"))
+    result = CliRunner().invoke(app, [a.replace("{d}", str(workdir)) for a in argv])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert problem in lines[0], lines[0]
+    assert lines[0].find(fix, lines[0].index(problem)) > 0, lines[0]  # the fix, after the problem
+    # nothing written: no run directory, no MLflow store (so no run left RUNNING), no result.json, no user code ran
+    assert sorted(workdir.rglob("*")) == before
