@@ -49,6 +49,13 @@ RUN --mount=type=secret,id=pip_cert \
     && (getent passwd 1000 > /dev/null || useradd --create-home --uid 1000 --shell /bin/bash vlmlab) \
     && mkdir -p /work && chown 1000:1000 /work
 
+# The runtime user gets no sudo: rayproject/ray makes uid 1000 (`ray`) a passwordless sudoer (its base-deps
+# Dockerfile appends `ray ALL=NOPASSWD: ALL` to /etc/sudoers). Purging the package removes the binary and that file
+# (SUDO_FORCE_REMOVE: Debian's and Ubuntu's sudo refuses removal while root has no password, as in an image); the
+# check fails the build on any base where a sudo is left (one dpkg does not know of, say).
+RUN if dpkg -s sudo > /dev/null 2>&1; then SUDO_FORCE_REMOVE=yes dpkg --purge sudo > /dev/null; fi \
+    && if command -v sudo; then echo "sudo is still in the image: remove it" >&2; exit 1; fi
+
 USER 1000
 WORKDIR /work
 CMD ["harness", "--help"]

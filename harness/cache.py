@@ -12,9 +12,10 @@ import json
 import shutil
 from pathlib import Path
 
+from harness.lease import Lease, atomic_write
 from harness.manifest import sha256_file
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: keys cover code, packages and local sources' content
 SKIP_DIRS = {"ray", "trainer"}  # Ray's own storage and TRL's scratch dir are not stage outputs
 
 
@@ -35,10 +36,13 @@ def _key_fields(key: str, value):
     return value
 
 
-def stage_key(name: str, config_keys: tuple[str, ...], resolved: dict, upstream: list[str]) -> str:
-    """sha256 over the stage name, the config fields it reads, and its upstream stages' keys."""
+def stage_key(name: str, config_keys: tuple[str, ...], resolved: dict, upstream: list[str],
+              depends: dict | None = None) -> str:
+    """sha256 over the stage name, the config fields it reads, its upstream stages' keys and what else its result
+    ``depends`` on (code and package fingerprints, local sources' content: harness/codeprint.py)."""
     payload = {"version": CACHE_VERSION, "stage": name,
-               "config": {k: _key_fields(k, _select(resolved, k)) for k in config_keys}, "upstream": upstream}
+               "config": {k: _key_fields(k, _select(resolved, k)) for k in config_keys}, "upstream": upstream,
+               "depends": depends or {}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -48,20 +52,34 @@ def _files(stage_dir: Path) -> list[Path]:
 
 
 class StageCache:
-    def __init__(self, root: Path, warn=print):
+    def __init__(self, root: Path, warn=print, remote=None):
         self.root = root
         self.warn = warn
+        self.remote = remote  # harness.storage.OutputDir of a bucket this cache mirrors, or None
 
     def _entry_path(self, name: str, key: str) -> Path:
         return self.root / f"{name}-{key[:24]}.json"
 
-    def ray_storage(self, name: str, key: str) -> tuple[Path, str]:
-        """(storage_path, run name) for Ray Train: stable per key, so restarts find the checkpoints."""
-        return self.root / "ray", f"{name}-{key[:16]}"
+    def ray_storage(self, name: str, key: str, attempt: str | None = None) -> tuple[Path | str, str]:
+        """(storage_path, run name) for Ray Train: stable per key, so a rerun resumes from the checkpoints, and held
+        by one run at a time (``lease``); ``attempt`` names a private one (``--force``: never resumes, never
+        touches another run's). With a bucket, storage_path is its URI: Ray writes and restores checkpoints there."""
+        storage = self.remote.uri_of(self.root / "ray") if self.remote else self.root / "ray"
+        return storage, f"{name}-{key[:16]}" + (f"-{attempt}" if attempt else "")
+
+    def lease(self, name: str, key: str) -> Lease:
+        """The claim on computing stage ``name`` with ``key`` (and on its Ray storage)."""
+        return Lease(self.root / "leases" / f"{name}-{key[:24]}")
 
     def clear_ray(self, name: str, key: str) -> None:
+        """Drop the stage's Ray storage (a damaged entry's); only while holding its lease, or when nobody does."""
+        if self.lease(name, key).holder() is not None:
+            return
         storage, run_name = self.ray_storage(name, key)
-        shutil.rmtree(storage / run_name, ignore_errors=True)
+        if self.remote:
+            self.remote.delete_dir(self.root / "ray" / run_name)
+        else:
+            shutil.rmtree(storage / run_name, ignore_errors=True)
 
     def forget(self, name: str) -> None:
         """Drop every entry of stage ``name``, whatever its key, with its Ray storage (a benchmark re-measures it)."""
@@ -73,6 +91,8 @@ class StageCache:
     def lookup(self, name: str, key: str) -> dict | None:
         """The verified entry, or None. A damaged entry is reported, deleted and treated as a miss."""
         path = self._entry_path(name, key)
+        if self.remote:
+            self.remote.pull_entry(path)
         if not path.exists():
             return None
         try:
@@ -96,8 +116,9 @@ class StageCache:
 
     def store(self, name: str, key: str, stage_dir: Path, record: dict, outputs: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        entry = {"key": key, "stage": name, "stage_dir": str(stage_dir), "record": record, "outputs": outputs,
+        entry = {"schema_version": CACHE_VERSION, "key": key, "stage": name, "stage_dir": str(stage_dir),
+                 "record": record, "outputs": outputs,
                  "files": {str(p): sha256_file(p) for p in _files(stage_dir)}}
-        tmp = self._entry_path(name, key).with_suffix(".tmp")
-        tmp.write_text(json.dumps(entry, indent=1, default=str))
-        tmp.replace(self._entry_path(name, key))
+        atomic_write(self._entry_path(name, key), json.dumps(entry, indent=1, default=str))
+        if self.remote:  # the files first: an entry in the bucket never names a file not yet there
+            self.remote.push(*map(Path, entry["files"]), self._entry_path(name, key))

@@ -175,11 +175,13 @@ def reproduce(
 ):
     """Rerun a recorded run's config from scratch and compare its metrics; exit 1 if any differs."""
     from harness.pipeline import run_pipeline
-    from harness.reproduce import compare_metrics, load_result, manifest_differences, recorded_config
+    from harness.reproduce import code_differences, compare_metrics, load_result, manifest_differences, recorded_config
 
     try:
         recorded, path = load_result(target)
         cfg = recorded_config(recorded, path, trust)
+        for difference in code_differences(recorded):  # said before the rerun, so a mismatch is read in context
+            _warn(difference)
         now = run_pipeline(cfg, recorded["pipeline"], output_dir or str(path.parent.parent), console=console,
                            force=True)
     except UserError as exc:
@@ -265,8 +267,7 @@ def _ui_hint(uri: str, experiment_id: str) -> str:
     view = cost_view_url(experiment_id)
     if uri.startswith(("http://", "https://")):
         return f"MLflow UI with these columns: {redact_text(uri.rstrip('/'))}/{view}"
-    return (f"MLflow UI with these columns: `mlflow ui --backend-store-uri {uri}`, "
-            f"then open http://127.0.0.1:5000/{view}")
+    return f"MLflow UI with these columns: run `harness ui`, then open http://127.0.0.1:5000/{view}"
 
 
 @app.command()
@@ -276,6 +277,10 @@ def leaderboard(
     metric: str = typer.Option("eval/mean_accuracy", "--metric", "-m", help="Accuracy metric to rank by."),
     fmt: str = typer.Option("table", "--format", "-f", help="table | markdown | csv | json"),
     plot_path: str | None = typer.Option(None, "--plot", help="Write a cost-vs-accuracy PNG here."),
+    sort: str = typer.Option("acc", "--sort", "-s", help="Column to order by: acc, vqa, chart, usd, $/pt, acc-h, "
+                             "util, run, pipe, model (accuracies and util best first, costs cheapest first)."),
+    filters: list[str] | None = typer.Option(None, "--filter", help="KEY=VALUE with KEY pipeline, model or run; "
+                                             "VALUE may use * and ? (e.g. model='*SmolVLM*'). Repeatable."),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="Default: $MLFLOW_TRACKING_URI "
                                                "or sqlite:///mlflow.db"),
 ):
@@ -287,7 +292,9 @@ def leaderboard(
         _fail(UserError(f"--format must be table, markdown, csv or json (got {fmt!r})"))
     uri = TrackingConfig(uri=tracking_uri).resolved_uri()
     try:
-        rows = lb.collect(uri, experiment, pipeline, metric)
+        rows = lb.collect(uri, experiment, pipeline, metric, filters, sort)
+    except UserError as exc:
+        _fail(exc)
     except Exception as exc:  # an unreachable or foreign store
         _fail(UserError(f"cannot read MLflow at {uri}: {exc}"))
     if not rows:
@@ -297,15 +304,9 @@ def leaderboard(
     if fmt != "table":
         print(lb.render(rows, fmt))
     else:
-        table = Table(title=f"leaderboard · {experiment} · {metric}")
-        for col in ("", "run", "pipeline", "model", "accuracy", "accel-h", "USD", "USD/point", "util"):
-            table.add_column(col, justify="left" if col in ("run", "pipeline", "model") else "right")
-        for r in rows:
-            util = "" if r["utilization"] is None else f"{r['utilization']:.2f}"
-            table.add_row("★" if r["pareto"] else "", r["run"], r["pipeline"], r["model"], f"{r['accuracy']:.3f}",
-                          f"{r['accelerator_hours']:.4f}", f"{r['usd']:.5f}", f"{r['usd_per_point']:.2e}", util)
-        console.print(table)
-        console.print("★ Pareto front: no other run is both cheaper and more accurate.")
+        console.print(lb.table(rows, f"leaderboard · {experiment} · {metric}"))
+        console.print("★ Pareto front: no other run shown is both cheaper and more accurate.\n"
+                      "acc-h: accelerator-hours · $/pt: USD per accuracy point · util: busy/held time")
         console.print(_ui_hint(uri, rows[0]["experiment_id"]), soft_wrap=True)
     if plot_path:
         fig = lb.plot(rows, plot_path, metric)
@@ -317,34 +318,113 @@ def leaderboard(
         err.print(f"plot written to {plot_path} (and logged to MLflow run 'leaderboard')")
 
 
+TRACKING_HELP = "Default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db"
+
+
+@app.command()
+def runs(
+    limit: int = typer.Option(20, "--limit", "-n", min=1, help="How many runs, newest first."),
+    experiment: str = typer.Option("vlmlab", "--experiment", "-e", help="MLflow experiment to read."),
+    output_dir: str = typer.Option("runs", "--output-dir", "-o", help="Run directories to list too (those MLflow "
+                                   "does not know)."),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
+):
+    """Recent runs, newest first: id, pipeline, status, accuracies and cost."""
+    from harness import report
+    from harness.config import TrackingConfig
+
+    uri = TrackingConfig(uri=tracking_uri).resolved_uri()
+    try:
+        rows = report.recent_runs(uri if report.store_exists(uri) else None, experiment, output_dir, limit)
+    except Exception as exc:  # an unreachable or foreign store
+        _fail(UserError(f"cannot read MLflow at {uri}: {exc}"))
+    if not rows:
+        console.print(f"No runs in MLflow experiment '{experiment}' at {uri} nor under {output_dir}/. "
+                      "Run `harness run sft` first.")
+        return
+    console.print(report.runs_table(rows))
+    console.print("acc: eval/mean_accuracy; vqa, chart: the final model's VQAv2 and ChartQA accuracy. "
+                  "`harness report RUN` draws a run's figures.")
+
+
+@app.command()
+def report(
+    target: str = typer.Argument(..., help="A run directory, or a run id (under --output-dir or in MLflow)."),
+    experiment: str | None = typer.Option(None, "--experiment", "-e", help="Default: the run's tracking.experiment."),
+    output_dir: str = typer.Option("runs", "--output-dir", "-o", help="Where run directories are."),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="Default: the run's tracking.uri, "
+                                            "$MLFLOW_TRACKING_URI or sqlite:///mlflow.db"),
+):
+    """One run's figures in a self-contained HTML file, also logged to its MLflow run.
+
+    Writes <run dir>/report/report.html (figures embedded) and the same figures as PNG files beside it: loss per
+    training stage, DPO reward margin and accuracy, GRPO rewards, accuracy per question type (base, question-only
+    prior, each checkpoint), cost per stage, GradES frozen fraction."""
+    from harness import report as rep
+
+    try:
+        run = rep.resolve(target, tracking_uri, experiment, output_dir)
+        path = rep.write_report(run)
+    except UserError as exc:
+        _fail(exc)
+    for note in run.notes:
+        _warn(note)
+    logged = " and logged to its MLflow run (artifacts: report/)" if run.mlflow_run_id else ""
+    console.print(f"report written to [bold]{path}[/]{logged}", soft_wrap=True)
+
+
+@app.command()
+def ui(
+    port: int = typer.Option(5000, "--port", "-p", help="Port to listen on."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (127.0.0.1: this machine only)."),
+    experiment: str = typer.Option("vlmlab", "--experiment", "-e", help="Experiment whose cost view to print."),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
+):
+    """Start `mlflow ui` on the run store and print the cost view's address; Ctrl-C stops it.
+
+    The cost view is the runs table with the accuracy and cost columns shown."""
+    from harness import report
+    from harness.config import TrackingConfig
+
+    _interruptible()
+    uri = TrackingConfig(uri=tracking_uri).resolved_uri()
+    try:
+        report.serve_ui(uri, host, port, experiment, say=lambda text: console.print(text, soft_wrap=True))
+    except UserError as exc:
+        _fail(exc)
+
+
 @app.command()
 def sync(
     run_dir: str = typer.Argument(..., help="A run directory whose MLflow writes were kept locally."),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="Default: the run's tracking.uri, "
                                             "$MLFLOW_TRACKING_URI or sqlite:///mlflow.db"),
 ):
-    """Replay the MLflow writes a run kept locally while the tracking store was unreachable."""
+    """Replay the MLflow writes a run kept locally while the tracking store was unreachable (safe to rerun: a
+    sync stopped part-way resumes, and nothing is written twice)."""
     from pathlib import Path
 
     import yaml
 
     from harness.config import TrackingConfig
-    from harness.tracking import sync_outbox
+    from harness.tracking import outbox_files, sync_outbox
 
     root = Path(run_dir)
-    files = [p for p in [root / "mlflow_outbox.jsonl", *sorted(root.glob("*/mlflow_outbox_worker.jsonl"))]
-             if p.exists()]
-    if not files:
+    if not root.is_dir():
+        _fail(UserError(f"{root} is not a directory: give a run directory (runs/<run id>)"))
+    if not outbox_files(root):
         console.print(f"nothing to sync in {root}")
         return
     recorded = (yaml.safe_load((root / "config.yaml").read_text()) or {}).get("tracking", {}) \
         if (root / "config.yaml").exists() else {}
     uri = TrackingConfig(uri=tracking_uri or recorded.get("uri")).resolved_uri()
+    notes: list[str] = []
     try:
-        done = sync_outbox(uri, files)
-    except Exception as exc:
-        _fail(UserError(f"sync to {uri} failed part-way ({exc}); fix it and run `harness sync {root}` again"))
-    console.print(f"[green]synced[/] {done} MLflow writes from {root} to {uri}")
+        done = sync_outbox(uri, root, warn=lambda text: (notes.append(text), _warn(text)))
+    except Exception as exc:  # unreachable, refused part-way (progress kept), unreadable files
+        _fail(UserError(f"sync to {uri} failed: {exc}"))
+    set_aside = f"; {len(notes)} warning(s) above" if notes else ""
+    console.print(f"[green]synced[/] {done} MLflow writes from {root} to {uri}{set_aside}")
 
 
 @app.command()
@@ -367,6 +447,34 @@ def validate(
         _fail(exc)
     console.print(f"[green]ok[/]: {config} (pipelines: {', '.join(cfg.pipelines)}; "
                   f"config sha256 {cfg.config_hash()[:12]})")
+
+
+@app.command()
+def gc(
+    output_dir: str = typer.Option("runs", "--output-dir", "-o", help="The output dir to clean."),
+    keep: int = typer.Option(5, "--keep", min=1, help="Runs to keep per pipeline (the newest)."),
+    apply: bool = typer.Option(False, "--apply", help="Delete; without it, only say what would go."),
+):
+    """Free an output dir: keep the last N runs per pipeline and the cache entries and runs they use."""
+    from pathlib import Path
+
+    from harness import gc as collector
+
+    root = Path(output_dir).expanduser()
+    if "://" in output_dir or not root.is_dir():
+        _fail(UserError(f"--output-dir: {output_dir} is not a local directory; give the directory `harness run` "
+                        "wrote to (a bucket's checkpoints are deleted in the bucket)"))
+    plan = collector.plan(root, keep)
+    mb = plan.size() / 1e6
+    console.print(f"{'freeing' if apply else 'would free'} {mb:.1f} MB: {len(plan.runs)} run dir(s), "
+                  f"{len(plan.entries)} cache entr(y/ies), {len(plan.storage)} Ray storage dir(s); "
+                  f"keeping {plan.kept_runs} run(s)", highlight=False)
+    for path in plan.paths:
+        console.print(f"  {path}", highlight=False)
+    if apply:
+        collector.apply(plan)
+    elif plan.paths:
+        console.print("dry run: rerun with --apply to delete")
 
 
 @app.command()

@@ -20,6 +20,9 @@ from harness.cost import DEFAULT_PRICES
 from harness.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The layout of config.yaml / result.json this vlmlab writes. 1: before schema_version existed (read as is: 2 only
+# added fields). 2: stage records carry `code`, `outputs`, `ran_on`.
+SCHEMA_VERSION = 2
 DEFAULT_PRESET = "tiny"
 
 # What each stage reads from earlier stages and hands on (StageContext.latest): a pipeline's order must provide it.
@@ -187,11 +190,9 @@ class ComponentsConfig(Section):
 
 
 class RuntimeEnvConfig(Section):
-    """Ray runtime_env of a stage's training workers. `image_uri` runs them inside a container image (Ray's podman
-    path): podman must be on every node, and the image's Ray and Python versions must equal the cluster's exactly
-    (build vlmlab on the cluster's own `rayproject/ray` base). `env_vars` are set in the workers' environment
-    before they start (e.g. `MALLOC_ARENA_MAX`, which glibc reads only then)."""
-    image_uri: str | None = None
+    """Ray runtime_env of a stage's training workers: `env_vars` are set in the workers' environment before they
+    start (e.g. `MALLOC_ARENA_MAX`, which glibc reads only then). No `image_uri`: Ray's podman path cannot run a
+    stage here (docs/image_uri.md); make the vlmlab image the Ray nodes' image instead."""
     env_vars: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("env_vars", mode="before")
@@ -338,6 +339,7 @@ class TrackingConfig(Section):
 
 class PipelineConfig(Section):
     """The whole run: which pipelines exist, and each stage's settings."""
+    schema_version: int = Field(SCHEMA_VERSION, ge=1, description="the config layout's version (written by vlmlab)")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="numpy's range")
     output_dir: str = "runs"
     run_name: str | None = Field(None, max_length=100, pattern=NAME)
@@ -376,6 +378,14 @@ class PipelineConfig(Section):
                                          f"'{PROVIDER[need]}' stage; put '{PROVIDER[need]}' before it, e.g. "
                                          "[data, model, sft, eval]")
                 given.update(STAGE_GIVES.get(stage, ()))
+        return v
+
+    @field_validator("schema_version")
+    @classmethod
+    def _not_newer(cls, v: int) -> int:
+        if v > SCHEMA_VERSION:
+            raise ValueError(f"written by a newer vlmlab (schema {v}; this one reads up to {SCHEMA_VERSION}): "
+                             "upgrade vlmlab")
         return v
 
     def stages_of(self, pipeline: str) -> list[str]:

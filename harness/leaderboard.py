@@ -5,8 +5,17 @@ import csv
 import io
 import json
 import math
+from fnmatch import fnmatchcase
+
+from harness.errors import UserError
 
 DEFAULT_METRIC = "eval/mean_accuracy"
+# `--sort` names (the table's short headers, or the row keys of --format json): row key, best first = descending
+SORTS = {"acc": ("accuracy", True), "vqa": ("vqa_accuracy", True), "chart": ("chartqa_relaxed_accuracy", True),
+         "usd": ("usd", False), "$/pt": ("usd_per_point", False), "acc-h": ("accelerator_hours", False),
+         "util": ("utilization", True), "run": ("run", False), "pipe": ("pipeline", False), "model": ("model", False)}
+SORTS |= {key: (key, desc) for key, desc in SORTS.values()}
+FILTERS = ("pipeline", "model", "run")
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
@@ -19,8 +28,14 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
     return flags
 
 
-def collect(uri: str, experiment: str, pipeline: str | None, metric: str) -> list[dict]:
-    """Finished parent runs of ``experiment`` as leaderboard rows (sorted by the metric, best first)."""
+def collect(uri: str, experiment: str, pipeline: str | None, metric: str, filters: list[str] | None = None,
+            sort: str = "acc") -> list[dict]:
+    """Finished parent runs of ``experiment`` as leaderboard rows, narrowed by ``filters`` (``key=glob``, keys in
+    FILTERS), ordered by ``sort`` (a key of SORTS; default: the metric, best first); Pareto front among them."""
+    if sort not in SORTS:
+        raise UserError(f"--sort: unknown column '{sort}' (one of acc, vqa, chart, usd, $/pt, acc-h, util, run, pipe, "
+                        "model, or a key of --format json)")
+    wanted = [_filter(f) for f in filters or []]
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -46,9 +61,22 @@ def collect(uri: str, experiment: str, pipeline: str | None, metric: str) -> lis
             "usd_per_point": usd / (100 * acc) if acc > 0 else math.inf,
             "utilization": m.get("cost/utilization"),
         })
+    rows = [r for r in rows if all(fnmatchcase(str(r[key]).lower(), glob.lower()) for key, glob in wanted)]
     for row, front in zip(rows, pareto_front([(r["usd"], r["accuracy"]) for r in rows]), strict=False):
         row["pareto"] = front
-    return sorted(rows, key=lambda r: (-r["accuracy"], r["usd"]))
+    rows.sort(key=lambda r: (-r["accuracy"], r["usd"]))
+    key, descending = SORTS[sort]
+    present = [r for r in rows if r[key] is not None]  # runs without the value go last
+    present.sort(key=lambda r: r[key], reverse=descending)  # stable: ties keep the accuracy order
+    return present + [r for r in rows if r[key] is None]
+
+
+def _filter(text: str) -> tuple[str, str]:
+    key, sep, glob = text.partition("=")
+    if not sep or key not in FILTERS or not glob:
+        raise UserError(f"--filter '{text}': give KEY=VALUE with KEY one of {', '.join(FILTERS)} (VALUE may use * "
+                        "and ?, e.g. model='*SmolVLM*')")
+    return key, glob
 
 
 def render(rows: list[dict], fmt: str) -> str:
@@ -67,6 +95,25 @@ def render(rows: list[dict], fmt: str) -> str:
     for r in rows:
         lines.append("| " + " | ".join(_cell(r.get(c)) for c in cols) + " |")
     return "\n".join(lines)
+
+
+def table(rows: list[dict], title: str):
+    """The rich table `harness leaderboard` prints: short headers, fits 80 columns (long model names are cut)."""
+    from rich import box
+    from rich.table import Table
+
+    out = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 0), show_edge=False)  # one space between columns
+    for col in ("", "run", "pipe", "model", "acc", "acc-h", "USD", "$/pt", "util"):
+        left = col in ("run", "pipe", "model")
+        # a long run name folds onto a second line (it is an id to copy); a long model name is cut
+        out.add_column(col, justify="left" if left else "right", no_wrap=col != "run",
+                       overflow="ellipsis" if col == "model" else "fold", max_width=10 if col == "model" else None)
+    for r in rows:
+        model = r["model"].rstrip("/").rsplit("/", 1)[-1]  # a hub id's or directory's last part
+        out.add_row("★" if r["pareto"] else "", r["run"], r["pipeline"], model, f"{r['accuracy']:.3f}",
+                    f"{r['accelerator_hours']:.4f}", f"{r['usd']:.3g}", f"{r['usd_per_point']:.1e}",
+                    "" if r["utilization"] is None else f"{r['utilization']:.2f}")
+    return out
 
 
 def _cell(v) -> str:

@@ -7,7 +7,6 @@ that finished stay cached, so the same command resumes.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import time
 from datetime import datetime, timezone
@@ -15,21 +14,27 @@ from pathlib import Path
 
 import yaml
 
+from harness import codeprint
 from harness.cache import StageCache, stage_key
-from harness.config import PipelineConfig
+from harness.codeprint import TreeHasher
+from harness.config import SCHEMA_VERSION, PipelineConfig
 from harness.cost import Meter
 from harness.errors import UserError
 from harness.inputs import check_inputs
+from harness.lease import Lease, atomic_write
 from harness.manifest import build_manifest
 from harness.secrets import redact
+from harness.storage import OutputDir
 from harness.tracking import Tracker
 from stages import STAGES, StageContext, StageOutput
 
+NOT_PATHS = {"tiny", "compose", "synthetic", "tasks"}  # source values that name a generator, not a directory
 
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+
+def _lookup(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def worker_hardware(records: list[dict]) -> list[dict]:
@@ -48,29 +53,49 @@ def new_run_id(pipeline: str) -> str:
 
 
 class _Runner:
-    def __init__(self, cfg: PipelineConfig, pipeline: str, root: Path, force: bool, console,
+    def __init__(self, cfg: PipelineConfig, pipeline: str, out: OutputDir, force: bool, console,
                  parent_run_id: str | None = None):
         self.cfg, self.pipeline, self.force, self.console = cfg, pipeline, force, console
         self.outer_run_id = parent_run_id
         self.resolved = redact(cfg.model_dump(mode="json"))  # what is written and logged: no secrets
-        self.cache = StageCache(root / ".cache", warn=self.say)
+        self.out, root = out, out.local  # a bucket's run directories are worked on in its local mirror
+        self.cache = StageCache(root / ".cache", warn=self.say, remote=out if out.uri else None)
         self.tracker = Tracker(cfg.tracking.resolved_uri(), cfg.tracking.experiment)  # fails if unreachable
         for run_id in self.tracker.reap_stale():
-            self.say(f"mlflow: run {run_id} of a process that no longer exists marked KILLED")
+            self.say(f"mlflow: run {run_id} whose process stopped (no heartbeat) marked KILLED")
         self.run_id = cfg.run_name or new_run_id(pipeline)
         self.run_dir = root / self.run_id
-        if self.run_dir.exists():
-            raise UserError(f"run directory already exists: {self.run_dir} (choose another run_name)")
+        self.hasher = TreeHasher(self.cache.root / "fingerprints.json")
+        self.run_lease = Lease(self.cache.root / "leases" / f"run-{self.run_id}")
+        owner = self.run_lease.try_acquire()
+        if owner is not None:
+            raise UserError(f"run '{self.run_id}' is in progress in another process (pid {owner['pid']} on "
+                            f"{owner['host']}): wait for it to finish, or choose another run_name")
+        if self.out.has(self.run_dir / "result.json") and not force:
+            self.run_lease.release()
+            done = self.out.uri_of(self.run_dir / "result.json")
+            raise UserError(f"run '{self.run_id}' has already finished ({done}): rerun with "
+                            "--force to recompute it, or choose another run_name")
 
     def say(self, text: str) -> None:
         if self.console:
             self.console.print(text)
 
     def run(self) -> dict:
-        self.run_dir.mkdir(parents=True)
+        try:
+            return self._run()
+        finally:
+            self.hasher.save()
+            self.run_lease.release()
+
+    def _run(self) -> dict:
+        """An existing run directory (same run_name, interrupted) is resumed: its stages come from the cache."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.tracker.attach_outbox(self.run_dir / "mlflow_outbox.jsonl", warn=self.say)
         atomic_write(self.run_dir / "config.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
+        self.out.push(self.run_dir / "config.yaml")
         manifest = build_manifest(self.cfg.seed, self.cfg.config_hash())
+        self.git_sha = manifest["git"]["sha"]
         tracker = self.tracker
         self.parent = tracker.start(self.run_id, parent_id=self.outer_run_id,
                                     tags={"vlmlab.pipeline": self.pipeline, "vlmlab.run_dir": str(self.run_dir)})
@@ -81,11 +106,15 @@ class _Runner:
             outputs: dict[str, StageOutput] = {}
             records, keys = [], []
             for name in self.cfg.stages_of(self.pipeline):
-                key = stage_key(name, STAGES[name].CONFIG_KEYS, self.resolved, keys)
-                records.append(self._stage(name, key, outputs))
+                depends, code = self._depends(name)
+                key = stage_key(name, STAGES[name].CONFIG_KEYS, self.resolved, keys, depends)
+                records.append(self._stage(name, key, outputs, code))
                 keys.append(key)
             result = self._assemble(records, outputs, manifest)
             atomic_write(self.run_dir / "result.json", json.dumps(result, indent=2))
+            self.out.push(self.run_dir / "result.json")
+            if self.out.uri:
+                self.say(f"run uploaded to {self.out.uri_of(self.run_dir)}")
             tracker.log_metrics(self.parent, result["metrics"] | {
                 "cost/usd": result["cost_usd"], "cost/accelerator_hours": result["accelerator_hours"],
                 "cost/busy_hours": result["busy_hours"], "cost/utilization": result["utilization"]})
@@ -93,24 +122,49 @@ class _Runner:
             tracker.end(self.parent, "FINISHED")
         return result | {"run_dir": str(self.run_dir)}
 
-    def _stage(self, name: str, key: str, outputs: dict[str, StageOutput]) -> dict:
+    def _depends(self, name: str) -> tuple[dict, dict]:
+        """What stage ``name``'s result depends on besides its config (for its key), and the record of its code."""
+        module = STAGES[name]
+        files = codeprint.code_manifest(f"stages.{name}", getattr(module, "DATA_FILES", ()))
+        raw = self.cfg.model_dump(mode="json")
+        sources = {}
+        for dotted in getattr(module, "SOURCE_KEYS", ()):
+            value = _lookup(raw, dotted)
+            if isinstance(value, str) and value not in NOT_PATHS and Path(value).expanduser().exists():
+                sources[dotted] = self.hasher.fingerprint(Path(value).expanduser())
+        depends = {"code": codeprint.fingerprint(files), "packages": codeprint.dependency_versions(),
+                   "sources": sources}
+        return depends, {"fingerprint": depends["code"], "git_sha": self.git_sha, "files": files}
+
+    def _stage(self, name: str, key: str, outputs: dict[str, StageOutput], code: dict) -> dict:
         stage_dir = self.run_dir / name
         stage_dir.mkdir(parents=True, exist_ok=True)
         child = self.tracker.start(name, parent_id=self.parent, tags={"vlmlab.stage": name, "vlmlab.key": key})
         if self.console:
             self.console.rule(f"[bold]stage {name}")
+        lease = None
         entry = None if self.force else self.cache.lookup(name, key)
-        if entry is not None:
-            record = entry["record"] | {"reused_from": entry["stage_dir"], "wall_seconds_this_run": 0.0}
-            outputs[name] = StageOutput(metrics=record["metrics"], outputs=entry["outputs"])
-            self.say(f"stage {name}: reused from cache ({entry['stage_dir']})")
-        else:
-            if self.force:
-                self.cache.clear_ray(name, key)
-            record, outputs[name] = self._compute(name, key, stage_dir, outputs, child)
-            self.cache.store(name, key, stage_dir, record, outputs[name].outputs)
+        if entry is None and not self.force:  # one run computes a key at a time; the others then reuse it
+            lease = self.cache.lease(name, key)
+            lease.acquire(on_wait=lambda owner: self.say(
+                f"stage {name}: waiting for the run computing the same stage (pid {owner['pid']} on {owner['host']}); "
+                "its result will be reused"))
+            entry = self.cache.lookup(name, key)
+        try:
+            if entry is not None:
+                record = entry["record"] | {"reused_from": entry["stage_dir"], "wall_seconds_this_run": 0.0}
+                outputs[name] = StageOutput(metrics=record["metrics"], outputs=entry["outputs"])
+                self.say(f"stage {name}: reused from cache ({entry['stage_dir']})")
+            else:
+                record, outputs[name] = self._compute(name, key, stage_dir, outputs, child)
+                record["code"] = code
+                self.cache.store(name, key, stage_dir, record, outputs[name].outputs)
+        finally:
+            if lease is not None:
+                lease.release()
         record = record | {"key": key}
         atomic_write(stage_dir / "stage.json", json.dumps(record, indent=2, default=str))
+        self.out.push(stage_dir / "stage.json")  # its files and cache entry went up when it was stored
         self.tracker.set_tags(child, {"vlmlab.reused": "reused_from" in record})
         self.tracker.log_metrics(child, record["metrics"] | record["cost"] | {"wall_seconds": record["wall_seconds"]})
         self.tracker.log_artifact(child, str(stage_dir / "stage.json"))
@@ -120,10 +174,11 @@ class _Runner:
     def _compute(self, name, key, stage_dir, outputs, child) -> tuple[dict, StageOutput]:
         cfg = self.cfg
         meter = Meter()
-        storage, ray_name = self.cache.ray_storage(name, key)
+        # --force works in a Ray storage of its own: it never resumes from, nor deletes, another run's checkpoints
+        storage, ray_name = self.cache.ray_storage(name, key, attempt=self.run_id if self.force else None)
         ctx = StageContext(name=name, cfg=cfg, run_dir=self.run_dir, stage_dir=stage_dir, inputs=dict(outputs),
                            tracker=self.tracker, mlflow_run_id=child, meter=meter,
-                           ray_storage=storage, ray_name=ray_name)
+                           ray_storage=storage, ray_name=ray_name, say=self.say)
         start = time.perf_counter()
         out = STAGES[name].run(ctx)
         wall = time.perf_counter() - start
@@ -155,6 +210,7 @@ class _Runner:
         held = sum(r["accelerator_hours"] for r in records)
         busy = sum(r["cost"].get("cost/busy_hours", 0.0) for r in records)
         return {
+            "schema_version": SCHEMA_VERSION,
             "run_id": self.run_id,
             "mlflow_run_id": self.parent,
             "pipeline": self.pipeline,
@@ -183,5 +239,5 @@ def run_pipeline(cfg: PipelineConfig, pipeline: str, output_dir: str | None = No
     for name in cfg.stages_of(pipeline):
         STAGES[name].check(cfg)
     check_inputs(cfg, cfg.stages_of(pipeline), say=console.print if console else print)  # price, data, secrets
-    root = Path(output_dir or cfg.output_dir).expanduser().resolve()
-    return _Runner(cfg, pipeline, root, force, console, parent_run_id).run()
+    out = OutputDir(output_dir or cfg.output_dir)  # a directory, or a bucket URI (s3://, gs://): harness/storage.py
+    return _Runner(cfg, pipeline, out, force, console, parent_run_id).run()

@@ -185,7 +185,11 @@ def run_shards(fn: Callable, shards: list, resources, stage: str, max_retries: i
 
     ensure_ray()
     require_resources(resources, f"stage '{stage}'")
-    options = {"num_cpus": resources.cpus_per_worker, "max_retries": max_retries, "name": f"{stage}-shard"}
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    # placement_group=None: inside a Tune trial a task would otherwise land in the trial's own (CPU-less) bundle
+    options = {"num_cpus": resources.cpus_per_worker, "max_retries": max_retries, "name": f"{stage}-shard",
+               "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None)}
     if resources.use_gpu:
         options["num_gpus"] = resources.gpus_per_worker
     task = ray.remote(_on_worker).options(**options)
@@ -240,10 +244,10 @@ def _trainer_class():
     return HarnessTorchTrainer
 
 
-def fit(loop: Callable[[dict], None], settings, storage: Path, name: str, model_out: Path, max_failures: int = 0,
-        runtime_env: dict | None = None) -> dict:
+def fit(loop: Callable[[dict], None], settings, storage: Path | str, name: str, model_out: Path,
+        max_failures: int = 0, runtime_env: dict | None = None) -> dict:
     """Run ``loop({"settings": settings})`` on Ray Train workers; copy the final checkpoint (the trained model) to
-    ``model_out``. Returns the last report's metrics.
+    ``model_out``. Returns the last report's metrics. ``storage`` is a directory or a bucket URI (s3://...).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
@@ -251,7 +255,7 @@ def fit(loop: Callable[[dict], None], settings, storage: Path, name: str, model_
     require_resources(settings.resources, f"stage '{settings.prefix}'")
     trainer = _trainer_class()(
         loop, train_loop_config={"settings": settings}, scaling_config=scaling(settings.resources),
-        run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
+        run_config=RunConfig(name=name, storage_path=storage if isinstance(storage, str) else str(storage.resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=max_failures),
                              callbacks=_tune_callbacks(), worker_runtime_env=runtime_env),

@@ -41,6 +41,12 @@ def load_result(target: str) -> tuple[dict, Path]:
     if not isinstance(recorded, dict):
         raise UserError(f"{path}: not a vlmlab result (the top level is a {type(recorded).__name__}, not an object); "
                         f"{hint}")
+    from harness.config import SCHEMA_VERSION
+
+    version = recorded.get("schema_version", 1)
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise UserError(f"{path}: written by a newer vlmlab (schema {version}; this one reads up to {SCHEMA_VERSION}):"
+                        " upgrade vlmlab to reproduce it")
     try:
         RecordedRun.model_validate(recorded)
     except ValidationError as exc:
@@ -85,6 +91,30 @@ def recorded_config(recorded: dict, path: Path, trust: bool):
     except ValidationError as exc:
         fix = "it no longer validates: rerun it with the vlmlab version of its manifest"
         raise ConfigError(format_errors(exc, f"the config recorded in {path}", fix)) from None
+
+
+def code_differences(recorded: dict) -> list[str]:
+    """How the project code each recorded stage ran differs from the code here, file by file (stage records carry
+    their code since schema 2), and which declared packages changed version."""
+    from harness.codeprint import code_manifest, dependency_versions
+    from stages import STAGES
+
+    out = []
+    for stage in recorded.get("stages", []):
+        code = stage.get("code") if isinstance(stage, dict) else None
+        if not code or stage.get("name") not in STAGES:
+            continue
+        now = code_manifest(f"stages.{stage['name']}", getattr(STAGES[stage["name"]], "DATA_FILES", ()))
+        changed = sorted(f for f in set(code["files"]) | set(now) if code["files"].get(f) != now.get(f))
+        if changed:
+            out.append(f"stage {stage['name']} ran other code: {', '.join(changed)} "
+                       f"(recorded at git {str(code.get('git_sha'))[:12]})")
+    packages = recorded.get("manifest", {}).get("packages", {})
+    for name, version in dependency_versions().items():
+        old = packages.get(name.replace("-", "_"), packages.get(name))
+        if old is not None and version is not None and old != version:
+            out.append(f"package {name}: recorded {old}, now {version}")
+    return out
 
 
 def comparable(name: str) -> bool:

@@ -167,8 +167,10 @@ def run_sweep(cfg, pipeline: str, fixed: list[str], space: dict[str, tuple[str, 
     from ray import tune
 
     from harness.config import PipelineConfig, _merge, parse_overrides
-    from harness.pipeline import atomic_write, new_run_id, run_pipeline
+    from harness.lease import atomic_write
+    from harness.pipeline import new_run_id, run_pipeline
     from harness.raytrain import ensure_ray
+    from harness.storage import is_remote
     from harness.tracking import Tracker
 
     resolved = cfg.model_dump(mode="json")
@@ -183,11 +185,17 @@ def run_sweep(cfg, pipeline: str, fixed: list[str], space: dict[str, tuple[str, 
             node = node[part]
     stage_names = base.stages_of(pipeline)
     prefix = shared_prefix(stage_names, list(space))
+    if is_remote(output_dir or cfg.output_dir):  # Tune's trials and sweep.json are written to local paths
+        raise UserError("harness sweep: --output-dir must be a local directory; object storage (s3://, gs://) is "
+                        "for `harness run`")
     root = Path(output_dir or cfg.output_dir).expanduser().resolve()
     sweep_id = new_run_id(f"sweep-{pipeline}")
     sweep_dir = root / sweep_id
     sweep_dir.mkdir(parents=True)
     tracker = Tracker(cfg.tracking.resolved_uri(), cfg.tracking.experiment)
+    for stale in tracker.reap_stale():  # runs of processes that stopped, on any host (their heartbeat is old)
+        if console:
+            console.print(f"mlflow: run {stale} whose process stopped (no heartbeat) marked KILLED")
     parent = tracker.start(sweep_id, tags={"vlmlab.kind": "sweep", "vlmlab.sweep_pipeline": pipeline})
     with tracker.closing_on_error():
         tracker.log_params(parent, {"space": json.dumps(space), "trials": trials, "objective": objective,

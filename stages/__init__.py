@@ -4,7 +4,11 @@ A stage module defines:
 
 * ``CONFIG_KEYS`` – the config fields its result depends on (with its inputs' keys: the stage-cache key);
 * ``check(cfg)``  – static validation before any work in the pipeline starts (raise ``UserError``);
-* ``run(ctx) -> StageOutput`` – do the work, reading earlier stages' outputs from ``ctx.inputs``.
+* ``run(ctx) -> StageOutput`` – do the work, reading earlier stages' outputs from ``ctx.inputs``;
+
+and optionally ``SOURCE_KEYS`` (config fields naming local directories, keyed by their content) and ``DATA_FILES``
+(project files it loads by path). The stage-cache key also covers the project code it runs and the packages under
+it (``harness/codeprint.py``).
 
 The harness (``harness/pipeline.py``) does the rest: timing, accelerator accounting, MLflow child runs,
 ``result.json``. Training stages hand their loop to Ray Train through ``harness.raytrain``.
@@ -12,6 +16,7 @@ The harness (``harness/pipeline.py``) does the rest: timing, accelerator account
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -60,8 +65,9 @@ class StageContext:
     tracker: Tracker
     mlflow_run_id: str
     meter: Meter
-    ray_storage: Path  # Ray Train storage_path and run name: stable per stage key (restarts resume)
+    ray_storage: Path | str  # Ray Train storage_path (a bucket's URI too) and run name: stable per stage key
     ray_name: str
+    say: Callable[[str], None] = print  # the run's console: warnings a user should see
 
     def latest(self, key: str) -> Any:
         """The most recent earlier stage's output ``key`` (e.g. the newest ``model_dir``)."""

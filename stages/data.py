@@ -16,6 +16,7 @@ SYNTHETIC_TEST_OFFSET = 10_000_000  # test rows never share an index (hence a se
 
 
 CONFIG_KEYS = ("seed", "data")
+SOURCE_KEYS = ("data.vqa.source", "data.chartqa.source")  # local directories: keyed by content
 
 
 def check(cfg) -> None:

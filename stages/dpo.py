@@ -20,6 +20,7 @@ PREFERENCE_COLUMNS = ("question", "chosen", "rejected", "image")
 
 
 CONFIG_KEYS = ("seed", "dpo", "resources", "eval.batch_size", "eval.max_new_tokens")
+SOURCE_KEYS = ("dpo.preference.source",)
 
 
 def check(cfg) -> None:

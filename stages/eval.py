@@ -25,6 +25,7 @@ SCORERS = {"vqa": vqa_accuracy, "chartqa": relaxed_accuracy}
 
 
 CONFIG_KEYS = ("seed", "eval", "resources")
+DATA_FILES = ("evals/tasks",)  # loaded by path (lm-eval task YAMLs, their utils.py): in the code fingerprint
 
 
 def check(cfg) -> None:

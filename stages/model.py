@@ -13,6 +13,7 @@ from harness.manifest import sha256_file
 from stages import StageContext, StageOutput
 
 CONFIG_KEYS = ("seed", "model", "data.image_size")
+SOURCE_KEYS = ("model.source", "model.compose.vision", "model.compose.language")
 
 
 def check(cfg) -> None:

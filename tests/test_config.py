@@ -79,11 +79,11 @@ def test_cli_validate_and_env(workdir):
 def test_stage_runtime_env_reaches_the_ray_workers():
     from harness.raytrain import worker_runtime_env
 
-    cfg = load_config(None, ["dpo.runtime_env.image_uri=localhost/vlmlab:latest"])
-    assert worker_runtime_env(cfg.dpo) == {"image_uri": "localhost/vlmlab:latest"}
-    assert worker_runtime_env(cfg.sft) is None  # other stages keep the driver's environment
     cfg = load_config(None, ["sft.runtime_env.env_vars.MALLOC_ARENA_MAX=64", "sft.runtime_env.env_vars.X=true"])
     assert worker_runtime_env(cfg.sft) == {"env_vars": {"MALLOC_ARENA_MAX": "64", "X": "true"}}
+    assert worker_runtime_env(cfg.dpo) is None  # other stages keep the driver's environment
+    with pytest.raises(ConfigError, match="dpo.runtime_env.image_uri: unknown key"):  # removed: see docs/
+        load_config(None, ["dpo.runtime_env.image_uri=localhost/vlmlab:latest"])
     with pytest.raises(ConfigError, match="sft.runtime_env.env_vars.X"):
         load_config(None, ["sft.runtime_env.env_vars.X=[1,2]"])
     with pytest.raises(ConfigError, match="dpo.runtime_env.pip"):

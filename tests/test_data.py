@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import REALDATA
@@ -113,3 +114,18 @@ def test_real_chartqa_missing_image_is_named(tmp_path):
     rows, origin = dsets.load_split(spec, "chartqa", "train", None)
     with pytest.raises(DataError, match=rf"row {first_row}: image file not found: .*{missing}"):
         dsets.canonicalize(rows, "chartqa", {}, origin, None)
+
+
+def test_split_is_judged_below_the_source_root(tmp_path):
+    """A source kept under a folder named `test` is not all test data: only paths below its root pick the split."""
+    from datasets import Dataset, Image
+
+    root = tmp_path / "test" / "vqa"
+    rows = synthetic.generate("shapes-vqa", 30, 0, 32)
+    for split, n in (("train", 25), ("test", 5)):
+        (root / split).mkdir(parents=True)
+        Dataset.from_list(rows[:n]).cast_column("image", Image()).to_parquet(str(root / split / "part-0.parquet"))
+    train, _ = dsets.load_rows(str(root), "parquet", "train", None)
+    test, _ = dsets.load_rows(str(root), "parquet", "test", None)
+    assert (len(train), len(test)) == (25, 5)
+    assert dsets.in_split(Path("test-00000.parquet"), "test") and not dsets.in_split(Path("x/train.parquet"), "test")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -123,6 +124,21 @@ def test_image_runs_as_non_root_and_carries_no_secret_or_build_cache(docker_env,
         body = "".join(extra_ca.read_text().split("-----")[2].split())
         assert body[:200] not in store, f"{extra_ca} is in the image"
     assert "BEGIN" not in _docker(docker_env, "history", "--no-trunc", image).stdout
+
+
+def test_runtime_user_has_no_sudo_though_the_base_gave_it_one(docker_env, image):
+    """rayproject/ray makes uid 1000 a passwordless sudoer, and scripts/build-image's local base does the same, so
+    the first check is a real control: the image built on it must have taken that away."""
+    base = re.search(r"^BASE=(\S+)$", (ROOT / "scripts" / "build-image").read_text(), flags=re.M).group(1)
+    control = subprocess.run([DOCKER, "run", "--rm", "--network", "none", "--user", "1000", base, "sudo", "-n", "true"],
+                             env=docker_env, capture_output=True, text=True, timeout=120)
+    assert control.returncode == 0, f"the base's uid 1000 should have passwordless sudo: {control.stderr}"
+    denied = subprocess.run([DOCKER, "run", "--rm", "--network", "none", image, "sudo", "-n", "true"],
+                            env=docker_env, capture_output=True, text=True, timeout=120)
+    assert denied.returncode != 0, "the image's runtime user can sudo"
+    left = _docker(docker_env, "run", "--rm", "--network", "none", image, "sh", "-c",
+                   "command -v sudo; ls /etc/sudoers /etc/sudoers.d 2>/dev/null; true").stdout
+    assert left.strip() == "", left
 
 
 def test_harness_run_dpo_default_preset_in_the_container(docker_env, image, tmp_path):

@@ -41,10 +41,11 @@ def _checkpoints(root: Path, stage: str = "sft") -> list[Path]:
     return sorted((root / "runs" / ".cache" / "ray").glob(f"{stage}-*/checkpoint_*"))
 
 
-def _registered_checkpoint(root: Path, stage: str = "sft") -> bool:
+def _registered_checkpoint(root: Path, stage: str = "sft", count: int = 1) -> bool:
+    """Ray has registered at least ``count`` checkpoints of the stage (not just begun writing one)."""
     for snapshot in (root / "runs" / ".cache" / "ray").glob(f"{stage}-*/checkpoint_manager_snapshot.json"):
         try:
-            if json.loads(snapshot.read_text()).get("checkpoint_results"):
+            if len(json.loads(snapshot.read_text()).get("checkpoint_results", [])) >= count:
                 return True
         except (OSError, ValueError):  # being written
             pass
@@ -189,9 +190,13 @@ def test_actor_hung_on_its_way_out_is_reaped(ray_session):
     _wait_for(dead, 10, "the hung process to die")
 
 
-def test_background_step_logger_keeps_order_and_falls_back_to_the_outbox(tmp_path):
+def test_background_step_logger_keeps_order_and_falls_back_to_the_outbox(tmp_path, monkeypatch):
     """Step metrics written from the trainer's background thread: all arrive, in step order, with the time they
     were logged; with the store gone they go to the outbox (synced later); without an outbox close() raises."""
+    import socket
+
+    from mlflow.exceptions import MlflowException
+
     from harness.tracking import BackgroundStepLogger, Tracker, sync_outbox
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -210,21 +215,25 @@ def test_background_step_logger_keeps_order_and_falls_back_to_the_outbox(tmp_pat
     logger.log({"loss": 0.01}, 30)  # after close(): written directly, not lost
     assert len(tracker.client.get_metric_history(run_id, "loss")) == 31
 
-    (tmp_path / "a-file").write_text("")
-    gone = f"sqlite:///{tmp_path / 'a-file' / 'mlflow.db'}"  # a store that cannot be opened
-    outbox = tmp_path / "mlflow_outbox_worker.jsonl"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    gone = f"http://127.0.0.1:{port}"  # a tracking server that is not there
+    (tmp_path / "run" / "sft").mkdir(parents=True)
+    outbox = tmp_path / "run" / "sft" / "mlflow_outbox_worker.jsonl"
     offline = BackgroundStepLogger(gone, run_id, str(outbox))
     for step in range(31, 41):
         offline.log({"loss": 1.0 / (step + 1)}, step)
     offline.close()
     entries = [json.loads(line) for line in outbox.read_text().splitlines()]
     assert [e["metrics"][0]["step"] for e in entries] == list(range(31, 41))
-    assert sync_outbox(uri, [outbox]) == 10
+    assert sync_outbox(uri, tmp_path / "run") == 10
     assert sorted(m.step for m in tracker.client.get_metric_history(run_id, "loss")) == list(range(41))
 
     failing = BackgroundStepLogger(gone, run_id)
     failing.log({"loss": 1.0}, 0)
-    with pytest.raises(OSError, match="a-file"):  # the store's own error reaches the caller
+    with pytest.raises(MlflowException, match=f"127.0.0.1:{port}"):  # the store's own error reaches the caller
         failing.close()
     tracker.end(run_id)
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 from conftest import tiny_overrides
-from test_faults import SLOW_SFT, _checkpoints, _client, _wait_for
+from test_faults import SLOW_SFT, _checkpoints, _client, _registered_checkpoint, _wait_for
 
 
 def _harness(root, *args: str) -> subprocess.Popen:
@@ -29,27 +29,38 @@ def _stop_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def test_sigkill_then_rerun_resumes(workdir):
-    """`harness run` SIGKILLed mid-training: the same command resumes (cached stages, training from its last
-    checkpoint) and finishes; the killed attempt's MLflow runs end up KILLED, none RUNNING."""
-    args = ["run", "sft", *tiny_overrides(**SLOW_SFT), "--output-dir", "runs"]
-    proc = _harness(workdir, *args)
+def _kill_when(root, args: list[str], ready, what: str) -> None:
+    """Start `harness` with ``args`` and SIGKILL it as soon as ``ready()``."""
+    proc = _harness(root, *args)
     try:
-        _wait_for(lambda: _checkpoints(workdir) or proc.poll() is not None, 300, "a checkpoint")
+        _wait_for(lambda: ready() or proc.poll() is not None, 300, what)
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         _stop_group(proc)
+
+
+def _finish(root, args: list[str]) -> tuple[int, str, str]:
+    proc = _harness(root, *args)
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:
+        _stop_group(proc)
+    return proc.returncode, out, err
+
+
+def test_sigkill_then_rerun_resumes(workdir):
+    """`harness run` with a run_name, SIGKILLed mid-training once Ray has registered a checkpoint: the same command
+    resumes into the same run directory (cached stages, training from that checkpoint) and finishes; the killed
+    attempt's MLflow runs end up KILLED, none RUNNING. Once finished, the name is taken: a clear error."""
+    args = ["run", "sft", *tiny_overrides(**SLOW_SFT), "run_name=resumable", "--output-dir", "runs"]
+    _kill_when(workdir, args, lambda: _registered_checkpoint(workdir), "a checkpoint")
     _, runs = _client(workdir)
     assert any(r.info.status == "RUNNING" for r in runs)  # what a SIGKILL leaves behind...
 
-    again = _harness(workdir, *args)
-    try:
-        out, err = again.communicate(timeout=600)
-    finally:
-        _stop_group(again)
-    assert again.returncode == 0, err[-3000:]
+    rc, out, err = _finish(workdir, args)
+    assert rc == 0, err[-3000:]
     assert "marked KILLED" in out
     result = sorted((workdir / "runs").glob("*/result.json"))
     assert len(result) == 1
@@ -59,6 +70,27 @@ def test_sigkill_then_rerun_resumes(workdir):
     _, runs = _client(workdir)
     assert not [r for r in runs if r.info.status == "RUNNING"]  # ...is cleaned up by the next run
     assert sum(r.info.status == "KILLED" for r in runs) >= 2  # the killed attempt's parent and sft runs
+    rc, out, err = _finish(workdir, args)
+    assert rc == 2 and "has already finished" in err and "--force" in err, err[-2000:]
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous_one(workdir):
+    """SIGKILL after two registered checkpoints, then damage the newest: the rerun warns once and resumes from the
+    one before (Ray's list is repaired), instead of failing on every rerun."""
+    args = ["run", "sft", *tiny_overrides(**SLOW_SFT), "--output-dir", "runs"]
+    _kill_when(workdir, args, lambda: _registered_checkpoint(workdir, count=2), "2 checkpoints")
+    storage = next((workdir / "runs" / ".cache" / "ray").glob("sft-*"))
+    snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
+    older, newest = [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]][-2:]
+    older_step = json.loads((storage / older / "checkpoint" / "trainer_state.json").read_text())["global_step"]
+    weights = storage / newest / "checkpoint" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a torn write
+    rc, out, err = _finish(workdir, args)
+    assert rc == 0, err[-3000:]
+    text = " ".join(out.split())
+    assert text.count("damaged checkpoint") == 1 and f"resuming from {older}" in text
+    result = json.loads(next((workdir / "runs").glob("*/result.json")).read_text())
+    assert result["metrics"]["sft/resumed_from_step"] == older_step and result["metrics"]["sft/steps"] == 40
 
 
 def test_sigterm_marks_runs_killed_and_says_how_to_resume(workdir):

@@ -232,3 +232,28 @@ def test_worker_killed_while_scoring_a_shard_is_retried(ray_session, first_run):
     assert {k: v for k, v in retried["metrics"].items() if k.startswith("eval/")} == \
         {k: v for k, v in clean["metrics"].items() if k.startswith("eval/")}
     assert predictions == clean_predictions
+
+
+def test_gc_keeps_the_last_runs_and_what_they_reuse(ray_session, first_run):
+    """`harness gc --keep 1`: a dry run first, then --apply; the newest run stays and its cached stages still load."""
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+
+    root, _ = first_run
+    newest = run_pipeline(load_config(None, tiny_overrides(**LEARNS)), "sft", force=True)  # reuses nothing
+    runs = root / "runs"
+    before = {p.parent.name for p in runs.glob("*/config.yaml")}
+    dry = CliRunner().invoke(app, ["gc", "--keep", "1", "--output-dir", str(runs)])
+    assert dry.exit_code == 0 and "would free" in dry.output and "--apply" in dry.output, dry.output
+    assert {p.parent.name for p in runs.glob("*/config.yaml")} == before  # a dry run deletes nothing
+    done = CliRunner().invoke(app, ["gc", "--keep", "1", "--output-dir", str(runs), "--apply"])
+    assert done.exit_code == 0, done.output
+    left = {p.parent.name for p in runs.glob("*/config.yaml")}
+    assert newest["run_id"] in left and left < before
+    for run in left:  # what a kept run names (e.g. a model.source inside another run) is kept with it
+        config = (runs / run / "config.yaml").read_text()
+        assert all(name in left for name in before if f"{runs}/{name}/" in config)
+    assert not list((runs / ".cache" / "ray").glob("sft-*"))  # finished stages need no checkpoints
+    again = run_pipeline(load_config(None, tiny_overrides(**LEARNS)), "sft")
+    assert again["reused_stages"] == ["data", "model", "sft", "eval"]

@@ -131,7 +131,7 @@ def test_cli_messages_pass_the_redactor(workdir, monkeypatch):
     result = CliRunner().invoke(app, ["sync", str(workdir / "run"), "--tracking-uri",
                                       f"http://alice:pw-Planted-42@127.0.0.1:{port}"])
     assert result.exit_code == 2, result.output
-    assert f"sync to http://***@127.0.0.1:{port} failed part-way" in result.output
+    assert f"sync to http://***@127.0.0.1:{port} failed: MLflow tracking server" in result.output
     assert "pw-Planted-42" not in result.output and "alice" not in result.output
 
 

@@ -77,3 +77,20 @@ def test_dpo_beta_sweep(ray_session, workdir):
     assert sum(r.data.tags.get("vlmlab.reused") == "False" for r in sft_runs) == 1
     assert len(sft_runs) == 4  # the shared run + three trials reusing it
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"sweep.json", "sweep.png"}
+
+
+def test_identical_trials_two_at_a_time_compute_once_and_agree(ray_session, workdir):
+    """4 trials with the same overrides, 2 at a time: they share one stage key, so one computes each stage while the
+    other waits on its lease and reuses it; all 4 finish with identical metrics (before leases they raced on one
+    Ray storage)."""
+    cfg = load_config(None, tiny_overrides(**PREF, **{"resources.cpus_per_worker": 1}))
+    sweep = run_sweep(cfg, "dpo", [], parse_space(["dpo.beta=grid(0.1, 0.1, 0.1, 0.1)"]), 4, "eval/mean_accuracy",
+                      "max", None)
+    trials = sweep["trials"]
+    assert [t["status"] for t in trials] == ["TERMINATED"] * 4, [t["error"] for t in trials]
+    assert all(t["metrics"] == trials[0]["metrics"] for t in trials) and trials[0]["metrics"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("vlmlab").experiment_id], max_results=1000)
+    dpo_runs = [r for r in runs if r.data.tags.get("vlmlab.stage") == "dpo"]
+    assert len(dpo_runs) == 4 and sum(r.data.tags.get("vlmlab.reused") == "False" for r in dpo_runs) == 1
+    assert not [r for r in runs if r.info.status == "RUNNING"]

@@ -215,6 +215,12 @@ def _detect_format(root: Path) -> str:
     raise DataError(f"{root}: cannot tell the dataset format; set data.<task>.format")
 
 
+def in_split(relative: Path, split: str) -> bool:
+    """A parquet file of ``split``: named after it or inside a folder named after it, below the source's root
+    (never judged by the folders above the root: a source kept under `.../test/vqa` is not all test data)."""
+    return relative.name.startswith(split) or split in relative.parts[:-1]
+
+
 def load_split(spec, kind: str, split: str, limit: int | None):
     """Rows of one split of a non-synthetic source, in its own layout, and a name for error messages."""
     return load_rows(spec.source, spec.format, split, limit)
@@ -245,7 +251,7 @@ def load_rows(source: str, fmt: str, split: str, limit: int | None):
                             "train_split / test_split to one of them")
         return (ds[split] if hasattr(ds, "keys") else ds), f"{root}:{split}"
     if fmt == "parquet":
-        files = sorted(p for p in root.rglob("*.parquet") if p.name.startswith(split) or f"/{split}/" in str(p))
+        files = sorted(p for p in root.rglob("*.parquet") if in_split(p.relative_to(root), split))
         if not files:
             raise DataError(f"{root}: no parquet files for split '{split}' (expected {split}*.parquet or "
                             f"{split}/*.parquet); add them or set the task's train_split / test_split")

@@ -4,7 +4,12 @@ The worker side (what runs inside each Ray Train worker) is `stages/support/trai
 """
 from __future__ import annotations
 
+import json
 import shutil
+import time
+from pathlib import Path
+
+from harness.lease import atomic_write
 
 
 def check_grades(cfg, stage: str) -> None:
@@ -44,10 +49,57 @@ def parameter_names(cfg) -> list[str] | None:
     return [n for n, p in model.named_parameters() if p.dim() == 2]
 
 
+def _intact(checkpoint: Path) -> str | None:
+    """Why a Ray checkpoint cannot be resumed from (missing, unreadable weights or trainer state), or None."""
+    from harness.errors import UserError
+    from stages.model import check_weights
+
+    hf = checkpoint / "checkpoint" if (checkpoint / "checkpoint").is_dir() else checkpoint
+    if not hf.is_dir():
+        return "missing"
+    try:
+        check_weights(hf)
+        if (hf / "trainer_state.json").exists():
+            json.loads((hf / "trainer_state.json").read_text())
+    except (UserError, OSError, ValueError) as exc:
+        return str(exc).removeprefix("model.source: ")
+    return None
+
+
+def usable_checkpoints(storage: Path, say) -> None:
+    """Before a training stage starts on its Ray storage: checkpoints that are missing or damaged leave Ray's list,
+    so it resumes from the newest intact one; with none left the storage is set aside and the stage starts over.
+    One warning either way, never a failure loop."""
+    snapshot = storage / "checkpoint_manager_snapshot.json"
+    if not snapshot.exists():
+        return
+    try:
+        state = json.loads(snapshot.read_text())
+        results = list(state["checkpoint_results"])
+        problems = {r["checkpoint_dir_name"]: _intact(storage / r["checkpoint_dir_name"]) for r in results}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        state, results, problems = None, [], {snapshot.name: f"unreadable ({exc})"}
+    bad = {name: why for name, why in problems.items() if why}
+    if not bad:
+        return
+    good = [r for r in results if not problems[r["checkpoint_dir_name"]]]
+    damaged = "; ".join(f"{name}: {why}" for name, why in bad.items())
+    if not good:
+        aside = storage.with_name(f"{storage.name}.damaged-{int(time.time())}")
+        storage.rename(aside)
+        say(f"warning: no intact checkpoint to resume from ({damaged}); the stage starts over from step 0 (the old "
+            f"checkpoints are kept in {aside})")
+        return
+    indices = state.get("checkpoint_report_indices", [])
+    if len(indices) == len(results):
+        state["checkpoint_report_indices"] = [i for i, r in zip(indices, results, strict=True) if r in good]
+    state["checkpoint_results"], state["latest_checkpoint_result"] = good, good[-1]
+    atomic_write(snapshot, json.dumps(state))
+    say(f"warning: damaged checkpoint ({damaged}); resuming from {good[-1]['checkpoint_dir_name']}")
+
+
 def run_stage(ctx, loop, stage_cfg, inputs: dict[str, str] | None = None):
     """Shared driver side of every TRL stage: launch the Ray job, account for devices, return the model."""
-    import json
-
     from harness import raytrain
     from harness.cost import device_kind, gpu_alias
     from stages import StageOutput
@@ -60,6 +112,8 @@ def run_stage(ctx, loop, stage_cfg, inputs: dict[str, str] | None = None):
         tasks=ctx.latest("tasks"), trust_remote_code=cfg.model.trust_remote_code,
         stage_dir=str(ctx.stage_dir.resolve()), mlflow_uri=ctx.tracker.uri, mlflow_run_id=ctx.mlflow_run_id,
         inputs=inputs or {})
+    if isinstance(ctx.ray_storage, Path):  # in a bucket, objects are never torn and Ray lists only whole uploads
+        usable_checkpoints(ctx.ray_storage / ctx.ray_name, ctx.say)
     devices = raytrain.devices_held(cfg.resources)
     raytrain.ensure_ray(cfg.ray.dashboard)  # starting Ray holds no device: the hold starts with the job
     with ctx.meter.hold(devices, device_kind(cfg.resources.use_gpu)):
