@@ -21,6 +21,10 @@ _started_here = False  # this process started its own local Ray (which never gro
 
 def ensure_ray(dashboard: bool = False) -> None:
     """Start a local Ray (or attach to the cluster under `ray job submit`) once per process."""
+    # torch's native libraries load before Ray's, as in every stage worker (seen: MKL failed to load libtorch_cpu.so
+    # in a job driver that had attached to a cluster first)
+    import torch  # noqa: F401, I001
+
     import ray
 
     if ray.is_initialized():

@@ -104,9 +104,13 @@ def cluster():
                               f"--temp-dir={tmp / 'ray'}", *common])
         address = f"http://127.0.0.1:{dashboard}"
         _wait_http(f"{address}/api/version", head, tmp / "head.log", "the Ray head's dashboard")
-        for i in (1, 2):
+        for i in (1, 2):  # two raylets on one machine: each its own temp dir (sockets) and agent ports, else
+            # they collide (seen: "The current node timed out during startup")
             start(f"worker{i}", [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1",
-                                 "--num-gpus=0", *common])
+                                 "--num-gpus=0", f"--temp-dir={tmp / f'w{i}'}",
+                                 f"--dashboard-agent-listen-port={_free_port()}",
+                                 f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+                                 f"--runtime-env-agent-port={_free_port()}", *common])
         server = start("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri",
                                   f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination", str(tmp / "artifacts"),
                                   "--host", "127.0.0.1", "--port", str(mlflow_port)])
@@ -114,7 +118,9 @@ def cluster():
         nodes = subprocess.run([sys.executable, "-c", NODES_SCRIPT, f"127.0.0.1:{gcs}", "240", "3"], env=env,
                                capture_output=True, text=True, timeout=400)
         alive = json.loads(nodes.stdout.strip().splitlines()[-1]) if nodes.returncode == 0 else []
-        assert len(alive) == 3, nodes.stdout[-2000:] + nodes.stderr[-3000:]
+        logs = "".join(f"\n--- {n}.log\n" + (tmp / f"{n}.log").read_text()[-1500:]
+                       for n in ("head", "worker1", "worker2"))
+        assert len(alive) == 3, nodes.stdout[-2000:] + nodes.stderr[-2000:] + logs
         _wait_http(f"http://127.0.0.1:{mlflow_port}/health", server, tmp / "mlflow.log", "mlflow server", 240)
         yield {"address": address, "gcs": f"127.0.0.1:{gcs}", "env": env, "tmp": tmp,
                "tracking": f"http://127.0.0.1:{mlflow_port}",
