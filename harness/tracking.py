@@ -187,8 +187,8 @@ class Tracker:
                 return
             with self._lock:  # end() holds it too: a run this process just ended is not revived
                 if run_id in self._open:
+                    self.client.delete_tag(run_id, REAPED_TAG)  # first: RUNNING then means fully restored
                     self.client.update_run(run_id, status="RUNNING")
-                    self.client.delete_tag(run_id, REAPED_TAG)
                     self.warn(f"mlflow: run {run_id} had been marked KILLED ({run.data.tags[REAPED_TAG]}); it is "
                               "reachable again and back to RUNNING")
         except Exception:  # the store is away: the run's own writes notice it and go to the outbox

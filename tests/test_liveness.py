@@ -178,7 +178,7 @@ def test_harness_run_and_sweep_mark_a_silent_run_of_another_host_killed(workdir,
                             env=dict(os.environ, MLFLOW_TRACKING_URI=uri, VLMLAB_STALE_AFTER_S="3"), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     said: list[str] = []
-    expected = [f"mlflow: run {r} of a process that no longer exists marked KILLED" for r in other.runs]
+    expected = [f"mlflow: run {r} whose process stopped (no heartbeat) marked KILLED" for r in other.runs]
     try:
         for line in proc.stdout:
             said.append(line)
