@@ -130,7 +130,7 @@ class TreeHasher:
             self._known = {}
 
     def _file_sha(self, path: Path, st: os.stat_result) -> str:
-        key = str(path)
+        key = hashlib.sha256(str(path).encode()).hexdigest()  # a path can hold a secret: never written as is
         stamp = [st.st_size, st.st_mtime_ns]
         known = self._known.get(key)
         if known and known[:2] == stamp:
