@@ -120,12 +120,15 @@ def _free_port() -> int:
 
 
 def _mlflow_server(root, port: int) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1 with one worker (each worker starts cold: seconds per first request here) and
+    without its job runner (8 more processes, ~240 MB each, that tracking does not use)."""
     import urllib.request
 
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
                              f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
-                             "--host", "127.0.0.1", "--port", str(port)], cwd=root, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=root,
+                            env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def healthy():
         try:

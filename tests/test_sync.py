@@ -6,20 +6,16 @@ cuts and restores, while the server itself keeps running. Each outbox is the one
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 
 import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from test_faults import _wait_for
 from test_kill import _free_port, _stop_group
+from test_kill import _mlflow_server as mlflow_server
 from typer.testing import CliRunner
 
 from harness.errors import UserError
@@ -69,25 +65,6 @@ class Partition:
             b.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-
-
-def mlflow_server(root, port: int) -> subprocess.Popen:
-    """`mlflow server` on 127.0.0.1 with one worker (each worker starts cold: seconds per first request here) and
-    without its job runner (8 more processes, ~240 MB each, that tracking does not use)."""
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                             f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=root,
-                            env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def healthy():
-        try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
-        except OSError:
-            return proc.poll() is not None
-    _wait_for(healthy, 120, "the MLflow server")
-    assert proc.poll() is None, "mlflow server exited"
-    return proc
 
 
 @pytest.fixture(scope="module")
