@@ -22,20 +22,20 @@ sys.path.insert(0, str(ROOT))
 
 def make_data(cfg, out: Path) -> dict:
     """Each task's canonical train/test parquet, generated and read back exactly as the data stage does."""
-    from stages.data import _synthetic_source, _write_parquet
+    from stages.data import synthetic_source, write_parquet
     from stages.support import datasets as dsets
 
     tasks = {}
-    for kind, spec in (("vqa", cfg.data.vqa), ("chartqa", cfg.data.chartqa)):
-        _synthetic_source(kind, spec, cfg, out / "raw")
-        spec = spec.model_copy(update={"source": str(out / "raw" / dsets.SYNTHETIC_TASK[kind]), "format": "parquet"})
+    for kind, spec in cfg.data.tasks.items():
+        raw = synthetic_source(kind, spec, cfg.seed, cfg.data.image_size, out / "raw")
+        spec = spec.model_copy(update={"source": str(raw), "format": "parquet"})
         tasks[kind] = {}
         for split_key in ("train", "test"):
             limit = getattr(spec, f"{split_key}_size")
-            rows, origin = dsets.load_split(spec, kind, getattr(spec, f"{split_key}_split"), limit)
+            rows, origin, layout = dsets.load_split(spec, split_key, limit)
             path = out / kind / f"{split_key}.parquet"
-            canonical = dsets.canonicalize(rows, kind, spec.columns, origin, limit)
-            _write_parquet(canonical, path, dsets.canonical_features())
+            canonical = dsets.canonicalize(rows, kind, spec.columns, origin, limit, layout)
+            write_parquet(canonical, path, dsets.canonical_features())
             tasks[kind][split_key] = str(path)
     return tasks
 

@@ -25,24 +25,26 @@ def evaluate(which: str, model_dir: str, tasks: dict) -> dict:
     from lm_eval.tasks import TaskManager
 
     from evals.lm_model import TimedHFMultimodalLM
+    from evals.registry import TASKS
     from harness.config import load_config
-    from stages.eval import TASKS, write_task_configs
+    from stages.eval import write_task_configs
 
     torch.set_num_threads(2)
     cfg = load_config(None, [])
     task_dir = Path(tempfile.mkdtemp(prefix="vlmlab-evalspeed-"))
-    write_task_configs(tasks, task_dir, cfg.eval.max_new_tokens)
+    write_task_configs(tasks, task_dir, cfg.eval.protocol, cfg.eval.max_new_tokens)
+    names = {k: TASKS[k].lm_eval_name(cfg.eval.protocol) for k in tasks}
     cls, batch = (TimedHFMultimodalLM, cfg.eval.batch_size) if which == "vlmlab" else (HFMultimodalLM, 1)
     lm = cls(pretrained=model_dir, dtype="float32", max_images=1, convert_img_format=True, device="cpu",
              batch_size=batch)
     start = time.perf_counter()
-    results = lm_eval.simple_evaluate(model=lm, tasks=[TASKS[k][0] for k in tasks],
+    results = lm_eval.simple_evaluate(model=lm, tasks=list(names.values()),
                                       task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
                                       apply_chat_template=True, random_seed=0, numpy_random_seed=0,
                                       torch_random_seed=0, fewshot_random_seed=0)
     seconds = time.perf_counter() - start
-    items = sum(results["n-samples"][TASKS[k][0]]["effective"] for k in tasks)
-    scores = {k: round(results["results"][TASKS[k][0]][f"{TASKS[k][1]},none"], 6) for k in tasks}
+    items = sum(results["n-samples"][names[k]]["effective"] for k in tasks)
+    scores = {k: round(results["results"][names[k]][f"{TASKS[k].metric},none"], 6) for k in tasks}
     return {"items": items, "seconds": seconds, "items_per_second": items / seconds, "batch_size": batch,
             "scores": scores}
 

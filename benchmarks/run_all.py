@@ -151,13 +151,18 @@ def sweep(work: Path, trials: int, extra: list[str]) -> dict:
             "command": "benchmarks/run_all.py --only overhead,sweep"}
 
 
+def data_tasks(run_dir: Path) -> list[str]:
+    """The tasks a run's data stage wrote."""
+    return sorted(p.parent.name for p in (run_dir / "data").glob("*/test.parquet"))
+
+
 def eval_speed(work: Path, reps: int) -> dict:
     """The eval stage's lm-eval model (batched) vs stock hf-multimodal at batch size 1: same tasks and items."""
     run_dir = overhead_run_dir(work)
     result = json.loads((run_dir / "result.json").read_text())
     model_dir = str(Path(stage(result, "sft")["reused_from"] if "reused_from" in stage(result, "sft")
                          else run_dir / "sft") / "model")
-    tasks = {k: {"test": str(run_dir / "data" / k / "test.parquet")} for k in ("vqa", "chartqa")}
+    tasks = {k: {"test": str(run_dir / "data" / k / "test.parquet")} for k in data_tasks(run_dir)}
     rows = []
     for rep in range(reps):
         for which in ("vlmlab", "lm-eval-bs1") if rep % 2 == 0 else ("lm-eval-bs1", "vlmlab"):
@@ -184,7 +189,7 @@ def tokens_per_sample(work: Path) -> float:
     run_dir = overhead_run_dir(work)
     log = work / "tokens.log"
     sh([sys.executable, str(EVAL_SPEED), "tokens", str(run_dir / "model" / "model"),
-        json.dumps({k: {"train": str(run_dir / "data" / k / "train.parquet")} for k in ("vqa", "chartqa")})], log)
+        json.dumps({k: {"train": str(run_dir / "data" / k / "train.parquet")} for k in data_tasks(run_dir)})], log)
     return last_json(log)["tokens_per_sample"]
 
 

@@ -19,6 +19,9 @@ class TimedHFMultimodalLM(HFMultimodalLM):
     batches; ``owned`` holds the (task, doc_id) of the items it generated."""
 
     def __init__(self, *args, shard: int = 0, num_shards: int = 1, **kwargs):
+        # a decoder-only VLM: said outright, lm-eval would otherwise warn on every model that its type is "neither
+        # CausalLM nor Seq2SeqLM" and then pick "causal" anyway
+        kwargs.setdefault("backend", "causal")
         super().__init__(*args, **kwargs)
         self.busy_seconds = 0.0
         self.shard, self.num_shards = shard, num_shards

@@ -142,3 +142,141 @@ def question_prior(train_questions: Sequence[str], train_answers: Sequence[str])
     for q, a in zip(train_questions, train_answers, strict=True):
         by_question.setdefault(q, Counter())[a] += 1
     return {q: c.most_common(1)[0][0] for q, c in by_question.items()}
+
+
+def bootstrap_metric(scores: Sequence[float], groups: Sequence[str] | None = None, samples: int = 1000,
+                     seed: int = 0):
+    """The metric of ``samples`` resamples of the items (with replacement, seeded): the mean score, or with
+    ``groups`` of two or more values the mean of the groups' means (ChartQA's human/augmented). A numpy array."""
+    import numpy as np
+
+    values = np.asarray(scores, dtype=float)
+    picks = np.random.default_rng(seed).integers(0, len(values), size=(samples, len(values)))
+    if groups is None or len(set(groups)) < 2:
+        return values[picks].mean(axis=1)
+    labels = np.asarray(groups)
+    means = []
+    for group in sorted(set(groups)):
+        member = (labels == group).astype(float)
+        counts = member[picks].sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means.append((values * member)[picks].sum(axis=1) / counts)  # nan where a resample lacks the group
+    return np.nanmean(means, axis=0)
+
+
+def interval(resampled, level: float = 0.95) -> tuple[float, float]:
+    """The percentile interval of bootstrap resamples."""
+    import numpy as np
+
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(resampled, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+# --- lmms-eval protocol scorers ---------------------------------------------------------------------------------
+# Exactly what lmms-eval computes (EvolvingLMMs-Lab/lmms-eval @ 75571cfe, = PyPI 0.7.3 for these files), written
+# with vlmlab's own code; tests/test_protocols.py checks them item by item against lmms-eval's own functions'
+# outputs (tests/fixtures/lmms_scores.json). See docs/protocols.md.
+
+_EVALAI_COMMA_STRIP = re.compile(r"(?<=\d)(\,)+(?=\d)")  # lmms-eval's (mmf's) variant of the official (\d)(,)(\d)
+
+
+def evalai_normalize(answer: str, *, tokenize: bool = False) -> str:
+    """lmms-eval's EvalAIAnswerProcessor: ``tokenize=False`` is the VQAv2 path (process_punctuation then
+    process_digit_article), ``tokenize=True`` the full ``__call__`` TextVQA uses (first lowercase, drop ',' and '?',
+    split off "'s"). Differs from `normalize_vqa_answer` only in edge cases: repeated commas between digits, and at
+    most 32 periods stripped (lmms-eval passes ``re.UNICODE``, = 32, as ``re.sub``'s count)."""
+    text = answer
+    if tokenize:
+        text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    out = text
+    for p in _PUNCT:
+        if (p + " " in text or " " + p in text) or _EVALAI_COMMA_STRIP.search(text) is not None:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    out = _PERIOD_STRIP.sub("", out, count=32)
+    return _process_digits_articles(out)
+
+
+def lmms_vqa_accuracy(prediction: str, answers: Sequence[str], *, tokenize: bool = False) -> float:
+    """VQA accuracy as lmms-eval's vqav2 (``tokenize=False``) / textvqa (``tokenize=True``) score it: both sides
+    through `evalai_normalize`, then the mean over the leave-one-out subsets of min(1, matches / 3), averaged with
+    ``statistics.mean`` (exactly rounded, as lmms-eval). The prediction is used as given (strip it first, as lmms-eval's
+    task does). One reference answer: exact match after normalisation (lmms-eval would score every item 0 there, as
+    the subset left after removing the only answer is empty; its datasets always have 10)."""
+    import statistics
+
+    if not answers:
+        raise ValueError("lmms_vqa_accuracy needs at least one reference answer")
+    pred = evalai_normalize(prediction, tokenize=tokenize)
+    gts = [evalai_normalize(a, tokenize=tokenize) for a in answers]
+    if len(gts) == 1:
+        return float(pred == gts[0])
+    return float(statistics.mean(min(1.0, sum(g == pred for j, g in enumerate(gts) if j != i) / 3.0)
+                                 for i in range(len(gts))))
+
+
+def lmms_relaxed_correctness(prediction: str, target: str, max_relative_change: float = 0.05) -> bool:
+    """ChartQA relaxed correctness exactly as lmms-eval (from Qwen-VL): no stripping of the target, a trailing run
+    of '%' divides by 100; numeric when both parse and the target is non-zero, else case-insensitive equality."""
+    def to_float(text: str) -> float | None:
+        try:
+            return float(text.rstrip("%")) / 100.0 if text.endswith("%") else float(text)
+        except ValueError:
+            return None
+
+    pred_f, tgt_f = to_float(prediction), to_float(target)
+    if pred_f is not None and tgt_f:
+        return abs(pred_f - tgt_f) / abs(tgt_f) <= max_relative_change
+    return prediction.lower() == target.lower()
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions; each costs 1)."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5) -> float:
+    """Average Normalized Levenshtein Similarity of one item, as lmms-eval's ``anls`` metric (from Qwen-VL):
+    both sides normalised (strip, lowercase, whitespace runs -> one space) for the distance, which is divided by the
+    longer of the two *un-normalised* strings' lengths (``len(s.upper())``, as lmms-eval); score = 1 - the smallest
+    normalised distance over the answers, set to 0 when below ``threshold`` (so a distance of exactly 0.5 keeps 0.5,
+    unlike the ST-VQA definition's NL >= 0.5 -> 0). The task mean of these is the reported ANLS."""
+    if not answers:
+        raise ValueError("anls needs at least one reference answer")
+    pred = " ".join(prediction.strip().lower().split())
+    values = []
+    for answer in answers:
+        gt = " ".join(answer.strip().lower().split())
+        length = max(len(answer.upper()), len(prediction.upper()))
+        values.append(0.0 if length == 0 else float(levenshtein(gt, pred)) / float(length))
+    score = 1 - min(values)
+    return 0.0 if score < threshold else score
+
+
+def multiple_choice_accuracy(prediction: str, letter: str, choice: str | None = None) -> float:
+    """Multiple choice: 1.0 when the prediction is the option letter (any case), or starts "X." with X the upper-case
+    correct letter (lmms-eval's / LLaVA's ScienceQA rule; "B. ..." with a wrong letter scores 0). With ``choice``
+    (the correct option's text) a prediction equal to it (case-insensitive, trailing period dropped) also counts;
+    lmms-eval's protocol passes none."""
+    pred, target = prediction.strip(), letter.strip().lower()
+    if pred.lower() == target:
+        return 1.0
+    if len(pred) >= 2 and pred[0].isupper() and pred[1] == ".":
+        return float(pred[0].lower() == target)
+    if choice is not None:
+        def norm(text: str) -> str:
+            text = " ".join(text.lower().split())
+            return text[:-1].rstrip() if text.endswith(".") else text
+        return float(norm(pred) == norm(choice))
+    return 0.0

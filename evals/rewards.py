@@ -13,7 +13,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from evals.metrics import extract_short_answer, normalize_vqa_answer, relaxed_accuracy
+from evals.metrics import extract_short_answer
+from evals.registry import TASKS
 
 _FORMAT = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL)
 
@@ -29,15 +30,10 @@ def completion_text(completion) -> str:
 
 
 def accuracy_reward(completions, answer, task, **_) -> list[float]:
-    """1.0 for the right short answer: VQA exact match after normalisation, ChartQA relaxed (5%) match."""
-    out = []
-    for completion, target, kind in zip(completions, answer, task, strict=True):
-        pred = extract_short_answer(completion_text(completion))
-        if kind == "chartqa":
-            out.append(relaxed_accuracy(pred, [target]))
-        else:
-            out.append(float(normalize_vqa_answer(pred) == normalize_vqa_answer(target)))
-    return out
+    """The task's own metric of the short answer against the training target (VQA: exact match after
+    normalisation, ChartQA: relaxed (5%) match)."""
+    return [TASKS[kind].score(extract_short_answer(completion_text(completion)), [target])
+            for completion, target, kind in zip(completions, answer, task, strict=True)]
 
 
 def format_reward(completions, **_) -> list[float]:

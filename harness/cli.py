@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
+from evals.registry import TASKS
 from harness.errors import UserError
 from harness.secrets import RedactingStream, redact_text
 
@@ -106,12 +107,19 @@ def _load(config, overrides):
     return load_config(config, overrides)
 
 
+def with_interval(metrics: dict, key: str) -> str:
+    """``0.473 ± 0.031`` (half the 95 % interval) where the interval was recorded."""
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    return f"{metrics[key]:.3f}" + (f" ± {(high - low) / 2:.3f}" if low is not None and high is not None else "")
+
+
 def _summary(result: dict) -> None:
     table = Table(title=f"{result['pipeline']} · {result['run_id']}")
     for col in ("stage", "wall s", "accel-h", "cost USD", "key metrics"):
         table.add_column(col, justify="right" if col != "key metrics" else "left")
     for s in result["stages"]:
-        keys = {k: v for k, v in s["metrics"].items() if k.count("/") == 1 and "prior" not in k}
+        keys = {k: v for k, v in s["metrics"].items()
+                if k.count("/") == 1 and "prior" not in k and not k.endswith(("_ci_low", "_ci_high"))}
         shown = ", ".join(f"{k.split('/', 1)[1]}={v:.3g}" for k, v in list(keys.items())[:6])
         name = f"{s['name']} (cached)" if "reused_from" in s else s["name"]
         table.add_row(name, f"{s['wall_seconds']:.1f}", f"{s['accelerator_hours']:.5f}",
@@ -120,11 +128,12 @@ def _summary(result: dict) -> None:
                   f"{result['cost_usd']:.5f}", "", style="bold")
     console.print(table)
     m = result["metrics"]
-    for task in ("vqa_accuracy", "chartqa_relaxed_accuracy"):
-        if f"eval/{task}" in m:
-            base, prior = m.get(f"eval/base_{task}", float("nan")), m.get(f"eval/prior_{task}", float("nan"))
-            console.print(f"{task}: [bold]{m[f'eval/{task}']:.3f}[/] (base {base:.3f}, "
-                          f"question-only prior {prior:.3f})")
+    for task in TASKS.values():
+        if f"eval/{task.metric}" in m:
+            others = [f"{label} {m[f'eval/{key}_{task.metric}']:.3f}" for label, key in
+                      (("base", "base"), ("question-only prior", "prior")) if f"eval/{key}_{task.metric}" in m]
+            console.print(f"{task.metric}: [bold]{with_interval(m, f'eval/{task.metric}')}[/]"
+                          + (f" ({', '.join(others)})" if others else ""))
     console.print(f"run directory: [bold]{result['run_dir']}[/]")
 
 
@@ -135,15 +144,57 @@ def run(
     config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
     output_dir: str | None = typer.Option(None, "--output-dir", "-o", help="Where run directories go."),
     force: bool = typer.Option(False, "--force", help="Recompute every stage (ignore the stage cache)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print Ray's, TRL's, lm-eval's and datasets' "
+                                 "own output here (it always goes to <run dir>/logs/ otherwise)."),
 ):
-    """Run a pipeline end to end (default: `sft` on the embedded tiny preset)."""
+    """Run a pipeline end to end (default: `sft` on the embedded tiny preset).
+
+    The console shows one live line per stage (step/total, loss or reward, samples/s, ETA, dollars so far), one
+    line per finished stage and the summary; Ray's, the libraries' and the workers' output goes to
+    <run dir>/logs/ (-v: here as well)."""
+    _run_pipeline(lambda: _load(config, overrides or []), pipeline, output_dir, force, verbose)
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help="A checkpoint directory or hub id to score."),
+    overrides: list[str] | None = typer.Argument(None, help="key=value overrides, e.g. eval.batch_size=32"),
+    tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated tasks (default: the config's)."),
+    protocol: str | None = typer.Option(None, "--protocol", help="short or lmms (default: the config's)."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Score at most this many items per task."),
+    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP + " Default: the config.yaml of "
+                                      "the run MODEL was trained in, else the default preset."),
+    output_dir: str | None = typer.Option(None, "--output-dir", "-o", help="Where run directories go."),
+    force: bool = typer.Option(False, "--force", help="Recompute every stage (ignore the stage cache)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print Ray's, TRL's, lm-eval's and datasets' "
+                                 "own output here (it always goes to <run dir>/logs/ otherwise)."),
+):
+    """Score a checkpoint you already have (data + model + eval, recorded like any run): how a base model or a
+    colleague's checkpoint gets on the leaderboard."""
+    from harness.config import eval_overrides
+
+    def load():
+        found, extra = eval_overrides(model, config, tasks, protocol, limit)
+        if found:
+            console.print(f"data and eval settings from {found}", highlight=False)
+        return _load(config or found, [*extra, *(overrides or [])])
+
+    _run_pipeline(load, "eval", output_dir, force, verbose)
+
+
+def _run_pipeline(load, pipeline: str, output_dir: str | None, force: bool, verbose: bool = False) -> None:
+    """Load the config (``load()``), run ``pipeline`` and print its summary; errors as one line."""
+    from harness.output import VERBOSE_ENV, Display
     from harness.pipeline import run_pipeline
 
     _interruptible()
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"  # inherited by Ray's workers: their output is printed here too
     try:
-        cfg = _load(config, overrides or [])
+        cfg = load()
         cfg.stages_of(pipeline)
-        result = run_pipeline(cfg, pipeline, output_dir, console=console, force=force)
+        with Display(console, capture=True) as display:  # library output to the run's logs until it closes
+            result = run_pipeline(cfg, pipeline, output_dir, console=console, force=force, display=display)
     except UserError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -182,8 +233,11 @@ def reproduce(
         cfg = recorded_config(recorded, path, trust)
         for difference in code_differences(recorded):  # said before the rerun, so a mismatch is read in context
             _warn(difference)
-        now = run_pipeline(cfg, recorded["pipeline"], output_dir or str(path.parent.parent), console=console,
-                           force=True)
+        from harness.output import Display
+
+        with Display(console, capture=True) as display:  # library output to the rerun's logs
+            now = run_pipeline(cfg, recorded["pipeline"], output_dir or str(path.parent.parent), console=console,
+                               force=True, display=display)
     except UserError as exc:
         _fail(exc)
     for warning in manifest_differences(recorded["manifest"], now["manifest"]):
@@ -218,10 +272,15 @@ def sweep(
                                          "lags (reported at each checkpoint)."),
     config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
     output_dir: str | None = typer.Option(None, "--output-dir", "-o", help="Where the sweep directory goes."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print the trials' Ray workers' output here "
+                                 "(it goes to each trial run's logs/ otherwise)."),
 ):
     """Sweep hyperparameters with Ray Tune; every trial is scored by the eval stage."""
+    from harness.output import VERBOSE_ENV
     from harness.sweep import PRESETS, parse_space, run_sweep
 
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"  # inherited by the trials (Ray workers of a Ray this process starts)
     try:
         fixed = list(overrides or [])
         if preset is not None and "=" in preset:  # no preset: the first word is already an override
@@ -491,6 +550,40 @@ def env(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
         for key, value in values.items():
             table.add_row(section, key, str(value))
     console.print(table)
+
+
+@app.command()
+def estimate(
+    pipeline: str = typer.Argument("sft", help="Pipeline name from the config's `pipelines`."),
+    overrides: list[str] | None = typer.Argument(None, help="key=value overrides, e.g. sft.max_steps=3000"),
+    device: list[str] | None = typer.Option(None, "--device", "-d", help="T4, L4, A10G, A100, H100, H200 or cpu "
+                                            "(this machine); repeatable or comma-separated. Default: all."),
+    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    steps: int = typer.Option(20, "--steps", min=2, help="Calibration steps per training stage."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Predict a pipeline's wall time and cost per device from a short calibration run on this machine.
+
+    The calibration runs the pipeline shortened (a few steps of each training stage, a slice of eval) in a
+    temporary directory with its own MLflow store; other devices are scaled by FLOPs, peak and an assumed MFU
+    (harness/estimate.py). The assumptions are printed under the tables."""
+    from harness.estimate import estimate as predict
+    from harness.estimate import parse_devices, render
+
+    _interruptible()
+    try:
+        devices = parse_devices(device)
+        cfg = _load(config, overrides or [])
+        result = predict(cfg, pipeline, devices, steps, console=None if as_json else console)
+    except UserError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted[/]: nothing was kept (the calibration ran in a temporary directory)")
+        raise typer.Exit(code=130) from None
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        render(result, console)
 
 
 def main() -> None:  # pragma: no cover

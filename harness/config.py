@@ -11,29 +11,26 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Annotated, ClassVar, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from evals.registry import PROTOCOLS, TASKS
 from harness.cost import DEFAULT_PRICES
 from harness.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # The layout of config.yaml / result.json this vlmlab writes. 1: before schema_version existed (read as is: 2 only
-# added fields). 2: stage records carry `code`, `outputs`, `ran_on`.
-SCHEMA_VERSION = 2
+# added fields). 2: stage records carry `code`, `outputs`, `ran_on`. 3: tasks under `data.tasks` (registry names).
+SCHEMA_VERSION = 3
 DEFAULT_PRESET = "tiny"
 
-# What each stage reads from earlier stages and hands on (StageContext.latest): a pipeline's order must provide it.
-STAGE_NEEDS = {"data": (), "model": ("tasks",), "eval": ("tasks", "model_dir")} | {
-    name: ("tasks", "model_dir") for name in ("align", "sft", "dpo", "grpo")}
-STAGE_GIVES = {"data": ("tasks",)} | {name: ("model_dir",) for name in ("model", "align", "sft", "dpo", "grpo")}
-PROVIDER = {"tasks": "data", "model_dir": "model"}
+PROVIDER = {"tasks": "data", "model_dir": "model"}  # which stage hands on each of StageSection.needs
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # run and pipeline names become directory names
 LR_SCHEDULERS = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                         "inverse_sqrt"]
-TASK_COLUMNS = Literal["image", "question", "answers", "answer", "question_type"]
+TASK_COLUMNS = Literal["image", "question", "answers", "answer", "question_type", "subset"]
 PREFERENCE_COLUMNS = Literal["question", "chosen", "rejected", "image"]
 
 
@@ -41,38 +38,73 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # no .inf / .nan learning rates or betas
 
 
-def _looks_like_path(source: str) -> bool:
+class StageSection(Section):
+    """A stage's settings. A PipelineConfig field of this type declares the stage (its module: stages/<field>.py);
+    ``needs``/``gives`` are what it reads from earlier stages and hands on (StageContext.latest)."""
+    needs: ClassVar[tuple[str, ...]] = ("tasks", "model_dir")
+    gives: ClassVar[tuple[str, ...]] = ()
+
+
+def looks_like_path(source: str) -> bool:
     return source.startswith(("/", "./", "../", "~"))
+
+
+def _existing(what: str):
+    """A validator: a value written as a path (/, ./, ../, ~) must exist; hub ids and names pass."""
+    def check(v: str) -> str:
+        if looks_like_path(v) and not Path(v).expanduser().exists():
+            raise ValueError(f"{what} not found: {v}")
+        return v
+    return AfterValidator(check)
+
+
+FORMATS = Literal["auto", "parquet", "hf_disk", "vqa_official", "chartqa_json", "cauldron", "hub"]
+
+
+class SourceConfig(Section):
+    """A task's training split from another dataset than its test split (e.g. a the_cauldron subset)."""
+    source: Annotated[str, _existing("data directory")]
+    format: FORMATS = "auto"
+    hub_config: str | None = Field(None, description="the hub dataset's config (the_cauldron: the subset name)")
+    revision: str | None = Field(None, description="hub dataset revision (a commit) to pin")
+    split: str = "train"
 
 
 class TaskDataConfig(Section):
     """Where one task's data comes from: the synthetic generator, a local directory, or a hub dataset id."""
-    source: str = "synthetic"
-    format: Literal["auto", "parquet", "hf_disk", "vqa_official", "chartqa_json", "hub"] = "auto"
+    source: Annotated[str, _existing("data directory")] = "synthetic"
+    format: FORMATS = "auto"
+    hub_config: str | None = Field(None, description="the hub dataset's config (e.g. DocVQA)")
+    revision: str | None = Field(None, description="hub dataset revision (a commit) to pin")
+    train_from: SourceConfig | None = Field(None, description="the train split from another source")
     train_split: str = "train"
     test_split: str = "test"
     columns: dict[TASK_COLUMNS, str] = Field(default_factory=dict, description="canonical name -> source column")
     train_size: int | None = Field(None, ge=1)
     test_size: int | None = Field(None, ge=1)
-
-    @field_validator("source")
-    @classmethod
-    def _source_exists(cls, v: str) -> str:
-        if _looks_like_path(v) and not Path(v).expanduser().exists():
-            raise ValueError(f"data directory not found: {v}")
-        return v
+    allow_overlap: bool = Field(False, description="let test items that also occur in the train split through")
 
 
-class DataConfig(Section):
+class DataConfig(StageSection):
+    needs: ClassVar[tuple[str, ...]] = ()
+    gives: ClassVar[tuple[str, ...]] = ("tasks",)
     image_size: int = Field(64, ge=16, le=2048)
-    vqa: TaskDataConfig | None = Field(default_factory=lambda: TaskDataConfig(train_size=8000, test_size=300))
-    chartqa: TaskDataConfig | None = Field(default_factory=lambda: TaskDataConfig(train_size=8000, test_size=300))
+    tasks: dict[str, TaskDataConfig | None] = Field(
+        default_factory=lambda: {name: TaskDataConfig(train_size=8000, test_size=300) for name in ("vqa", "chartqa")},
+        description="benchmark task (evals/registry.py) -> its data; null drops a task")
 
-    @model_validator(mode="after")
-    def _at_least_one(self) -> DataConfig:
-        if self.vqa is None and self.chartqa is None:
-            raise ValueError("at least one of data.vqa / data.chartqa must be set")
-        return self
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, v: dict) -> dict:
+        for name in v:
+            if name not in TASKS:
+                close = difflib.get_close_matches(name, TASKS, n=1)
+                raise ValueError(f"unknown task '{name}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+                                 + f"; known tasks: {', '.join(TASKS)}")
+        v = {name: spec for name, spec in v.items() if spec is not None}
+        if not v:
+            raise ValueError(f"no task left; give at least one of {', '.join(TASKS)}")
+        return v
 
 
 class TinyModelConfig(Section):
@@ -91,36 +123,26 @@ class TinyModelConfig(Section):
 
 class ComposeConfig(Section):
     """Build a VLM from backbones (`model.source: compose`): a vision encoder and a language model."""
-    vision: str = Field(..., description="SigLIP/CLIP vision checkpoint: local dir or hub id")
-    language: str = Field(..., description="causal LM with a chat template: local dir or hub id")
+    vision: Annotated[str, _existing("directory")] = Field(..., description="SigLIP/CLIP vision checkpoint: local "
+                                                           "dir or hub id")
+    language: Annotated[str, _existing("directory")] = Field(..., description="causal LM with a chat template: "
+                                                             "local dir or hub id")
     connector: Literal["linear", "mlp", "pixel_shuffle"] = "mlp"
     vision_layers: list[int] = Field(default_factory=lambda: [-1], min_length=1,
                                      description="several layers: multi-level feature fusion (LLaVA)")
     scale_factor: int = Field(2, ge=1, description="pixel_shuffle only")
 
-    @field_validator("vision", "language")
-    @classmethod
-    def _exists(cls, v: str) -> str:
-        if _looks_like_path(v) and not Path(v).expanduser().exists():
-            raise ValueError(f"directory not found: {v}")
-        return v
 
-
-class ModelConfig(Section):
+class ModelConfig(StageSection):
     """`source: tiny` builds the tiny model, `compose` joins backbones (`model.compose`); anything else is a
     local checkpoint dir or a hub id."""
-    source: str = "tiny"
+    needs: ClassVar[tuple[str, ...]] = ("tasks",)
+    gives: ClassVar[tuple[str, ...]] = ("model_dir",)
+    source: Annotated[str, _existing("model directory")] = "tiny"
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
     compose: ComposeConfig | None = None
     revision: str | None = None
     trust_remote_code: bool = False
-
-    @field_validator("source")
-    @classmethod
-    def _source_exists(cls, v: str) -> str:
-        if _looks_like_path(v) and not Path(v).expanduser().exists():
-            raise ValueError(f"model directory not found: {v}")
-        return v
 
     @model_validator(mode="after")
     def _compose_given(self) -> ModelConfig:
@@ -205,8 +227,9 @@ class RuntimeEnvConfig(Section):
         return {k: as_text[type(v)](v) if type(v) in as_text else v for k, v in value.items()}
 
 
-class TrainStageConfig(Section):
+class TrainStageConfig(StageSection):
     """Fields every training stage (sft, dpo, grpo, align) shares."""
+    gives: ClassVar[tuple[str, ...]] = ("model_dir",)
     max_steps: int = Field(1000, ge=1)
     batch_size: int = Field(32, ge=1, description="per worker")
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -246,7 +269,7 @@ class AlignConfig(TrainStageConfig):
 class PreferenceDataConfig(Section):
     """DPO pairs: built from the task data (`source: tasks`), or a preference dataset in the RLAIF-V layout
     (question / chosen / rejected / image; `columns` remaps) from a local directory or the hub."""
-    source: str = "tasks"
+    source: Annotated[str, _existing("preference data directory")] = "tasks"
     format: Literal["auto", "parquet", "hf_disk", "hub"] = "auto"
     split: str = "train"
     columns: dict[PREFERENCE_COLUMNS, str] = Field(default_factory=dict, description="canonical name -> source column")
@@ -256,13 +279,6 @@ class PreferenceDataConfig(Section):
         "checkpoint's own wrong generation where it has one")
     chosen_style: Literal["short", "sentence"] = Field(
         "short", description="sentence: 'The answer is X.' (NanoVLM-Lab style; eval extracts X)")
-
-    @field_validator("source")
-    @classmethod
-    def _source_exists(cls, v: str) -> str:
-        if _looks_like_path(v) and not Path(v).expanduser().exists():
-            raise ValueError(f"preference data directory not found: {v}")
-        return v
 
 
 class DPOConfig(TrainStageConfig):
@@ -305,11 +321,14 @@ class GRPOConfig(TrainStageConfig):
         return self
 
 
-class EvalConfig(Section):
+class EvalConfig(StageSection):
+    protocol: Literal[PROTOCOLS] = Field("short", description="short: terse prompts for tiny models; lmms: "
+                                         "lmms-eval's published prompts, generation and post-processing per task")
     batch_size: int = Field(64, ge=1)
-    max_new_tokens: int = Field(8, ge=1)
+    max_new_tokens: int = Field(8, ge=1, description="short protocol only (lmms: each task's own setting)")
     limit: int | None = Field(None, ge=1, description="score at most this many items per task")
     score_base: bool = True
+    bootstrap_samples: int = Field(1000, ge=100, description="resamples of the items for each metric's 95% interval")
 
 
 class CostConfig(Section):
@@ -357,10 +376,21 @@ class PipelineConfig(Section):
     failure: FailureConfig = Field(default_factory=FailureConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _tasks_of_schema_2(cls, raw):
+        """Configs written before schema 3 (a run's config.yaml) name tasks as `data.vqa` / `data.chartqa`."""
+        if isinstance(raw, dict) and raw.get("schema_version", SCHEMA_VERSION) < 3 and isinstance(raw.get("data"),
+                                                                                                    dict):
+            data = dict(raw["data"])
+            old = {name: data.pop(name) for name in ("vqa", "chartqa") if name in data}
+            if old and "tasks" not in data:
+                raw = {**raw, "data": {**data, "tasks": old}}
+        return raw
+
     @field_validator("pipelines")
     @classmethod
     def _known_stages(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
-        from stages import STAGES
         for name, chain in v.items():
             if not chain:
                 raise ValueError(f"pipeline '{name}' has no stages")
@@ -368,17 +398,26 @@ class PipelineConfig(Section):
                 raise ValueError(f"pipeline name '{name}' must be letters, digits, '_', '.', '-' (50 at most)")
             given: set[str] = set()
             for i, stage in enumerate(chain):
-                if stage not in STAGES:
-                    raise ValueError(f"pipeline '{name}': unknown stage '{stage}' (known: {', '.join(STAGES)})")
+                if stage not in STAGE_NAMES:
+                    raise ValueError(f"pipeline '{name}': unknown stage '{stage}' (known: {', '.join(STAGE_NAMES)})")
                 if stage in chain[:i]:
                     raise ValueError(f"pipeline '{name}': stage '{stage}' appears twice; list each stage once")
-                for need in STAGE_NEEDS[stage]:
+                section = cls.model_fields[stage].annotation
+                for need in section.needs:
                     if need not in given:
                         raise ValueError(f"pipeline '{name}': stage '{stage}' needs {need} from an earlier "
                                          f"'{PROVIDER[need]}' stage; put '{PROVIDER[need]}' before it, e.g. "
                                          "[data, model, sft, eval]")
-                given.update(STAGE_GIVES.get(stage, ()))
+                given.update(section.gives)
         return v
+
+    @model_validator(mode="after")
+    def _protocol_per_task(self) -> PipelineConfig:
+        for name in self.data.tasks:
+            if self.eval.protocol not in TASKS[name].protocols():
+                raise ValueError(f"eval.protocol: task '{name}' has no '{self.eval.protocol}' protocol (it has: "
+                                 f"{', '.join(TASKS[name].protocols())}); choose one of those or drop the task")
+        return self
 
     @field_validator("schema_version")
     @classmethod
@@ -399,6 +438,39 @@ class PipelineConfig(Section):
         from harness.secrets import redact
 
         return hashlib.sha256(json.dumps(redact(self.model_dump(mode="json")), sort_keys=True).encode()).hexdigest()
+
+
+STAGE_NAMES = tuple(name for name, f in PipelineConfig.model_fields.items()
+                    if isinstance(f.annotation, type) and issubclass(f.annotation, StageSection))
+
+
+def eval_overrides(model: str, config: str | None, tasks: str | None, protocol: str | None,
+                   limit: int | None) -> tuple[str | None, list[str]]:
+    """`harness eval`'s config and overrides: the run's config.yaml when ``model`` is a checkpoint a vlmlab run
+    saved (``<run>/<stage>/model``, so data and eval settings match that run's) and no --config is given; a
+    pipeline `eval: [data, model, eval]` scoring ``model``."""
+    found = None
+    run_config = Path(model).expanduser().resolve().parent.parent / "config.yaml"
+    if config is None and Path(model).expanduser().is_dir() and run_config.is_file():
+        found = str(run_config)
+    extra = [f"model.source={model}", "pipelines={eval: [data, model, eval]}", "run_name=null"]
+    if protocol is not None:
+        extra.append(f"eval.protocol={protocol}")
+    if limit is not None:
+        extra.append(f"eval.limit={limit}")
+    if tasks is not None:
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        unknown = [t for t in names if t not in TASKS]
+        if unknown or not names:
+            raise ConfigError(f"--tasks: unknown task '{(unknown or [tasks])[0]}' (known: {', '.join(TASKS)}); give a "
+                              "comma-separated list of those")
+        base = load_config(config or found)
+        for name in TASKS:
+            if name not in names:
+                extra.append(f"data.tasks.{name}=null")
+            elif name not in base.data.tasks:
+                extra.append(f"data.tasks.{name}={{train_size: 8000, test_size: 300}}")
+    return found, extra
 
 
 def resolve_config_path(config: str | None) -> Path:
@@ -456,11 +528,12 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, update: dict) -> dict:
+def merge(base: dict, update: dict) -> dict:
+    """``update`` laid over ``base``, mappings merged key by key."""
     out = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -487,15 +560,14 @@ def format_errors(exc: ValidationError, origin: str,
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             close = difflib.get_close_matches(str(err["loc"][-1]), _known_keys(err["loc"][:-1]), n=1)
+            if tuple(err["loc"][:-1]) == ("data",) and err["loc"][-1] in TASKS:
+                close = [f"tasks.{err['loc'][-1]}"]  # schema 2's place for a task
             msg = "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
         elif "input" in err and not isinstance(err["input"], dict):
             got = repr(err["input"])
             msg += f" (got {got if len(got) <= 60 else got[:57] + '...'})"
-        problems.append(f"{key}: {msg}")
+        problems.append(msg if key == "<root>" else f"{key}: {msg}")  # a model check names its own keys
     return f"invalid config ({origin}): {'; '.join(problems)}; {fix}"
-
-
-_format_errors = format_errors  # harness/sweep.py's name for it
 
 
 def load_config(config: str | None = None, overrides: list[str] | None = None) -> PipelineConfig:
@@ -511,7 +583,7 @@ def load_config(config: str | None = None, overrides: list[str] | None = None) -
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of config keys (seed: 0, sft: {{...}}), "
                           f"not a {type(raw).__name__}")
-    merged = _merge(raw, parse_overrides(overrides or []))
+    merged = merge(raw, parse_overrides(overrides or []))
     try:
         return PipelineConfig.model_validate(merged)
     except ValidationError as exc:

@@ -125,15 +125,23 @@ class Meter:
     kind: str = "CPU"
     held_seconds: float = 0.0
     busy_seconds: float = 0.0
+    holding_since: float | None = None  # perf_counter() when the current hold began
 
     @contextmanager
     def hold(self, devices: float, kind: str):
         self.devices, self.kind = devices, kind
-        start = time.perf_counter()
+        start = self.holding_since = time.perf_counter()
         try:
             yield self
         finally:
             self.held_seconds += time.perf_counter() - start
+            self.holding_since = None
+
+    def usd_so_far(self, prices: dict[str, float], override: float | None) -> float:
+        """What the devices held so far cost, the current hold included (the console's running total)."""
+        since = self.holding_since
+        seconds = self.held_seconds + (time.perf_counter() - since if since is not None else 0.0)
+        return seconds * self.devices / 3600.0 * price_per_hour(self.kind, prices, override) if seconds else 0.0
 
     def add_busy(self, seconds: float) -> None:
         self.busy_seconds += seconds

@@ -17,16 +17,17 @@ def check_data_sources(cfg) -> None:
 
     from stages.support import datasets as dsets
 
-    local = [(kind, spec) for kind, spec in (("vqa", cfg.data.vqa), ("chartqa", cfg.data.chartqa))
-             if spec is not None and spec.source != "synthetic" and spec.format != "hub"
-             and Path(spec.source).expanduser().exists()]  # synthetic data is generated, hub data checked on fetch
+    def local(src) -> bool:  # synthetic data is generated, hub data checked on fetch
+        return src.source != "synthetic" and src.format != "hub" and Path(src.source).expanduser().exists()
+
     bars_were_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # a check prints nothing but its error
     try:
-        for kind, spec in local:
-            for split in (spec.train_split, spec.test_split):
-                rows, origin = dsets.load_split(spec, kind, split, None)
-                dsets.canonicalize(rows, kind, spec.columns, origin, limit=1)
+        for kind, spec in cfg.data.tasks.items():
+            for split_key in ("train", "test"):
+                if local(spec.train_from if split_key == "train" and spec.train_from else spec):
+                    rows, origin, layout = dsets.load_split(spec, split_key, None)
+                    dsets.canonicalize(rows, kind, spec.columns, origin, 1, layout)
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()

@@ -7,13 +7,14 @@ import json
 import math
 from fnmatch import fnmatchcase
 
+from evals.registry import TASKS
 from harness.errors import UserError
 
 DEFAULT_METRIC = "eval/mean_accuracy"
-# `--sort` names (the table's short headers, or the row keys of --format json): row key, best first = descending
-SORTS = {"acc": ("accuracy", True), "vqa": ("vqa_accuracy", True), "chart": ("chartqa_relaxed_accuracy", True),
-         "usd": ("usd", False), "$/pt": ("usd_per_point", False), "acc-h": ("accelerator_hours", False),
-         "util": ("utilization", True), "run": ("run", False), "pipe": ("pipeline", False), "model": ("model", False)}
+# `--sort` names (the table's short headers, task names, or the row keys of --format json): row key, best first
+SORTS = {"acc": ("accuracy", True), "usd": ("usd", False), "$/pt": ("usd_per_point", False),
+         "acc-h": ("accelerator_hours", False), "util": ("utilization", True), "run": ("run", False),
+         "pipe": ("pipeline", False), "model": ("model", False)} | {t.name: (t.metric, True) for t in TASKS.values()}
 SORTS |= {key: (key, desc) for key, desc in SORTS.values()}
 FILTERS = ("pipeline", "model", "run")
 
@@ -33,8 +34,8 @@ def collect(uri: str, experiment: str, pipeline: str | None, metric: str, filter
     """Finished parent runs of ``experiment`` as leaderboard rows, narrowed by ``filters`` (``key=glob``, keys in
     FILTERS), ordered by ``sort`` (a key of SORTS; default: the metric, best first); Pareto front among them."""
     if sort not in SORTS:
-        raise UserError(f"--sort: unknown column '{sort}' (one of acc, vqa, chart, usd, $/pt, acc-h, util, run, pipe, "
-                        "model, or a key of --format json)")
+        raise UserError(f"--sort: unknown column '{sort}' (one of acc, usd, $/pt, acc-h, util, run, pipe, model, "
+                        f"a task ({', '.join(TASKS)}), or a key of --format json)")
     wanted = [_filter(f) for f in filters or []]
     from mlflow.tracking import MlflowClient
 
@@ -55,8 +56,8 @@ def collect(uri: str, experiment: str, pipeline: str | None, metric: str, filter
             "run": run.info.run_name, "run_id": run.info.run_id, "experiment_id": exp.experiment_id,
             "pipeline": run.data.tags["vlmlab.pipeline"],
             "model": p.get("model.source", "?"), "metric": metric, "accuracy": acc,
-            "vqa_accuracy": m.get("eval/vqa_accuracy"),
-            "chartqa_relaxed_accuracy": m.get("eval/chartqa_relaxed_accuracy"),
+            "ci_low": m.get(f"{metric}_ci_low"), "ci_high": m.get(f"{metric}_ci_high"),
+            **{t.metric: m.get(f"eval/{t.metric}") for t in TASKS.values()},
             "accelerator_hours": m.get("cost/accelerator_hours", 0.0), "usd": usd,
             "usd_per_point": usd / (100 * acc) if acc > 0 else math.inf,
             "utilization": m.get("cost/utilization"),
@@ -65,10 +66,29 @@ def collect(uri: str, experiment: str, pipeline: str | None, metric: str, filter
     for row, front in zip(rows, pareto_front([(r["usd"], r["accuracy"]) for r in rows]), strict=False):
         row["pareto"] = front
     rows.sort(key=lambda r: (-r["accuracy"], r["usd"]))
+    mark_ties(rows)
     key, descending = SORTS[sort]
     present = [r for r in rows if r[key] is not None]  # runs without the value go last
     present.sort(key=lambda r: r[key], reverse=descending)  # stable: ties keep the accuracy order
     return present + [r for r in rows if r[key] is None]
+
+
+def mark_ties(rows: list[dict]) -> None:
+    """``tie``: the run's 95 % interval overlaps the leader's (the most accurate run's), so the data cannot tell
+    them apart; None where either has no interval (runs scored before intervals existed)."""
+    leader = rows[0] if rows else None
+    for row in rows:
+        known = leader and None not in (row["ci_low"], row["ci_high"], leader["ci_low"], leader["ci_high"])
+        row["tie"] = (row is not leader and row["ci_high"] >= leader["ci_low"]
+                      and row["ci_low"] <= leader["ci_high"]) if known else None
+
+
+def accuracy_cell(row: dict) -> str:
+    """``0.422±.031``: the metric and its 95 % interval's half-width; ``=`` in front when tied with the leader."""
+    text = f"{row['accuracy']:.3f}"
+    if row["ci_low"] is not None and row["ci_high"] is not None:
+        text += f"±{(row['ci_high'] - row['ci_low']) / 2:.3f}".replace("0.", ".", 1)
+    return ("=" if row.get("tie") else "") + text
 
 
 def _filter(text: str) -> tuple[str, str]:
@@ -83,7 +103,7 @@ def render(rows: list[dict], fmt: str) -> str:
     """markdown, csv or json text (the rich table is drawn by the CLI)."""
     if fmt == "json":
         return json.dumps(rows, indent=2, default=lambda v: None)
-    cols = ["run", "pipeline", "model", "accuracy", "vqa_accuracy", "chartqa_relaxed_accuracy",
+    cols = ["run", "pipeline", "model", "accuracy", "ci_low", "ci_high", "tie", *(t.metric for t in TASKS.values()),
             "accelerator_hours", "usd", "usd_per_point", "utilization", "pareto"]
     if fmt == "csv":
         buf = io.StringIO()
@@ -93,7 +113,7 @@ def render(rows: list[dict], fmt: str) -> str:
         return buf.getvalue()
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(_cell(r.get(c)) for c in cols) + " |")
+        lines.append("| " + " | ".join(_cell(r.get(c), c) for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -102,7 +122,8 @@ def table(rows: list[dict], title: str):
     from rich import box
     from rich.table import Table
 
-    out = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 0), show_edge=False)  # one space between columns
+    out = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 0), show_edge=False,  # one space between columns
+                caption="★ cost-accuracy Pareto front · acc ± half its 95% interval · = tied with the leader")
     for col in ("", "run", "pipe", "model", "acc", "acc-h", "USD", "$/pt", "util"):
         left = col in ("run", "pipe", "model")
         # a long run name folds onto a second line (it is an id to copy); a long model name is cut
@@ -110,15 +131,15 @@ def table(rows: list[dict], title: str):
                        overflow="ellipsis" if col == "model" else "fold", max_width=10 if col == "model" else None)
     for r in rows:
         model = r["model"].rstrip("/").rsplit("/", 1)[-1]  # a hub id's or directory's last part
-        out.add_row("★" if r["pareto"] else "", r["run"], r["pipeline"], model, f"{r['accuracy']:.3f}",
+        out.add_row("★" if r["pareto"] else "", r["run"], r["pipeline"], model, accuracy_cell(r),
                     f"{r['accelerator_hours']:.4f}", f"{r['usd']:.3g}", f"{r['usd_per_point']:.1e}",
                     "" if r["utilization"] is None else f"{r['utilization']:.2f}")
     return out
 
 
-def _cell(v) -> str:
+def _cell(v, col: str = "") -> str:
     if isinstance(v, bool):
-        return "★" if v else ""
+        return ("=" if col == "tie" else "★") if v else ""
     if isinstance(v, float):
         return f"{v:.4g}"
     return "" if v is None else str(v)

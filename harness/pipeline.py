@@ -23,6 +23,7 @@ from harness.errors import UserError
 from harness.inputs import check_inputs
 from harness.lease import Lease, atomic_write
 from harness.manifest import build_manifest
+from harness.output import Display, active_stage, finished_note
 from harness.secrets import redact
 from harness.storage import OutputDir
 from harness.tracking import Tracker
@@ -31,10 +32,18 @@ from stages import STAGES, StageContext, StageOutput
 NOT_PATHS = {"tiny", "compose", "synthetic", "tasks"}  # source values that name a generator, not a directory
 
 
-def _lookup(tree: dict, dotted: str):
-    for part in dotted.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
+def config_values(tree: dict, dotted: str) -> dict[str, object]:
+    """The values at ``dotted`` (``*`` matches every key of a mapping, e.g. ``data.tasks.*.source``) by full key."""
+    head, _, rest = dotted.partition(".")
+    keys = list(tree) if head == "*" and isinstance(tree, dict) else [head]
+    found = {}
+    for key in keys:
+        value = tree.get(key) if isinstance(tree, dict) else None
+        if not rest:
+            found[key] = value
+        elif isinstance(value, dict):
+            found |= {f"{key}.{k}": v for k, v in config_values(value, rest).items()}
+    return found
 
 
 def worker_hardware(records: list[dict]) -> list[dict]:
@@ -54,8 +63,9 @@ def new_run_id(pipeline: str) -> str:
 
 class _Runner:
     def __init__(self, cfg: PipelineConfig, pipeline: str, out: OutputDir, force: bool, console,
-                 parent_run_id: str | None = None):
+                 parent_run_id: str | None = None, display: Display | None = None):
         self.cfg, self.pipeline, self.force, self.console = cfg, pipeline, force, console
+        self.display, self._own_display = display or Display(console), display is None
         self.outer_run_id = parent_run_id
         self.resolved = redact(cfg.model_dump(mode="json"))  # what is written and logged: no secrets
         self.out, root = out, out.local  # a bucket's run directories are worked on in its local mirror
@@ -78,8 +88,7 @@ class _Runner:
                             "--force to recompute it, or choose another run_name")
 
     def say(self, text: str) -> None:
-        if self.console:
-            self.console.print(text)
+        self.display.say(text)
 
     def run(self) -> dict:
         try:
@@ -87,10 +96,13 @@ class _Runner:
         finally:
             self.hasher.save()
             self.run_lease.release()
+            if self._own_display:
+                self.display.close()
 
     def _run(self) -> dict:
         """An existing run directory (same run_name, interrupted) is resumed: its stages come from the cache."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.display.open_run(self.run_dir)  # from here on, library output goes to <run dir>/logs/
         self.tracker.attach_outbox(self.run_dir / "mlflow_outbox.jsonl", warn=self.say)
         atomic_write(self.run_dir / "config.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
         self.out.push(self.run_dir / "config.yaml")
@@ -112,7 +124,8 @@ class _Runner:
                 keys.append(key)
             result = self._assemble(records, outputs, manifest)
             atomic_write(self.run_dir / "result.json", json.dumps(result, indent=2))
-            self.out.push(self.run_dir / "result.json")
+            logs = self.display.log_files() if self.out.uri else []  # a bucket gets the logs too
+            self.out.push(*logs, self.run_dir / "result.json")
             if self.out.uri:
                 self.say(f"run uploaded to {self.out.uri_of(self.run_dir)}")
             tracker.log_metrics(self.parent, result["metrics"] | {
@@ -128,10 +141,10 @@ class _Runner:
         files = codeprint.code_manifest(f"stages.{name}", getattr(module, "DATA_FILES", ()))
         raw = self.cfg.model_dump(mode="json")
         sources = {}
-        for dotted in getattr(module, "SOURCE_KEYS", ()):
-            value = _lookup(raw, dotted)
-            if isinstance(value, str) and value not in NOT_PATHS and Path(value).expanduser().exists():
-                sources[dotted] = self.hasher.fingerprint(Path(value).expanduser())
+        for pattern in getattr(module, "SOURCE_KEYS", ()):
+            for dotted, value in config_values(raw, pattern).items():
+                if isinstance(value, str) and value not in NOT_PATHS and Path(value).expanduser().exists():
+                    sources[dotted] = self.hasher.fingerprint(Path(value).expanduser())
         depends = {"code": codeprint.fingerprint(files), "packages": codeprint.dependency_versions(),
                    "sources": sources}
         return depends, {"fingerprint": depends["code"], "git_sha": self.git_sha, "files": files}
@@ -140,7 +153,7 @@ class _Runner:
         stage_dir = self.run_dir / name
         stage_dir.mkdir(parents=True, exist_ok=True)
         child = self.tracker.start(name, parent_id=self.parent, tags={"vlmlab.stage": name, "vlmlab.key": key})
-        if self.console:
+        if self.console and self.display.verbose:
             self.console.rule(f"[bold]stage {name}")
         lease = None
         entry = None if self.force else self.cache.lookup(name, key)
@@ -150,6 +163,7 @@ class _Runner:
                 f"stage {name}: waiting for the run computing the same stage (pid {owner['pid']} on {owner['host']}); "
                 "its result will be reused"))
             entry = self.cache.lookup(name, key)
+        self.display.begin_stage(name)  # its output to logs/<stage>.log, its progress to the console
         try:
             if entry is not None:
                 record = entry["record"] | {"reused_from": entry["stage_dir"], "wall_seconds_this_run": 0.0}
@@ -160,6 +174,7 @@ class _Runner:
                 record["code"] = code
                 self.cache.store(name, key, stage_dir, record, outputs[name].outputs)
         finally:
+            self.display.end_stage(name)
             if lease is not None:
                 lease.release()
         record = record | {"key": key}
@@ -174,6 +189,9 @@ class _Runner:
     def _compute(self, name, key, stage_dir, outputs, child) -> tuple[dict, StageOutput]:
         cfg = self.cfg
         meter = Meter()
+        live = active_stage()
+        if live is not None:  # the console's "$ so far"
+            live.cost = lambda: meter.usd_so_far(cfg.cost.prices, cfg.cost.price_per_hour)
         # --force works in a Ray storage of its own: it never resumes from, nor deletes, another run's checkpoints
         storage, ray_name = self.cache.ray_storage(name, key, attempt=self.run_id if self.force else None)
         ctx = StageContext(name=name, cfg=cfg, run_dir=self.run_dir, stage_dir=stage_dir, inputs=dict(outputs),
@@ -188,7 +206,7 @@ class _Runner:
                   "device": meter.kind, "devices": meter.devices, "cost": cost, "outputs": out.outputs}
         if out.ran_on:
             record["ran_on"] = out.ran_on
-        self.say(f"stage {name} done in {wall:.1f}s")
+        self.say(f"stage {name} done in {wall:.1f}s{finished_note(out.metrics, name, cost['cost/usd'])}")
         return record, out
 
     def _assemble(self, records, outputs, manifest) -> dict:
@@ -197,8 +215,11 @@ class _Runner:
             metrics.update(record["metrics"])
         data_fp = next((o.outputs["data_fingerprints"] for o in outputs.values()
                         if "data_fingerprints" in o.outputs), {})
+        data_src = next((o.outputs["sources"] for o in outputs.values() if "data_fingerprints" in o.outputs
+                         and "sources" in o.outputs), {})
         model = next((o.outputs for o in outputs.values() if "model_source" in o.outputs), {})
-        manifest = manifest | {"data_fingerprints": data_fp, "model_source": model.get("model_source"),
+        manifest = manifest | {"data_fingerprints": data_fp, "data_sources": data_src,
+                               "model_source": model.get("model_source"),
                                "model_weights_sha256": model.get("weights_sha256")}
         workers = worker_hardware(records)
         if workers:  # the hardware the work ran on (Ray workers), not the driver's
@@ -229,15 +250,16 @@ class _Runner:
 
 
 def run_pipeline(cfg: PipelineConfig, pipeline: str, output_dir: str | None = None, console=None,
-                 force: bool = False, parent_run_id: str | None = None) -> dict:
+                 force: bool = False, parent_run_id: str | None = None, display: Display | None = None) -> dict:
     """Run ``pipeline`` (a name in ``cfg.pipelines``); return the result dict also written to result.json.
 
     ``cost_usd`` is what the result cost to produce (reused stages count at their original cost);
     ``cost_usd_this_run`` is what this invocation spent. ``parent_run_id`` nests the pipeline's MLflow run
-    (e.g. under a sweep).
+    (e.g. under a sweep). ``display`` (harness/output.py) is the console of `harness run`: live progress, logs.
     """
     for name in cfg.stages_of(pipeline):
         STAGES[name].check(cfg)
-    check_inputs(cfg, cfg.stages_of(pipeline), say=console.print if console else print)  # price, data, secrets
+    say = display.say if display is not None else console.print if console else print
+    check_inputs(cfg, cfg.stages_of(pipeline), say=say)  # price, data, secrets
     out = OutputDir(output_dir or cfg.output_dir)  # a directory, or a bucket URI (s3://, gs://): harness/storage.py
-    return _Runner(cfg, pipeline, out, force, console, parent_run_id).run()
+    return _Runner(cfg, pipeline, out, force, console, parent_run_id, display).run()

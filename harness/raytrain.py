@@ -27,8 +27,12 @@ def ensure_ray(dashboard: bool = False) -> None:
 
     import ray
 
+    from harness.output import forward_worker_output
+
     if ray.is_initialized():
         return
+    # under `harness run` the workers write their output to the run's logs (harness/output.py); -v prints it here
+    log_to_driver = forward_worker_output()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray Train's controller polls its workers every 2 s by default, and a finished stage waits several polls
     # (~6 s) before fit() returns. Each poll interrupts the training process, so faster is not free: 300 default
@@ -36,7 +40,7 @@ def ensure_ray(dashboard: bool = False) -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1")
     previous = signal.getsignal(signal.SIGTERM)
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=log_to_driver)
     else:
         # A local instance shares the training cores: the dashboard (nine processes) and Ray Train's metrics export
         # are opt-in (ray.dashboard); a single machine is never preempted, so no preemption-watcher actor polls.
@@ -57,7 +61,7 @@ def ensure_ray(dashboard: bool = False) -> None:
         # Inherited by Ray's workers (sweep trials included): fit() drops the State API poller there
         os.environ[STATE_API_ENV] = "1" if dashboard else "0"
         ray.init(num_cpus=os.cpu_count(), include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                 log_to_driver=True)
+                 log_to_driver=log_to_driver)
         global _started_here
         _started_here = True
         atexit.register(reap_hung_actors)  # runs before the atexit shutdown ray.init registered
@@ -166,16 +170,19 @@ def require_resources(resources, what: str) -> None:
     _PLACEABLE.add(shape)
 
 
-def _on_worker(fn: Callable, shard, use_gpu: bool, threads: int) -> dict:
-    """One shard of work inside a Ray task: ``fn(shard, device)``, and where it ran."""
+def _on_worker(fn: Callable, shard, use_gpu: bool, threads: int, log=None) -> dict:
+    """One shard of work inside a Ray task: ``fn(shard, device)``, and where it ran. ``log``: where the task's
+    output goes (a harness.output.WorkerLog; None: Ray's own worker log, forwarded to the driver)."""
     import ray
     import torch
 
     from harness.manifest import hardware
+    from harness.output import worker_output
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    result = fn(shard, "cuda" if use_gpu else "cpu")  # Ray made only this task's GPUs visible
+    with worker_output(log):
+        result = fn(shard, "cuda" if use_gpu else "cpu")  # Ray made only this task's GPUs visible
     return {"result": result, "seconds": time.perf_counter() - start,
             "node_id": ray.get_runtime_context().get_node_id(),
             "device": torch.cuda.get_device_name(0) if use_gpu else "CPU", "hardware": hardware()}
@@ -198,7 +205,21 @@ def run_shards(fn: Callable, shards: list, resources, stage: str, max_retries: i
         options["num_gpus"] = resources.gpus_per_worker
     task = ray.remote(_on_worker).options(**options)
     threads = max(1, int(resources.cpus_per_worker))
-    return ray.get([task.remote(fn, shard, resources.use_gpu, threads) for shard in shards])
+    from harness.output import active_stage
+
+    live = active_stage()  # the running stage: where its workers log, and its progress on the console
+    logs = [live.worker_log(f"shard{i}", label=stage) if live else None for i in range(len(shards))]
+    refs = [task.remote(fn, shard, resources.use_gpu, threads, log) for shard, log in zip(shards, logs, strict=True)]
+    pending, finished = list(refs), 0
+    if live:
+        live.update(0, len(refs), label=stage)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)  # a failed shard (retries spent) fails the stage at once
+        finished += len(ready)
+        if live:
+            live.update(finished, len(refs), label=stage)
+    return ray.get(refs)
 
 
 def devices_held(resources) -> float:
@@ -248,6 +269,22 @@ def _trainer_class():
     return HarnessTorchTrainer
 
 
+def _logged(loop: Callable[[dict], None], live, stage: str, ranks: int) -> Callable[[dict], None]:
+    """``loop`` with each rank's output in the run's logs (``ray/<stage>.rank<k>.log``); rank 0 also reports its
+    progress to the driver's console (harness/output.py)."""
+    logs = [live.worker_log(f"rank{rank}", progress=rank == 0, label=stage) for rank in range(ranks)]
+
+    def train_loop_with_logs(config: dict) -> None:
+        import ray.train
+
+        from harness.output import worker_output
+
+        with worker_output(logs[ray.train.get_context().get_world_rank()]):
+            loop(config)
+
+    return train_loop_with_logs
+
+
 def fit(loop: Callable[[dict], None], settings, storage: Path | str, name: str, model_out: Path,
         max_failures: int = 0, runtime_env: dict | None = None) -> dict:
     """Run ``loop({"settings": settings})`` on Ray Train workers; copy the final checkpoint (the trained model) to
@@ -255,8 +292,13 @@ def fit(loop: Callable[[dict], None], settings, storage: Path | str, name: str, 
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
+    from harness.output import active_stage
+
     ensure_ray()  # normally already started by the stage, with its config
     require_resources(settings.resources, f"stage '{settings.prefix}'")
+    live = active_stage()
+    if live is not None and live.worker_log("rank0") is not None:  # each rank writes its output to the run's logs
+        loop = _logged(loop, live, settings.prefix, settings.resources.workers)
     trainer = _trainer_class()(
         loop, train_loop_config={"settings": settings}, scaling_config=scaling(settings.resources),
         run_config=RunConfig(name=name, storage_path=storage if isinstance(storage, str) else str(storage.resolve()),

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from evals import registry
 from harness.errors import UserError
 from harness.secrets import redact_text
 
-TASKS = {"vqa_accuracy": "VQAv2 accuracy", "chartqa_relaxed_accuracy": "ChartQA relaxed accuracy"}
+TASKS = {t.metric: f"{t.title} ({t.metric})" for t in registry.TASKS.values()}  # metric -> its title in figures
 
 
 # -- finding runs ----------------------------------------------------------------------------------------------
@@ -48,8 +49,8 @@ def recent_runs(uri: str | None, experiment: str, output_dir: str, limit: int = 
             rows.setdefault(run.info.run_name, {
                 "run": run.info.run_name, "pipeline": run.data.tags["vlmlab.pipeline"],
                 "status": run.info.status.lower(), "started": run.info.start_time / 1000,
-                "accuracy": m.get("eval/mean_accuracy"), "vqa": m.get("eval/vqa_accuracy"),
-                "chartqa": m.get("eval/chartqa_relaxed_accuracy"), "usd": m.get("cost/usd"),
+                "accuracy": m.get("eval/mean_accuracy"), "ci_low": m.get("eval/mean_accuracy_ci_low"),
+                "ci_high": m.get("eval/mean_accuracy_ci_high"), "usd": m.get("cost/usd"),
                 "run_dir": run.data.tags.get("vlmlab.run_dir")})
     root = Path(output_dir)
     for run_dir in (p for p in root.glob("*/config.yaml") if p.parent.name not in rows):
@@ -59,8 +60,8 @@ def recent_runs(uri: str | None, experiment: str, output_dir: str, limit: int = 
         rows[run_dir.name] = {
             "run": run_dir.name, "pipeline": result.get("pipeline") or _pipeline_of(run_dir.name),
             "status": "finished" if result else "incomplete", "started": run_dir.stat().st_mtime,
-            "accuracy": m.get("eval/mean_accuracy"), "vqa": m.get("eval/vqa_accuracy"),
-            "chartqa": m.get("eval/chartqa_relaxed_accuracy"), "usd": result.get("cost_usd"),
+            "accuracy": m.get("eval/mean_accuracy"), "ci_low": m.get("eval/mean_accuracy_ci_low"),
+            "ci_high": m.get("eval/mean_accuracy_ci_high"), "usd": result.get("cost_usd"),
             "run_dir": str(run_dir)}
     return sorted(rows.values(), key=lambda r: -r["started"])[:limit]
 
@@ -77,12 +78,14 @@ def runs_table(rows: list[dict]):
     from rich.table import Table
 
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    for col in ("run", "pipe", "status", "acc", "vqa", "chart", "USD"):
+    for col in ("run", "pipe", "status", "mean acc (95% CI)", "USD"):
         table.add_column(col, justify="left" if col in ("run", "pipe", "status") else "right", no_wrap=col != "run",
                          overflow="fold")  # a long run name folds onto a second line: it is an id to copy
     for r in rows:
-        scores = (_num(r[k], ".3f") for k in ("accuracy", "vqa", "chartqa"))
-        table.add_row(r["run"], r["pipeline"], r["status"], *scores, _num(r["usd"], ".3g"))
+        acc = _num(r["accuracy"], ".3f")
+        if acc and r["ci_low"] is not None and r["ci_high"] is not None:
+            acc += f" ±{(r['ci_high'] - r['ci_low']) / 2:.3f}"
+        table.add_row(r["run"], r["pipeline"], r["status"], acc, _num(r["usd"], ".3g"))
     return table
 
 
@@ -243,7 +246,8 @@ def accuracy_table(result: dict) -> dict[str, dict[str, dict[str, float]]]:
             if prefix in metrics:
                 name = f"{label} (final)" if i == len(labels) - 1 and len(labels) > 1 else label
                 table[name] = {"all": metrics[prefix]} | {k[len(prefix) + 1:]: v for k, v in metrics.items()
-                                                          if k.startswith(prefix + "/")}
+                                                          if k.startswith(prefix + "/")
+                                                          and not k.endswith(("_ci_low", "_ci_high"))}
         out[task] = table
     return out
 

@@ -117,17 +117,17 @@ def trial(params: dict, *, resolved: dict, overrides: list[str], pipeline: str, 
     from pydantic import ValidationError
     from ray import tune
 
-    from harness.config import PipelineConfig, _format_errors, _merge, parse_overrides
+    from harness.config import PipelineConfig, format_errors, merge, parse_overrides
     from harness.pipeline import run_pipeline
 
     trial_overrides = overrides + [f"{k}={v}" for k, v in params.items()]
-    tree = _merge(resolved, parse_overrides(trial_overrides))
+    tree = merge(resolved, parse_overrides(trial_overrides))
     tree["run_name"] = f"trial-{tune.get_context().get_trial_id()}"
     try:
         cfg = PipelineConfig.model_validate(tree)
         result = run_pipeline(cfg, pipeline, root, parent_run_id=sweep_run_id)
     except ValidationError as exc:
-        raise TrialFailed(" ".join(_format_errors(exc, "trial config").split())) from None
+        raise TrialFailed(" ".join(format_errors(exc, "trial config").split())) from None
     except Exception as exc:
         raise TrialFailed(f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]) from exc
     metrics = dict(result["metrics"])
@@ -166,7 +166,7 @@ def run_sweep(cfg, pipeline: str, fixed: list[str], space: dict[str, tuple[str, 
     """Run the sweep; write and return sweep.json's content."""
     from ray import tune
 
-    from harness.config import PipelineConfig, _merge, parse_overrides
+    from harness.config import PipelineConfig, merge, parse_overrides
     from harness.lease import atomic_write
     from harness.pipeline import new_run_id, run_pipeline
     from harness.raytrain import ensure_ray
@@ -176,7 +176,7 @@ def run_sweep(cfg, pipeline: str, fixed: list[str], space: dict[str, tuple[str, 
     resolved = cfg.model_dump(mode="json")
     # trials run in other processes: pin the tracking store this process resolved (env, cwd)
     resolved["tracking"]["uri"] = cfg.tracking.resolved_uri()
-    base = PipelineConfig.model_validate(_merge(resolved, parse_overrides(fixed)))
+    base = PipelineConfig.model_validate(merge(resolved, parse_overrides(fixed)))
     for key in space:  # every swept key must exist in the config
         node = base.model_dump()
         for part in key.split("."):

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
+from evals.registry import TASKS
 from harness.errors import UserError
 from harness.secrets import redact_text
 
@@ -32,7 +33,7 @@ PENDING = "pending-"  # prefix of run ids created while the store was unreachabl
 # A saved view of the MLflow UI's runs table with the cost and accuracy columns shown (MLflow hides metric columns
 # by default). It appears under "Views" and opens directly at `#/experiments/<id>/runs?viewStateShareKey=<key>`.
 COST_VIEW_KEY = "vlmlab-cost"
-COST_VIEW_METRICS = ("eval/mean_accuracy", "eval/vqa_accuracy", "eval/chartqa_relaxed_accuracy", "cost/usd",
+COST_VIEW_METRICS = ("eval/mean_accuracy", *(f"eval/{t.metric}" for t in TASKS.values()), "cost/usd",
                      "cost/accelerator_hours", "cost/busy_hours", "cost/utilization")
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}

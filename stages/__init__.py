@@ -22,12 +22,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from harness.config import STAGE_NAMES  # a stage is declared by its section in PipelineConfig (and this package's file)
+
 if TYPE_CHECKING:
     from harness.config import PipelineConfig
     from harness.cost import Meter
     from harness.tracking import Tracker
-
-STAGE_NAMES = ("data", "model", "align", "sft", "dpo", "grpo", "eval")
 
 
 class _Registry(dict):

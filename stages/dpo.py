@@ -111,7 +111,7 @@ def pairs_from_source(pref) -> list[dict]:
         for name in ("question", "chosen", "rejected"):
             if not isinstance(row[mapping[name]], str) or not row[mapping[name]].strip():
                 raise DataError(f"{where}: empty '{mapping[name]}'")
-        out.append({"image": dsets._image_bytes(row[mapping["image"]], where), "question": row[mapping["question"]],
+        out.append({"image": dsets.image_bytes(row[mapping["image"]], where), "question": row[mapping["question"]],
                     "chosen": row[mapping["chosen"]], "rejected": row[mapping["rejected"]]})
     return out
 

@@ -1,9 +1,11 @@
 """Stage `eval`: score every checkpoint of the pipeline through lm-eval, plus a question-only prior.
 
 Checkpoints scored: the base model (metrics ``eval/base_*``), every earlier training stage's model
-(``eval/<stage>_*``) and, under the plain names ``eval/*``, the pipeline's final model. VQA accuracy follows
-VQAv2, chart accuracy ChartQA's relaxed accuracy; per-question-type accuracies come from lm-eval's samples.
-Scoring runs on Ray workers, `resources.workers` shards per checkpoint; the driver merges the items' scores.
+(``eval/<stage>_*``) and, under the plain names ``eval/*``, the pipeline's final model. Each task's prompts,
+generation and post-processing follow ``eval.protocol`` (its lm-eval YAML, ``evals/tasks/<task>_<protocol>.yaml``);
+per-question-type scores come from lm-eval's samples, and every metric gets a seeded bootstrap 95 % interval
+(``<metric>_ci_low`` / ``_ci_high``). Scoring runs on Ray workers, `resources.workers` shards per checkpoint; the
+driver merges the items' scores.
 """
 from __future__ import annotations
 
@@ -13,36 +15,37 @@ from pathlib import Path
 
 import yaml
 
-from evals.metrics import question_prior, relaxed_accuracy, vqa_accuracy
+from evals.metrics import bootstrap_metric, interval, question_prior
+from evals.registry import TASKS
+from harness.manifest import sha256_file
 from stages import StageContext, StageOutput
-
-TASK_DIR = Path(__file__).resolve().parent.parent / "evals" / "tasks"
-TASKS = {  # data task -> (lm-eval task, metric key in lm-eval results, vlmlab metric name)
-    "vqa": ("vlmlab_vqa", "vqa_accuracy", "vqa_accuracy"),
-    "chartqa": ("vlmlab_chartqa", "relaxed_accuracy", "chartqa_relaxed_accuracy"),
-}
-SCORERS = {"vqa": vqa_accuracy, "chartqa": relaxed_accuracy}
-
 
 CONFIG_KEYS = ("seed", "eval", "resources")
 DATA_FILES = ("evals/tasks",)  # loaded by path (lm-eval task YAMLs, their utils.py): in the code fingerprint
 
 
 def check(cfg) -> None:
-    """Validated by the config model (EvalConfig)."""
+    """Validated by the config model (EvalConfig; every task has the protocol)."""
 
 
-def write_task_configs(tasks: dict, out_dir: Path, max_new_tokens: int) -> None:
+def write_task_configs(tasks: dict, out_dir: Path, protocol: str, max_new_tokens: int) -> None:
     """Task YAMLs for one scoring process: include vlmlab's task definitions (from this process's own copy of
-    the project, wherever Ray unpacked it), point them at this run's test parquet."""
+    the project, wherever Ray unpacked it), point them at this run's test parquet. The short protocol's answer
+    length is eval.max_new_tokens; a published protocol keeps its own generation settings."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for kind, files in tasks.items():
-        task, _, _ = TASKS[kind]
-        spec = {"include": str(TASK_DIR / f"{task}.yaml"), "task": task,
-                "dataset_kwargs": {"data_files": {"test": str(Path(files["test"]).resolve())}},
-                "generation_kwargs": {"until": ["<end_of_utterance>", "\n"], "do_sample": False,
-                                      "max_gen_toks": max_new_tokens}}
-        (out_dir / f"{task}.yaml").write_text(yaml.safe_dump(spec))
+        task = TASKS[kind]
+        spec = {"include": str(task.task_file(protocol)), "task": task.lm_eval_name(protocol),
+                "dataset_kwargs": {"data_files": {"test": str(Path(files["test"]).resolve())}}}
+        if protocol == "short":
+            spec["generation_kwargs"] = {"until": ["<end_of_utterance>", "\n"], "do_sample": False,
+                                         "max_gen_toks": max_new_tokens}
+        (out_dir / f"{task.lm_eval_name(protocol)}.yaml").write_text(yaml.safe_dump(spec))
+
+
+def task_files(kinds: list[str], protocol: str) -> dict[str, str]:
+    """sha256 of each task's protocol file (recorded beside the scores)."""
+    return {TASKS[k].task_file(protocol).name: sha256_file(TASKS[k].task_file(protocol)) for k in kinds}
 
 
 def checkpoints(ctx: StageContext) -> list[tuple[str, str]]:
@@ -54,25 +57,28 @@ def checkpoints(ctx: StageContext) -> list[tuple[str, str]]:
     return found
 
 
-def prior_scores(tasks: dict, limit: int | None) -> dict[str, float]:
+def prior_scores(tasks: dict, limit: int | None, samples: int, seed: int) -> dict[str, float]:
     """Question-only baseline: each question answered with its most frequent training answer."""
     import pyarrow.parquet as pq
 
     out = {}
     for kind, files in tasks.items():
+        task = TASKS[kind]
         train = pq.read_table(files["train"], columns=["question", "answer"])
-        test = pq.read_table(files["test"], columns=["question", "answers"]).to_pylist()[:limit]
+        test = pq.read_table(files["test"], columns=["question", "answers", "subset"]).to_pylist()[:limit]
         prior = question_prior(train["question"].to_pylist(), train["answer"].to_pylist())
-        score = SCORERS[kind]
-        out[f"eval/prior_{TASKS[kind][2]}"] = sum(score(prior.get(r["question"], ""), r["answers"])
-                                                  for r in test) / len(test)
+        items = [{"task": kind, "doc_id": i, "score": task.score(prior.get(r["question"], ""), r["answers"]),
+                  "subset": r["subset"]} for i, r in enumerate(test)]
+        scores = main_metrics(items, [kind], samples, seed)
+        out |= {f"eval/prior_{k}": v for k, v in scores.items() if not k.startswith("mean_accuracy")}
     return out
 
 
 def score_shard(job: dict, device: str) -> dict:
     """On a Ray worker: lm-eval over every task's items with one checkpoint, generating only this shard's batches.
 
-    Returns the items this shard generated (question, answers, type, prediction, score) and its busy seconds.
+    Returns the items this shard generated (question, answers, type, subset, prediction, score) and its busy
+    seconds.
     """
     import tempfile
 
@@ -85,39 +91,64 @@ def score_shard(job: dict, device: str) -> dict:
                              max_images=1, convert_img_format=True, device=device, batch_size=job["batch_size"],
                              trust_remote_code=job["trust_remote_code"], shard=job["shard"],
                              num_shards=job["num_shards"])
-    kinds = [k for k in TASKS if k in job["tasks"]]
+    kinds, protocol = [k for k in TASKS if k in job["tasks"]], job["protocol"]
     with tempfile.TemporaryDirectory() as task_dir:
-        write_task_configs(job["tasks"], Path(task_dir), job["max_new_tokens"])
+        write_task_configs(job["tasks"], Path(task_dir), protocol, job["max_new_tokens"])
         seed = job["seed"]
         results = lm_eval.simple_evaluate(
-            model=lm, tasks=[TASKS[k][0] for k in kinds],
+            model=lm, tasks=[TASKS[k].lm_eval_name(protocol) for k in kinds],
             task_manager=TaskManager(include_path=task_dir, include_defaults=False), limit=job["limit"],
             apply_chat_template=True, log_samples=True, random_seed=seed, numpy_random_seed=seed,
             torch_random_seed=seed, fewshot_random_seed=seed)
     items = []
     for kind in kinds:
-        task, key, _ = TASKS[kind]
-        for s in results["samples"][task]:
-            if (task, s["doc_id"]) in lm.owned:
+        name = TASKS[kind].lm_eval_name(protocol)
+        for s in results["samples"][name]:
+            if (name, s["doc_id"]) in lm.owned:
                 doc = s["doc"]
                 items.append({"task": kind, "doc_id": s["doc_id"], "question": doc["question"],
                               "answers": list(doc["answers"]), "question_type": doc["question_type"],
-                              "prediction": s["filtered_resps"][0], "score": float(s[key])})
+                              "subset": doc["subset"], "prediction": s["filtered_resps"][0],
+                              "score": float(s[TASKS[kind].metric])})
     return {"items": items, "busy_seconds": lm.busy_seconds}
 
 
-def task_metrics(items: list[dict], kinds: list[str]) -> dict[str, float]:
-    """Each task's metric (mean item score, in item order) and its per-question-type means."""
-    metrics: dict[str, float] = {}
+def main_metrics(items: list[dict], kinds: list[str], samples: int, seed: int) -> dict[str, float]:
+    """Each task's metric with its 95 % interval, and the tasks' mean (``mean_accuracy``) with its interval. A task
+    with reporting subsets (ChartQA: human, augmented) scores the mean of the subsets' means, and each subset."""
+    out: dict[str, float] = {}
+    resampled = []
     for kind in kinds:
         scored = sorted((i for i in items if i["task"] == kind), key=lambda i: i["doc_id"])
-        name = TASKS[kind][2]
-        metrics[name] = sum(i["score"] for i in scored) / len(scored)
+        scores, groups = [i["score"] for i in scored], [i["subset"] for i in scored]
+        name = TASKS[kind].metric
+        boot = bootstrap_metric(scores, groups, samples, seed)
+        resampled.append(boot)
+        by_subset: dict[str, list[float]] = defaultdict(list)
+        for i in scored:
+            by_subset[i["subset"]].append(i["score"])
+        out[name] = sum(sum(v) / len(v) for v in by_subset.values()) / len(by_subset)
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = interval(boot)
+        if len(by_subset) > 1:
+            out |= {f"{name}_{subset}": sum(v) / len(v) for subset, v in sorted(by_subset.items())}
+    out["mean_accuracy"] = sum(out[TASKS[k].metric] for k in kinds) / len(kinds)
+    out["mean_accuracy_ci_low"], out["mean_accuracy_ci_high"] = interval(sum(resampled) / len(resampled))
+    return out
+
+
+def task_metrics(items: list[dict], kinds: list[str], samples: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Each task's metric (see main_metrics), the tasks' mean, and per-question-type means with intervals."""
+    metrics = main_metrics(items, kinds, samples, seed)
+    for kind in kinds:
+        scored = sorted((i for i in items if i["task"] == kind), key=lambda i: i["doc_id"])
         by_type: dict[str, list[float]] = defaultdict(list)
         for i in scored:
             by_type[i["question_type"]].append(i["score"])
         for qtype, values in sorted(by_type.items()):
-            metrics[f"{name}/{qtype}"] = sum(values) / len(values)
+            key = f"{TASKS[kind].metric}/{qtype}"
+            metrics[key] = sum(values) / len(values)
+            metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"] = interval(bootstrap_metric(values, None, samples,
+                                                                                           seed))
     return metrics
 
 
@@ -136,12 +167,13 @@ def run(ctx: StageContext) -> StageOutput:
     cfg = ctx.cfg
     tasks = ctx.latest("tasks")
     kinds = [k for k in TASKS if k in tasks]
-    metrics = prior_scores(tasks, cfg.eval.limit)
+    protocol, samples = cfg.eval.protocol, cfg.eval.bootstrap_samples
+    metrics = prior_scores(tasks, cfg.eval.limit, samples, cfg.seed)
     targets = checkpoints(ctx)
     n = cfg.resources.workers
     jobs = [{"label": label, "model_dir": model_dir, "tasks": tasks, "shard": k, "num_shards": n,
-             "batch_size": cfg.eval.batch_size, "max_new_tokens": cfg.eval.max_new_tokens, "limit": cfg.eval.limit,
-             "seed": cfg.seed, "trust_remote_code": cfg.model.trust_remote_code}
+             "protocol": protocol, "batch_size": cfg.eval.batch_size, "max_new_tokens": cfg.eval.max_new_tokens,
+             "limit": cfg.eval.limit, "seed": cfg.seed, "trust_remote_code": cfg.model.trust_remote_code}
             for label, model_dir in targets for k in range(n)]
     raytrain.ensure_ray(cfg.ray.dashboard)
     with ctx.meter.hold(raytrain.devices_held(cfg.resources), "CPU"):
@@ -152,17 +184,17 @@ def run(ctx: StageContext) -> StageOutput:
     for i, (label, _) in enumerate(targets):
         mine = [(job, d) for job, d in zip(jobs, done, strict=True) if job["label"] == label]
         items = [item for _, d in mine for item in d["result"]["items"]]
-        scores = task_metrics(items, kinds)
+        scores = task_metrics(items, kinds, samples, cfg.seed)
         for kind in kinds:
-            task, key, _ = TASKS[kind]
             write_predictions([it for it in items if it["task"] == kind],
-                              ctx.stage_dir / f"predictions_{label}_{kind}.jsonl", key)
+                              ctx.stage_dir / f"predictions_{label}_{kind}.jsonl", TASKS[kind].metric)
         prefix = "eval/" if i == len(targets) - 1 else f"eval/{label}_"
         metrics.update({f"{prefix}{k}": v for k, v in scores.items()})
-        main = [scores[TASKS[k][2]] for k in kinds]
-        metrics[f"{prefix}mean_accuracy"] = sum(main) / len(main)
         shards += [{"checkpoint": label, "shard": job["shard"], "node_id": d["node_id"], "device": d["device"],
                     "items": len(d["result"]["items"]), "seconds": round(d["seconds"], 3)} for job, d in mine]
-    return StageOutput(metrics=metrics, outputs={"scored": [label for label, _ in targets], "shards": shards},
+    files = task_files(kinds, protocol)
+    ctx.tracker.set_tags(ctx.mlflow_run_id, {"eval.protocol": protocol, "eval.task_files": json.dumps(files)})
+    return StageOutput(metrics=metrics, outputs={"scored": [label for label, _ in targets], "shards": shards,
+                                                 "protocol": protocol, "task_files": files},
                        ran_on={"shards": [{"node_id": d["node_id"], "device": d["device"], "hardware": d["hardware"]}
                                           for d in done]})

@@ -47,8 +47,8 @@ def workdir(tmp_path, monkeypatch):
 def tiny_overrides(**extra) -> list[str]:
     """The default preset shrunk to seconds: small data, few steps."""
     base = {
-        "data.vqa.train_size": 64, "data.vqa.test_size": 16, "data.chartqa.train_size": 64,
-        "data.chartqa.test_size": 16, "sft.max_steps": 4, "sft.batch_size": 8, "sft.save_steps": 2,
+        "data.tasks.vqa.train_size": 64, "data.tasks.vqa.test_size": 16, "data.tasks.chartqa.train_size": 64,
+        "data.tasks.chartqa.test_size": 16, "sft.max_steps": 4, "sft.batch_size": 8, "sft.save_steps": 2,
         "sft.logging_steps": 1, "sft.warmup_steps": 0, "eval.batch_size": 16,
     }
     base.update(extra)

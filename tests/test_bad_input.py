@@ -58,7 +58,7 @@ def _parquet(root, rows, splits=("train", "test")):
 
 
 RUN = ["run", "sft"]
-VQA_DIR = "data.vqa.source={d}/vqa"
+VQA_DIR = "data.tasks.vqa.source={d}/vqa"
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 
 # id, argv ({d}: the case's directory), files to create there, problem named, fix named
@@ -106,6 +106,16 @@ CASES = [
     ("dpo-loss", ["run", "dpo", "dpo.loss_type=bogus"], {}, "dpo.loss_type: Input should be 'sigmoid'", "fix it"),
     ("connector", [*RUN, "model.source=compose", "model.compose={vision: a, language: b, connector: qformer}"], {},
      "model.compose.connector: Input should be 'linear', 'mlp' or 'pixel_shuffle'", "fix it"),
+    ("unknown-task", [*RUN, "data.tasks.chartq.train_size=5"], {},
+     "data.tasks: unknown task 'chartq' (did you mean 'chartqa'?)", "known tasks: vqa, chartqa"),
+    ("task-under-old-key", [*RUN, "data.vqa.train_size=5"], {}, "data.vqa: unknown key (did you mean 'tasks.vqa'?)",
+     "fix it"),
+    ("no-task-left", [*RUN, "data.tasks={vqa: null, chartqa: null}"], {}, "no task left",
+     "give at least one of vqa, chartqa"),
+    ("eval-unknown-task", ["eval", "tiny", "--tasks", "vqa,docs"], {}, "--tasks: unknown task 'docs'",
+     "comma-separated list of those"),
+    ("unknown-protocol", [*RUN, "eval.protocol=vlmevalkit"], {}, "eval.protocol: Input should be 'short' or 'lmms'",
+     "fix it"),
     ("not-key-value", [*RUN, "noequals"], {}, "override 'noequals' is not of the form key=value",
      "e.g. sft.max_steps=50"),
     ("not-an-integer", [*RUN, "sft.max_steps=many"], {}, "sft.max_steps: Input should be a valid integer", "fix it"),
@@ -117,11 +127,12 @@ CASES = [
      "defines no top-level function 'nothere'", "check the name"),
     ("reward-no-module", ["run", "grpo", "grpo.rewards=[no_such_module_xyz:f]"], {},
      "cannot find module 'no_such_module_xyz'", "give a path/to/file.py instead"),
-    ("column-name", [*RUN, "data.vqa.columns={note: x}"], {}, "data.vqa.columns.note.[key]: Input should be 'image'",
+    ("column-name", [*RUN, "data.tasks.vqa.columns={note: x}"], {},
+     "data.tasks.vqa.columns.note.[key]: Input should be 'image'",
      "fix it"),
     ("zero-new-tokens", [*RUN, "eval.max_new_tokens=0"], {}, "eval.max_new_tokens: Input should be greater than",
      "fix it"),
-    ("missing-data-dir", [*RUN, "data.vqa.source=/no/such/dir"], {}, "data directory not found", "fix it"),
+    ("missing-data-dir", [*RUN, "data.tasks.vqa.source=/no/such/dir"], {}, "data directory not found", "fix it"),
     # data files (checked before the first stage)
     ("vqa-corrupt-json", [*RUN, VQA_DIR], _vqa('{"questions": [1,'),
      "v2_questions_train.json: not valid JSON at line 1", "repair or re-download the file"),
@@ -133,18 +144,18 @@ CASES = [
      "v2_questions_train.json row 0: no 'image_id'", "fix or drop that entry"),
     ("vqa-annotations-not-list", [*RUN, VQA_DIR], _vqa('{"questions": []}', '{"annotations": 3}'),
      "expected an object with a list under 'annotations'", "give the file in the official VQA layout"),
-    ("chartqa-no-imgname", [*RUN, "data.chartqa.source={d}/chartqa"],
+    ("chartqa-no-imgname", [*RUN, "data.tasks.chartqa.source={d}/chartqa"],
      {"chartqa/train/train_human.json": '[{"query": "q?", "label": "1"}]', "chartqa/test/test_human.json": "[]"},
      "train_human.json row 0: no 'imgname'", "fix or drop that entry"),
-    ("disk-missing-split", [*RUN, "data.vqa.source={d}/disk"], _hf_disk_train_only,
+    ("disk-missing-split", [*RUN, "data.tasks.vqa.source={d}/disk"], _hf_disk_train_only,
      "no split 'test' (splits: train)", "set the task's train_split / test_split"),
-    ("parquet-missing-split", [*RUN, "data.vqa.source={d}/pq"],
+    ("parquet-missing-split", [*RUN, "data.tasks.vqa.source={d}/pq"],
      lambda d: _parquet(d, [{"image": {"bytes": PNG, "path": None}, "question": "q", "answers": ["a"]}], ["train"]),
      "no parquet files for split 'test'", "add them or set the task's train_split / test_split"),
-    ("parquet-missing-column", [*RUN, "data.vqa.source={d}/pq"],
+    ("parquet-missing-column", [*RUN, "data.tasks.vqa.source={d}/pq"],
      lambda d: _parquet(d, [{"image": {"bytes": PNG, "path": None}, "query": "q", "answers": ["a"]}]),
-     "missing column 'question'", "remap with data.<task>.columns"),
-    ("parquet-bad-image", [*RUN, "data.vqa.source={d}/pq"],
+     "task 'vqa' needs column 'question'", "remap with data.tasks.vqa.columns"),
+    ("parquet-bad-image", [*RUN, "data.tasks.vqa.source={d}/pq"],
      lambda d: _parquet(d, [{"image": {"bytes": b"not a png", "path": None}, "question": "q", "answers": ["a"]}]),
      "row 0: image cannot be decoded", "replace it or drop that row"),
     # result.json for reproduce

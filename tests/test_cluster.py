@@ -152,10 +152,15 @@ def test_dpo_job_trains_across_nodes_and_scores_on_the_workers(cluster):
          "print(C(sys.argv[1]).get_job_status(sys.argv[2]).value)", cluster["address"], job_id],
         env=cluster["env"], capture_output=True, text=True, timeout=120)
     assert status.stdout.strip() == "SUCCEEDED", status.stdout + status.stderr[-2000:]
-    assert "Connecting to existing Ray cluster" in submit.stdout + submit.stderr  # attached, no Ray of its own
 
     (result_path,) = out.glob("*/result.json")
     result, run_dir = json.loads(result_path.read_text()), result_path.parent
+    # Ray's own lines go to the run's logs (harness/output.py), and so does each worker's output, from every node
+    logs = "".join(p.read_text(errors="replace") for p in (run_dir / "logs").glob("*.log"))
+    assert "Connecting to existing Ray cluster" in logs  # attached, no Ray of its own
+    assert "(RayTrainWorker pid=" not in submit.stdout  # no worker output forwarded to the job's log
+    assert {p.name for p in (run_dir / "logs" / "ray").glob("*.log")} >= {"sft.rank0.log", "sft.rank1.log",
+                                                                         "dpo.rank1.log", "eval.shard0.log"}
     assert result["metrics"]["sft/steps"] == 4 and result["metrics"]["dpo/steps"] == 4
     workers, head = cluster["workers"], cluster["head"]
     for name in ("sft", "dpo"):  # DDP: one rank on each worker node, none on the head

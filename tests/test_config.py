@@ -23,9 +23,9 @@ def test_presets_validate():
 
 def test_overrides_are_typed_and_nested():
     cfg = load_config(None, ["sft.max_steps=12", "sft.save_steps=6", "sft.learning_rate=3e-4", "sft.lora.enabled=true",
-                             "data.vqa.columns={question: q}"])
+                             "data.tasks.vqa.columns={question: q}"])
     assert cfg.sft.max_steps == 12 and cfg.sft.learning_rate == pytest.approx(3e-4)
-    assert cfg.sft.lora.enabled is True and cfg.data.vqa.columns == {"question": "q"}
+    assert cfg.sft.lora.enabled is True and cfg.data.tasks["vqa"].columns == {"question": "q"}
     assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
 
 
@@ -34,7 +34,7 @@ def test_overrides_are_typed_and_nested():
     (["sft.max_steps=many"], "sft.max_steps: Input should be a valid integer"),
     (["sft.learning_rate=-1"], "sft.learning_rate: Input should be greater than 0"),
     (["model.source=./no/such/model"], "model.source: model directory not found: ./no/such/model"),
-    (["data.vqa.source=/no/such/dir"], "data.vqa.source: data directory not found"),
+    (["data.tasks.vqa.source=/no/such/dir"], "data.tasks.vqa.source: data directory not found"),
     (["pipelines.sft=[data, teleport]"], "unknown stage 'teleport'"),
     (["run_name=../escape"], "run_name"),
     (["noequals"], "not of the form key=value"),
@@ -88,3 +88,20 @@ def test_stage_runtime_env_reaches_the_ray_workers():
         load_config(None, ["sft.runtime_env.env_vars.X=[1,2]"])
     with pytest.raises(ConfigError, match="dpo.runtime_env.pip"):
         load_config(None, ["dpo.runtime_env.pip=[torch]"])
+
+
+def test_a_protocol_a_task_lacks_names_the_task(monkeypatch, tmp_path):
+    """A registered task without an `lmms` YAML: choosing that protocol fails in validation, naming the task."""
+    import dataclasses
+
+    from evals import registry
+
+    monkeypatch.setattr(registry, "TASK_DIR", tmp_path)  # where only toy_short.yaml exists
+    (tmp_path / "toy_short.yaml").write_text("task: vlmlab_toy_short\n")
+    toy = dataclasses.replace(registry.TASKS["vqa"], name="toy")
+    monkeypatch.setitem(registry.TASKS, "toy", toy)
+    only_toy = "data.tasks={" + ", ".join(f"{name}: null" for name in registry.TASKS if name != "toy") + ", toy: {}}"
+    with pytest.raises(ConfigError, match=r"eval.protocol: task 'toy' has no 'lmms' protocol \(it has: short\); "
+                                          r"choose one of those or drop the task"):
+        load_config(None, [only_toy, "eval.protocol=lmms"])
+    assert load_config(None, [only_toy]).data.tasks.keys() == {"toy"}

@@ -46,7 +46,7 @@ def test_canonicalize_synthetic_rows():
 
 def test_missing_column_is_named():
     rows = [{k: v for k, v in r.items() if k != "query"} for r in synthetic.generate("bar-chartqa", 3, 0, 64)]
-    with pytest.raises(DataError, match="missing column 'query'"):
+    with pytest.raises(DataError, match="task 'chartqa' needs column 'query'"):
         dsets.canonicalize(rows, "chartqa", {}, "charts.json", None)
 
 
@@ -84,18 +84,19 @@ def test_column_mapping(tmp_path):
 @pytest.mark.skipif(not REALDATA.exists(), reason="../shared/realdata not present")
 def test_real_chartqa_layout():
     spec = TaskDataConfig(source=str(REALDATA / "chartqa" / "ChartQA Dataset"))
-    rows, origin = dsets.load_split(spec, "chartqa", "train", None)
+    rows, origin, _ = dsets.load_split(spec, "train", None)
     out = dsets.canonicalize(rows, "chartqa", {}, origin, None)
     assert len(out) == 53
     assert out[0]["question"].startswith("Which country was the leading pharmaceutical supplier")
     assert out[0]["answers"] == ["Switzerland"] and out[0]["question_type"] == "augmented"
+    assert all(o["subset"] == o["question_type"] for o in out)  # human / augmented: ChartQA reports both
 
 
 @pytest.mark.skipif(not REALDATA.exists(), reason="../shared/realdata not present")
 @pytest.mark.parametrize("fixture, n", [("allennlp_vqav2_train2014_fixture", 3), ("cmu16824_vqa_v1_test_fixture", 2)])
 def test_real_vqa_official_layout(fixture, n):
     spec = TaskDataConfig(source=str(REALDATA / "vqav2" / fixture))
-    rows, origin = dsets.load_split(spec, "vqa", "train", None)
+    rows, origin, _ = dsets.load_split(spec, "train", None)
     out = dsets.canonicalize(rows, "vqa", {}, origin, None)
     assert len(out) == n
     assert all(len(o["answers"]) == 10 for o in out)
@@ -111,7 +112,7 @@ def test_real_chartqa_missing_image_is_named(tmp_path):
     first_row = next(i for i, e in enumerate(entries) if e["imgname"] == missing)
     (root / "train" / "png" / missing).unlink()
     spec = TaskDataConfig(source=str(root))
-    rows, origin = dsets.load_split(spec, "chartqa", "train", None)
+    rows, origin, _ = dsets.load_split(spec, "train", None)
     with pytest.raises(DataError, match=rf"row {first_row}: image file not found: .*{missing}"):
         dsets.canonicalize(rows, "chartqa", {}, origin, None)
 

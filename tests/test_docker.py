@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, loopback_only
 
+from evals.registry import TASKS
+
 HOST_NETNS_FD = 9
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlmlab" / "docker"
 DOCKER = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else (shutil.which("docker") or "docker")
@@ -162,8 +164,8 @@ def test_harness_run_dpo_default_preset_in_the_container(docker_env, image, tmp_
     # same pins, same CPU arithmetic: the container reproduces the host's reference run of the default preset
     reference = json.loads((ROOT / "results" / "reference" / "dpo.json").read_text())["metrics"]
     metrics = result["metrics"]
-    for key in ("eval/sft_vqa_accuracy", "eval/sft_chartqa_relaxed_accuracy", "eval/vqa_accuracy",
-                "eval/chartqa_relaxed_accuracy", "dpo/reward_accuracy"):
+    keys = [f"eval/{prefix}{t.metric}" for t in TASKS.values() for prefix in ("", "sft_")] + ["dpo/reward_accuracy"]
+    for key in keys:
         assert abs(metrics[key] - reference[key]) <= 0.01, (key, metrics[key], reference[key])
     assert metrics["dpo/reward_margin_end"] > metrics["dpo/reward_margin_start"]
     # the MLflow store is on the volume: the parent run and one child per stage, all FINISHED

@@ -170,8 +170,9 @@ def test_harness_run_and_sweep_mark_a_silent_run_of_another_host_killed(workdir,
     other.stop()
     _wait_for(lambda: float(client.get_run(other.runs[0]).data.tags[HEARTBEAT_TAG]) < time.time() - 4, 60,
               "the heartbeat to go stale")
-    data = ["pipelines.d=[data]", "data.vqa.train_size=16", "data.vqa.test_size=8", "data.chartqa.train_size=16",
-            "data.chartqa.test_size=8"]
+    data = ["pipelines.d=[data]", "data.tasks.vqa.train_size=16", "data.tasks.vqa.test_size=8",
+            "data.tasks.chartqa.train_size=16",
+            "data.tasks.chartqa.test_size=8"]
     args = ["run", "d", *data] if command == "run" else \
         ["sweep", "--pipeline", "d", *data, "--space", "seed=choice(0)", "--trials", "1"]
     proc = subprocess.Popen([sys.executable, "-m", "harness.cli", *args, "--output-dir", "runs"], cwd=workdir,

@@ -86,8 +86,8 @@ def test_bad_data_fails_cleanly(ray_session, workdir):
     rows = [{k: v for k, v in r.items() if k != "query"} for r in generate("bar-chartqa", 8, 0, 64)]
     for split in ("train", "test"):
         Dataset.from_list(rows).cast_column("image", Image()).to_parquet(str(bad / f"{split}.parquet"))
-    cfg = load_config(None, tiny_overrides(**{"data.chartqa.source": str(bad)}))
-    with pytest.raises(DataError, match=r"missing column 'query'"):
+    cfg = load_config(None, tiny_overrides(**{"data.tasks.chartqa.source": str(bad)}))
+    with pytest.raises(DataError, match=r"task 'chartqa' needs column 'query'"):
         run_pipeline(cfg, "sft")
     assert not list((workdir / "runs").glob("*/result.json"))
     _, runs = _runs(workdir)
@@ -195,6 +195,31 @@ def test_sharded_eval_scores_exactly_like_one_shard(ray_session, first_run):
     shards = next(s for s in two["stages"] if s["name"] == "eval")["outputs"]["shards"]
     assert [s["shard"] for s in shards] == [0, 1] and sum(s["items"] for s in shards) == 32
     assert all(s["items"] > 0 for s in shards)
+
+
+def test_harness_eval_reproduces_a_runs_scores(ray_session, first_run):
+    """`harness eval <a run's SFT checkpoint>` (that run's data and eval settings) gives exactly its eval metrics,
+    as a recorded run of its own; a task the registry lacks is one line, exit 2, before any work."""
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+
+    root, first = first_run
+    model_dir = root / "runs" / first["run_id"] / "sft" / "model"
+    ok = CliRunner().invoke(app, ["eval", str(model_dir)], env={"COLUMNS": "200"})
+    assert ok.exit_code == 0, ok.output
+    assert f"data and eval settings from {root / 'runs' / first['run_id'] / 'config.yaml'}" in ok.output
+    scored = _last_result(root)
+    assert scored["pipeline"] == "eval" and [s["name"] for s in scored["stages"]] == ["data", "model", "eval"]
+    final = {k: v for k, v in first["metrics"].items() if k.startswith("eval/") and not k.startswith(
+        ("eval/base_", "eval/prior_"))}
+    assert final and {k: scored["metrics"][k] for k in final} == final
+    assert scored["manifest"]["model_source"] == str(model_dir) and scored["cost_usd"] > 0
+
+    runs_before = len(list((root / "runs").iterdir()))
+    bad = CliRunner().invoke(app, ["eval", str(model_dir), "--tasks", "vqa,textvqa2"])
+    assert bad.exit_code == 2 and "--tasks: unknown task 'textvqa2' (known: " in bad.output
+    assert len(list((root / "runs").iterdir())) == runs_before
 
 
 def test_worker_killed_while_scoring_a_shard_is_retried(ray_session, first_run):

@@ -200,7 +200,7 @@ def test_planted_secrets_are_written_nowhere(mlflow_server, tmp_path):
     data_dir = tmp_path / f"data-{data_token}" / "vqa"
     _vqa_parquet(data_dir)
     overrides = tiny_overrides() + [f"sft.runtime_env.env_vars.{k}={v}" for k, v in config_plants.items()] + [
-        f"tracking.uri=http://carol:{mlflow_pw}@127.0.0.1:{port}", f"data.vqa.source={data_dir}"]
+        f"tracking.uri=http://carol:{mlflow_pw}@127.0.0.1:{port}", f"data.tasks.vqa.source={data_dir}"]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | env_plants
     run = subprocess.run([sys.executable, "-m", "harness.cli", "run", "sft", *overrides, "-o", str(tmp_path / "runs")],
                          cwd=tmp_path, env=env, capture_output=True, timeout=900)

@@ -55,7 +55,8 @@ def test_code_and_source_changes_recompute_what_depends_on_them(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     env = {**os.environ, "PYTHONPATH": str(project), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
-    args = ["run", "score", *tiny_overrides(**SCORE, **{"data.chartqa.source": str(charts)}), "--output-dir", "runs"]
+    args = ["run", "score", *tiny_overrides(**SCORE, **{"data.tasks.chartqa.source": str(charts)}),
+            "--output-dir", "runs"]
 
     first = _result(work / "runs", _harness(work, *args, env=env))
     assert first["reused_stages"] == [] and first["metrics"]["eval/vqa_accuracy"] < 1.0

@@ -74,3 +74,36 @@ class MlflowStepLogger(TrainerCallback):
 
     def close(self) -> None:
         self.writer.close()
+
+
+class ProgressReporter(TrainerCallback):
+    """Rank 0's progress for the driver's console (harness/output.py): step, total, the last loss (GRPO: reward) and
+    the global batch, rewritten at most once a second to ``path``."""
+
+    def __init__(self, path: str, label: str, every_s: float = 1.0):
+        self.path, self.label, self.every_s = path, label, every_s
+        self.metric: tuple[str, float] | None = None
+        self._written = 0.0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        first = self.metric is None
+        logs = logs or {}
+        for key in ("reward", "loss"):
+            if isinstance(logs.get(key), (int, float)):
+                self.metric = (key, float(logs[key]))
+                break
+        if first and self.metric is not None:  # the console need not wait a second for the first loss
+            self.write(args, state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.monotonic()
+        if now - self._written >= self.every_s or state.global_step >= state.max_steps:
+            self._written = now
+            self.write(args, state)
+
+    def write(self, args, state) -> None:
+        from harness.output import write_progress
+
+        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+        write_progress(self.path, {"label": self.label, "step": state.global_step, "total": state.max_steps,
+                                   "metric": self.metric, "global_batch": batch})

@@ -1,12 +1,14 @@
 """Load any supported source into vlmlab's canonical task view, and validate it row by row.
 
 Canonical columns (what training and eval read): ``image`` (an image), ``question`` (str),
-``answers`` (list[str]: the 10 VQA human answers, or the ChartQA labels), ``answer`` (the training target) and
-``question_type`` (str, for per-type accuracy).
+``answers`` (list[str]: the 10 VQA human answers, or the ChartQA labels), ``answer`` (the training target),
+``question_type`` (str, for per-type accuracy) and ``subset`` (str: the task's reporting subsets, e.g. ChartQA's
+human / augmented; "all" otherwise).
 
 Sources: the synthetic generator, a local directory (parquet files, ``save_to_disk``, the official VQA
-questions/annotations JSON + COCO images, or the ChartQA repo's ``<split>/<split>_*.json`` + ``png/``), or a hub
-dataset id. Column names follow each kind's real layout (VQAv2, HuggingFaceM4/ChartQA); ``columns`` remaps them.
+questions/annotations JSON + COCO images, the ChartQA repo's ``<split>/<split>_*.json`` + ``png/``, or
+the_cauldron's ``images`` + ``texts`` rows), or a hub dataset id. Column names follow each task's published layouts
+(``evals/registry.py``); ``columns`` remaps them.
 """
 from __future__ import annotations
 
@@ -14,20 +16,8 @@ import io
 import json
 from pathlib import Path
 
+from evals.registry import REQUIRED, TASKS
 from harness.errors import DataError
-
-KIND_DEFAULT_COLUMNS = {
-    # canonical -> source column in the real dataset layout
-    "vqa": {"image": "image", "question": "question", "answers": "answers", "answer": "multiple_choice_answer",
-            "question_type": "question_type"},
-    "chartqa": {"image": "image", "question": "query", "answers": "label", "answer": "label",
-                "question_type": "question_type"},
-}
-REQUIRED = ("image", "question", "answers")
-SYNTHETIC_TASK = {"vqa": "shapes-vqa", "chartqa": "bar-chartqa"}
-
-
-NUMERIC_TYPES = {"value"}  # chart question types whose answers must be numbers (relaxed accuracy needs them)
 
 
 def _is_number(text: str) -> bool:
@@ -42,7 +32,7 @@ def canonical_features():
     from datasets import Features, Image, Sequence, Value
 
     return Features({"image": Image(), "question": Value("string"), "answers": Sequence(Value("string")),
-                     "answer": Value("string"), "question_type": Value("string")})
+                     "answer": Value("string"), "question_type": Value("string"), "subset": Value("string")})
 
 
 def _answer_texts(value) -> list[str]:
@@ -53,7 +43,7 @@ def _answer_texts(value) -> list[str]:
     return [a["answer"] if isinstance(a, dict) else str(a) for a in value]
 
 
-def _image_bytes(value, where: str) -> dict:
+def image_bytes(value, where: str) -> dict:
     """Normalise an image cell (dict with bytes/path, a path, or a PIL image) to {'bytes', 'path'}."""
     from PIL import Image
 
@@ -79,16 +69,30 @@ def _image_bytes(value, where: str) -> dict:
     return {"bytes": data, "path": Path(path).name if path else None}
 
 
-def canonicalize(rows, kind: str, columns: dict[str, str], origin: str, limit: int | None) -> list[dict]:
-    """Map source rows to canonical rows, checking every row. ``rows`` is a datasets.Dataset or list of dicts."""
-    mapping = {**KIND_DEFAULT_COLUMNS[kind], **columns}
-    available = set(rows.column_names if hasattr(rows, "column_names") else (rows[0].keys() if rows else ()))
+def column_names(rows) -> set[str]:
+    if hasattr(rows, "column_names"):
+        return set(rows.column_names)
+    return set(rows[0].keys()) if rows else set()
+
+
+def missing_columns(kind: str, mapping: dict[str, str], available: set[str], origin: str) -> None:
+    """A DataError naming the first required canonical column the source lacks."""
+    for name in REQUIRED:
+        if mapping.get(name) not in available:
+            raise DataError(f"{origin}: task '{kind}' needs column '{mapping.get(name)}' (for '{name}'; columns "
+                            f"present: {', '.join(sorted(available))}); remap with data.tasks.{kind}.columns")
+
+
+def canonicalize(rows, kind: str, columns: dict[str, str], origin: str, limit: int | None,
+                 layout: str = "") -> list[dict]:
+    """Map source rows to canonical rows, checking every row. ``rows`` is a datasets.Dataset or list of dicts;
+    ``layout`` (a hub id, or "canonical") picks the published copy's column names from the registry."""
+    task = TASKS[kind]
+    available = column_names(rows)
+    mapping = {**task.columns_for(layout, available), **columns}
     if len(rows) == 0:
         raise DataError(f"{origin}: split is empty; add rows or choose another split")
-    for name in REQUIRED:
-        if mapping[name] not in available:
-            raise DataError(f"{origin}: missing column '{mapping[name]}' (needed for '{name}'; "
-                            f"columns present: {', '.join(sorted(available))}; remap with data.<task>.columns)")
+    missing_columns(kind, mapping, available, origin)
     if hasattr(rows, "cast_column"):
         from datasets import Image
         if mapping["image"] in available:
@@ -98,24 +102,36 @@ def canonicalize(rows, kind: str, columns: dict[str, str], origin: str, limit: i
     for i in range(n):
         row = rows[i]
         where = f"{origin} row {i}"
+        f = {name: row[col] for name, col in mapping.items() if col in available}  # canonical name -> cell
+        if task.adapt is not None:
+            try:
+                f.update(task.adapt(f))
+            except (KeyError, IndexError, TypeError, ValueError) as exc:
+                raise DataError(f"{where}: not a {task.title} row ({type(exc).__name__}: {exc}); fix or drop that "
+                                "row") from None
         try:
-            answers = _answer_texts(row[mapping["answers"]])
+            answers = _answer_texts(f["answers"])
         except (KeyError, TypeError):
             raise DataError(f"{where}: column '{mapping['answers']}' must hold answer strings or "
                             "{'answer': ...} records") from None
         if not answers:
             raise DataError(f"{where}: no answers in column '{mapping['answers']}'; add one or drop that row")
-        target = row.get(mapping["answer"]) if mapping["answer"] in available else None
-        target = _answer_texts(target)[0] if _answer_texts(target) else answers[0]
-        question = row[mapping["question"]]
+        target = _answer_texts(f.get("answer"))
+        target = target[0] if target else answers[0]
+        question = f["question"]
         if not isinstance(question, str) or not question.strip():
             raise DataError(f"{where}: empty question in column '{mapping['question']}'; fill it or drop that row")
-        qtype = row.get(mapping["question_type"]) if mapping["question_type"] in available else None
-        if kind == "chartqa" and qtype in NUMERIC_TYPES and not all(_is_number(a) for a in answers):
+        qtype = f.get("question_type")
+        if qtype in task.numeric_types and not all(_is_number(a) for a in answers):
             raise DataError(f"{where}: question type '{qtype}' needs a numeric answer, got {answers!r} "
                             f"in column '{mapping['answers']}'; fix the answer or the question type")
-        out.append({"image": _image_bytes(row[mapping["image"]], where), "question": question.strip(),
-                    "answers": answers, "answer": target, "question_type": str(qtype or "all")})
+        subset = f.get("subset")
+        if task.subsets and subset is not None and subset not in task.subsets:
+            raise DataError(f"{where}: '{subset}' in column '{mapping['subset']}' is not one of {kind}'s subsets "
+                            f"({', '.join(map(str, task.subsets))}); fix it or remap data.tasks.{kind}.columns.subset")
+        out.append({"image": image_bytes(f["image"], where), "question": question.strip(),
+                    "answers": answers, "answer": target, "question_type": str(qtype or "all"),
+                    "subset": task.subsets.get(subset, "all") if subset is not None else "all"})
     return out
 
 
@@ -199,7 +215,7 @@ def _chartqa_json(root: Path, split: str) -> list[dict]:
             rows.append({"image": str(split_dir / "png" / _field(entry, "imgname", where, "the chart's file in png/")),
                          "query": _field(entry, "query", where, "the question"),
                          "label": [str(_field(entry, "label", where, "the answer"))],
-                         "question_type": f.stem.split("_", 1)[1]})
+                         "question_type": f.stem.split("_", 1)[1], "human_or_machine": f.stem.split("_", 1)[1]})
     return rows
 
 
@@ -212,7 +228,7 @@ def _detect_format(root: Path) -> str:
         return "vqa_official"
     if list(root.glob("*/*_augmented.json")) or list(root.glob("*/*_human.json")):
         return "chartqa_json"
-    raise DataError(f"{root}: cannot tell the dataset format; set data.<task>.format")
+    raise DataError(f"{root}: cannot tell the dataset format; set data.tasks.<task>.format")
 
 
 def in_split(relative: Path, split: str) -> bool:
@@ -221,24 +237,78 @@ def in_split(relative: Path, split: str) -> bool:
     return relative.name.startswith(split) or split in relative.parts[:-1]
 
 
-def load_split(spec, kind: str, split: str, limit: int | None):
-    """Rows of one split of a non-synthetic source, in its own layout, and a name for error messages."""
-    return load_rows(spec.source, spec.format, split, limit)
+def cauldron_rows(rows, origin: str) -> list[dict]:
+    """the_cauldron's layout (``images``: list of images, ``texts``: list of {user, assistant}) as canonical-keyed
+    rows, one per question turn, with the row's first image."""
+    out = []
+    for i, row in enumerate(rows):
+        where = f"{origin} row {i}"
+        images, texts = row.get("images"), row.get("texts")
+        if not images or not isinstance(texts, list):
+            raise DataError(f"{where}: not the_cauldron's layout (needs 'images' and 'texts' [{{user, assistant}}]); "
+                            "set the task's format")
+        for turn in texts:
+            if not isinstance(turn, dict) or not turn.get("user") or not turn.get("assistant"):
+                raise DataError(f"{where}: a 'texts' turn without 'user' and 'assistant'; fix or drop that row")
+            out.append({"image": images[0], "question": turn["user"], "answers": [turn["assistant"]],
+                        "answer": turn["assistant"]})
+    return out
 
 
-def load_rows(source: str, fmt: str, split: str, limit: int | None):
-    """(rows, origin) of one split of a hub id or a local directory in any supported format."""
+def load_split(spec, split_key: str, limit: int | None):
+    """(rows, origin, layout) of a task's ``train`` or ``test`` split (``train_from`` when given for train): rows in
+    the source's own layout, a name for error messages, and the layout's key for ``Task.columns_for``."""
+    src = spec.train_from if split_key == "train" and spec.train_from is not None else spec
+    split = src.split if src is not spec else getattr(spec, f"{split_key}_split")
+    fmt = src.format
+    if fmt == "cauldron":
+        rows, origin = load_rows(src.source, "auto", split, limit, src.hub_config, src.revision)
+        if hasattr(rows, "select"):  # a local copy: only the rows needed, images as bytes
+            from datasets import Image, List
+
+            rows = rows.select(range(min(limit or len(rows), len(rows))))
+            rows = rows.cast_column("images", List(Image(decode=False))) if "images" in rows.column_names else rows
+        return cauldron_rows(rows, origin)[:limit], origin, "canonical"
+    rows, origin = load_rows(src.source, fmt, split, limit, src.hub_config, src.revision)
+    return rows, origin, src.source
+
+
+def hub_revision(source: str, config: str | None, revision: str | None) -> str | None:
+    """The commit a hub dataset load resolves to (None for local sources or when the hub cannot be asked)."""
+    if looks_local(source):
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(source, revision=revision).sha
+    except Exception:  # offline with a warm cache: the requested revision is all we know
+        return revision
+
+
+def looks_local(source: str) -> bool:
+    return Path(source).expanduser().exists()
+
+
+def load_rows(source: str, fmt: str, split: str, limit: int | None, config: str | None = None,
+              revision: str | None = None):
+    """(rows, origin) of one split of a hub id or a local directory in any supported format. A hub split of which
+    only ``limit`` rows are needed is streamed, not downloaded whole."""
     from datasets import load_dataset, load_from_disk
 
     root = Path(source).expanduser()
     if fmt == "hub" or (fmt == "auto" and not root.exists()):
-        sliced = f"{split}[:{limit}]" if limit else split
+        where = f"{source}{'/' + config if config else ''}:{split}"
         try:
-            return load_dataset(source, split=sliced), f"{source}:{split}"
+            if limit:
+                stream = load_dataset(source, config, split=split, revision=revision, streaming=True)
+                return list(stream.decode(False).take(limit)), where
+            return load_dataset(source, config, split=split, revision=revision), where
         except Exception as exc:  # not on the hub, no such split, offline...
-            raise DataError(f"{source}: cannot load split '{split}' from the hub ({type(exc).__name__}: "
-                            f"{' '.join(str(exc).split())[:300]}); check the dataset id and split, or use a local "
-                            "directory") from None
+            raise DataError(f"{where}: cannot load from the hub ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:300]}); check the dataset id, config and split, or use a "
+                            "local directory") from None
+    if config:
+        root = root / config  # a local copy of a hub repo: <root>/<config>/<split>-*.parquet
     fmt = _detect_format(root) if fmt == "auto" else fmt
     if fmt == "hf_disk":
         try:

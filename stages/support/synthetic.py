@@ -4,13 +4,17 @@
   each with 10 "human" answers that vary the way people do ("2"/"two", "Red.", an occasional dissenter).
 * ``bar-chartqa`` (HuggingFaceM4/ChartQA layout): 3-5 coloured bars; bar value (numeric, relaxed accuracy),
   highest/lowest colour, and bar count questions.
+* ``sign-textvqa`` (lmms-lab/textvqa layout): one of 6 words on a sign, in big glyphs, beside distractor shapes
+  ("what word is written on the sign?"), with 10 "human" answers as in TextVQA.
+* ``form-docvqa`` (lmms-lab/DocVQA layout): a small rendered document, either a form (sender, recipient) or a
+  receipt (two items and a total) ("who is the sender?", "what is the total?").
 """
 from __future__ import annotations
 
 import io
 import random
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 SHAPE_COLORS = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (235, 215, 40),
@@ -136,7 +140,110 @@ def chart_item(rng: random.Random, index: int, image_size: int) -> dict:
     return {"image": _png(img), "query": query, "label": [label], "human_or_machine": 1, "question_type": qtype}
 
 
-GENERATORS = {"shapes-vqa": shapes_item, "bar-chartqa": chart_item}
+SIGN_WORDS = ("STOP", "OPEN", "EXIT", "TAXI", "CAFE", "BANK")
+SIGN_COLORS = {"white": (240, 240, 240), "yellow": (240, 210, 40)}  # dark ink on either
+DOC_NAMES = ("ANN", "BOB", "EVE", "MAX", "SUE", "JIM", "KAY", "LOU")  # pairwise >= 2 letters apart (ANLS 0)
+DOC_ITEMS = ("TEA", "PIE", "JAM", "EGG")
+
+
+def _font(px: int):
+    """Pillow's embedded FreeType font (Aileron) at ``px``: the same glyphs on every machine, no system fonts."""
+    return ImageFont.load_default(size=max(6, px))
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
+    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
+    return x1 - x0, y1 - y0
+
+
+def sign_item(rng: random.Random, index: int, image_size: int) -> dict:
+    """One sign-textvqa row in the lmms-lab/textvqa column layout (+ question_type): a word on a sign, in glyphs a
+    quarter of the image high, 1-2 distractor shapes in the other half of the image. The sign sits on an eighth-of-
+    the-image grid (the tiny model's patch grid at its default sizes), so a glyph looks the same wherever it is."""
+    word = rng.choice(SIGN_WORDS)
+    paper, ink = SIGN_COLORS[rng.choice(list(SIGN_COLORS))], (rng.randint(0, 40),) * 3
+    shade = rng.randint(40, 100)
+    img = Image.new("RGB", (image_size, image_size), (shade, shade + rng.randint(0, 30), shade))
+    draw = ImageDraw.Draw(img)
+    font = _font(image_size // 4)
+    width, height = _text_size(draw, word, font)
+    pad = max(2, image_size // 20)
+    box_w, box_h = width + 2 * pad, height + 2 * pad
+    top = rng.random() < 0.5  # the sign in one half, distractors in the other
+    grid, half = max(1, image_size // 8), image_size // 2
+    x0 = grid * rng.randint(0, max(0, (image_size - box_w) // grid))
+    y0 = (0 if top else half) + grid * rng.randint(0, max(0, (half - box_h) // grid))
+    cell = image_size // 2
+    for cx in rng.sample([0, 1], rng.randint(1, 2)):
+        kind, color = rng.choice(SHAPES), rng.choice([c for c in SHAPE_COLORS if c != "white"])
+        size = rng.randint(int(cell * 0.4), int(cell * 0.7))
+        sx = cx * cell + rng.randint(1, cell - size - 1)
+        sy = (cell if top else 0) + rng.randint(1, cell - size - 1)
+        _draw_shape(draw, kind, (sx, sy, sx + size, sy + size), SHAPE_COLORS[color])
+    draw.rectangle([x0, y0, x0 + box_w, y0 + box_h], fill=paper)
+    bx0, by0, _, _ = draw.textbbox((0, 0), word, font=font)
+    draw.text((x0 + pad - bx0, y0 + pad - by0), word, font=font, fill=ink)
+
+    qtype = "word"
+    question = rng.choice(["what word is written on the sign?", "what does the sign say?"])
+    answer = word.lower()
+    answers = [a["answer"] for a in _human_answers(rng, answer, [answer, word, word.capitalize()],
+                                                   [w.lower() for w in SIGN_WORDS if w != word])]
+    return {
+        "image_id": f"{index:016x}", "question_id": index, "question": question,
+        "question_tokens": question.rstrip("?").split(), "image": _png(img), "image_width": image_size,
+        "image_height": image_size, "flickr_original_url": "", "flickr_300k_url": "", "answers": answers,
+        "image_classes": ["Traffic sign" if word in ("STOP", "EXIT") else "Billboard"],
+        "set_name": "train", "ocr_tokens": [word], "question_type": qtype,
+    }
+
+
+def doc_item(rng: random.Random, index: int, image_size: int) -> dict:
+    """One form-docvqa row in the lmms-lab/DocVQA column layout: a form (from / to, the names in big glyphs) or a
+    receipt (two items with prices, then the total in big glyphs). Four lines, each a quarter of the image high, at
+    fixed places."""
+    img = Image.new("RGB", (image_size, image_size), (rng.randint(240, 255),) * 3)
+    draw = ImageDraw.Draw(img)
+    small, big = _font(image_size * 3 // 16), _font(image_size // 4)
+    ink, x = (rng.randint(0, 40),) * 3, max(1, image_size // 32)
+    line = image_size // 4
+
+    def write(row: float, text: str, font) -> None:
+        bx0, by0, _, _ = draw.textbbox((0, 0), text, font=font)
+        draw.text((x - bx0, int(row * line) + 1 - by0), text, font=font, fill=ink)
+
+    if rng.random() < 2 / 3:
+        sender, recipient = rng.sample(DOC_NAMES, 2)
+        write(0, "FROM", small)
+        write(1, sender, big)
+        write(2, "TO", small)
+        write(3, recipient, big)
+        draw.line([(0, 2 * line - 1), (image_size, 2 * line - 1)], fill=(150, 150, 150))
+        if rng.random() < 0.5:
+            question, answer = "who is the sender?", sender
+        else:
+            question, answer = "who is the recipient?", recipient
+        answers, qtypes = [answer, answer.capitalize()], ["form"]
+    else:
+        items = rng.sample(DOC_ITEMS, 2)
+        total = rng.randint(2, 9)
+        first = rng.randint(1, total - 1)
+        for row, (item, price) in enumerate(zip(items, (first, total - first), strict=True)):
+            write(row, f"{item} {price}", small)
+        draw.line([(0, 2 * line - 1), (image_size, 2 * line - 1)], fill=(150, 150, 150))
+        write(2, "TOTAL", small)
+        write(3, str(total), big)
+        question, answer = "what is the total?", str(total)
+        answers, qtypes = [answer], ["layout"]
+    return {
+        "questionId": str(index), "question": question, "question_types": qtypes, "image": _png(img),
+        "docId": index, "ucsf_document_id": f"syn{index:08d}", "ucsf_document_page_no": "1", "answers": answers,
+        "data_split": "train",
+    }
+
+
+GENERATORS = {"shapes-vqa": shapes_item, "bar-chartqa": chart_item, "sign-textvqa": sign_item,
+              "form-docvqa": doc_item}
 
 
 def generate(name: str, size: int, seed: int, image_size: int, offset: int = 0) -> list[dict]:

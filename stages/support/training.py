@@ -7,6 +7,7 @@ stage's MLflow run, resumes from Ray's latest checkpoint, and saves the final mo
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -224,7 +225,8 @@ def train_and_save(trainer, processor, settings, scratch: Path, summarize=None) 
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
     from harness.manifest import hardware
-    from stages.support.callbacks import MlflowStepLogger, StepTimer
+    from harness.output import PROGRESS_ENV
+    from stages.support.callbacks import MlflowStepLogger, ProgressReporter, StepTimer
 
     assert Path(trainer.args.output_dir) == scratch, "a rank's HF output_dir must be its own scratch directory"
     prefix, rank = settings.prefix, ray.train.get_context().get_world_rank()
@@ -235,6 +237,8 @@ def train_and_save(trainer, processor, settings, scratch: Path, summarize=None) 
     logger = MlflowStepLogger(settings.mlflow_uri, settings.mlflow_run_id, prefix, settings.mlflow_outbox) \
         if rank == 0 else None
     callbacks = [RayTrainReportCallback(), timer] + ([logger] if logger else [])
+    if rank == 0 and os.environ.get(PROGRESS_ENV):  # the driver's console shows this rank's progress
+        callbacks.append(ProgressReporter(os.environ[PROGRESS_ENV], prefix))
     grades = grades_callback(settings.stage.grades, logger.log if logger else None)
     if grades is not None:
         callbacks.insert(0, grades)

@@ -1,0 +1,131 @@
+"""The benchmark tasks: one entry each, read by the config, the data and eval stages, the CLI, leaderboard, reports,
+the MLflow cost view and the GRPO accuracy reward.
+
+Adding a task = one ``Task`` entry here + its lm-eval YAMLs (``evals/tasks/<name>_<protocol>.yaml``, one per
+protocol) + its synthetic generator (``stages/support/synthetic.py``). Nothing else names a task.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from evals import metrics
+
+TASK_DIR = Path(__file__).resolve().parent / "tasks"
+PROTOCOLS = ("short", "lmms")  # short: terse prompts for tiny models; lmms: lmms-eval's published task protocol
+CANONICAL = ("image", "question", "answers", "answer", "question_type", "subset")
+REQUIRED = ("image", "question", "answers")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One benchmark task.
+
+    ``columns`` maps canonical names to the columns of the task's own layout (``layout``: the hub dataset it
+    follows); ``layouts`` adds the column maps of other published copies, picked by the source's hub id.
+    ``subsets``: values of the ``subset`` column -> names; the task's metric is then the mean of the subsets' means
+    (ChartQA: human and augmented, as papers report it). ``adapt`` turns one source row (already renamed to
+    canonical keys) into canonical fields when a plain column map is not enough (multiple choice).
+    """
+    name: str
+    title: str
+    metric: str
+    score: Callable[[str, list[str]], float]
+    layout: str
+    columns: dict[str, str]
+    generator: str
+    question_types: tuple[str, ...]
+    numeric_types: frozenset[str] = frozenset()
+    subsets: dict = field(default_factory=dict)
+    layouts: dict[str, dict[str, str]] = field(default_factory=dict)
+    formats: tuple[str, ...] = ()  # local layouts beyond parquet / save_to_disk (datasets.py readers)
+    adapt: Callable[[dict], dict] | None = None
+
+    def protocols(self) -> tuple[str, ...]:
+        return tuple(p for p in PROTOCOLS if self.task_file(p).is_file())
+
+    def task_file(self, protocol: str) -> Path:
+        return TASK_DIR / f"{self.name}_{protocol}.yaml"
+
+    def lm_eval_name(self, protocol: str) -> str:
+        return f"vlmlab_{self.name}_{protocol}"
+
+    def columns_for(self, layout: str, available: set[str]) -> dict[str, str]:
+        """The column map of a source: "canonical" (rows keyed by canonical names, e.g. from the_cauldron), the
+        layout of its hub id when known, else the first published layout whose required columns it has (a local
+        copy of any of them loads as is)."""
+        if layout == "canonical":
+            return {name: name for name in CANONICAL}
+        overlays = [self.layouts[layout]] if layout in self.layouts else []
+        for overlay in (*overlays, {}, *self.layouts.values()):
+            columns = {**self.columns, **overlay}
+            if all(columns.get(name) in available for name in REQUIRED):
+                return columns
+        return {**self.columns, **(overlays[0] if overlays else {})}
+
+
+def _textvqa_row(f: dict) -> dict:
+    """lmms-lab/textvqa has the 10 answers and no single one: the training target is the most frequent answer, case
+    aside (the first of those tied), in its most frequent spelling, as VQAv2's multiple_choice_answer is."""
+    if f.get("answer") is not None or not isinstance(f["answers"], list) or not f["answers"]:
+        return {}
+    answers = [str(a) for a in f["answers"]]
+    folded = [a.strip().lower() for a in answers]
+    top = max(folded, key=folded.count)
+    spellings = [a for a, k in zip(answers, folded, strict=True) if k == top]
+    return {"answer": max(spellings, key=spellings.count)}
+
+
+def _docvqa_row(f: dict) -> dict:
+    """lmms-lab/DocVQA's question_types is a list (e.g. ["table/list", "layout"]): the first is the item's type."""
+    qtypes = f.get("question_type")
+    if isinstance(qtypes, (list, tuple)):
+        return {"question_type": str(qtypes[0]) if qtypes else None}
+    return {}
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (
+    Task(name="vqa", title="VQAv2", metric="vqa_accuracy", score=metrics.vqa_accuracy,
+         layout="lmms-lab/VQAv2",
+         columns={"image": "image", "question": "question", "answers": "answers",
+                  "answer": "multiple_choice_answer", "question_type": "question_type"},
+         generator="shapes-vqa", question_types=("color", "shape", "count", "presence"),
+         layouts={"HuggingFaceM4/VQAv2": {}},
+         formats=("vqa_official",)),
+    Task(name="chartqa", title="ChartQA", metric="chartqa_relaxed_accuracy", score=metrics.relaxed_accuracy,
+         layout="HuggingFaceM4/ChartQA",
+         columns={"image": "image", "question": "query", "answers": "label", "answer": "label",
+                  "question_type": "question_type", "subset": "human_or_machine"},
+         generator="bar-chartqa", question_types=("value", "highest", "lowest", "count"),
+         numeric_types=frozenset({"value"}),
+         subsets={0: "human", 1: "augmented", "human": "human", "augmented": "augmented",
+                  "human_test": "human", "augmented_test": "augmented"},
+         layouts={"lmms-lab/ChartQA": {"question": "question", "answers": "answer", "answer": "answer",
+                                       "question_type": "type", "subset": "type"}},
+         formats=("chartqa_json",)),
+    Task(name="textvqa", title="TextVQA", metric="textvqa_accuracy", score=metrics.vqa_accuracy,
+         layout="lmms-lab/textvqa",
+         columns={"image": "image", "question": "question", "answers": "answers",
+                  "question_type": "question_type"},
+         generator="sign-textvqa", question_types=("word",),
+         adapt=_textvqa_row),
+    Task(name="docvqa", title="DocVQA", metric="docvqa_anls", score=metrics.anls,
+         layout="lmms-lab/DocVQA",  # hub_config: DocVQA
+         columns={"image": "image", "question": "question", "answers": "answers",
+                  "question_type": "question_types"},
+         generator="form-docvqa", question_types=("form", "layout"),
+         adapt=_docvqa_row),
+)}
+
+
+def task(name: str) -> Task:
+    """The task called ``name``, or a KeyError naming the known ones."""
+    if name not in TASKS:
+        raise KeyError(f"unknown task '{name}' (known: {', '.join(TASKS)})")
+    return TASKS[name]
+
+
+def metric_names() -> list[str]:
+    """Every task's main metric name, in registry order (eval/<name> in MLflow)."""
+    return [t.metric for t in TASKS.values()]

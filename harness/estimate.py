@@ -1,0 +1,687 @@
+"""`harness estimate`: a pipeline's wall time and cost per device, predicted from a short calibration run here.
+
+**Calibration (measured).** The pipeline runs for real on this machine, in a temporary output directory with its
+own SQLite MLflow store (the user's stage cache and run store are not touched), shortened: every training stage
+runs ``--steps`` steps (a checkpoint halfway; its own step logging, but at least 4 logs), each task's training
+split is capped at ``DATA_CAP`` rows, eval scores one batch per task and checkpoint, DPO generates one batch of
+on-policy answers. Per stage it measures, from timestamps the harness already records:
+
+* training (align, sft, dpo, grpo): ``start`` (stage start to the first step: Ray Train start, model and data
+  load, on-policy generation for DPO), the steady ``step`` wall time (slope of the step metrics' MLflow timestamps
+  between logs with no checkpoint in between), of which ``busy`` is inside optimizer steps (the StepTimer's busy
+  time) and the rest host work (batch collation, logging), the extra time of the first steps (``warm``), one
+  intermediate checkpoint (``save``: the excess of the interval holding one), and ``tail`` (last step to stage
+  end: final checkpoint, model report, Ray Train teardown);
+* eval: generation seconds per item (the stage's busy time) and the rest of the stage (fixed: lm-eval set-up,
+  model loads, the question-only prior, bootstrap intervals);
+* data: seconds per row; model: as measured; outside the stages: interpreter start and imports, MLflow set-up,
+  manifest, Ray shutdown.
+
+**Extrapolation.** A stage of M steps with checkpoints every S steps takes ``start + warm + M x step +
+(M-1)//S x save + tail``; eval and DPO generation scale with their item counts (items per checkpoint x
+checkpoints), data with rows. On this machine's own device that is the prediction.
+
+**Other devices (assumed).** Host work and fixed overheads stay as measured here; device work is modelled:
+
+* a training step: ``floor + FLOPs / (peak x MFU)``. A forward pass costs 2 x (language+connector params x tokens
+  + vision params x patches) + attention (4 x layers x sequence^2 x width); a trained sample 3 forwards, a DPO pair
+  8 (chosen and rejected, each with the reference's forward), a GRPO completion 4 (generation + update), a
+  generated answer 1. Tokens per sample come from the model's processor on training rows. ``floor`` is the
+  per-step cost that does not shrink with FLOPs (kernel launches, framework): ``STEP_FLOOR_S +
+  STEP_FLOOR_PER_TENSOR_S x parameter tensors``; generation adds one forward floor (``FORWARD_FLOOR_FRACTION`` of
+  a step's) per new token per batch;
+* the constants are fitted to this project's H200 measurements (results/gpu/): the default preset's SFT step
+  through TRL (41.1 ms at 92 parameter tensors, compute-free), and a SmolVLM-256M-sized model (470 tensors) at
+  batch 16/32/64 (130/174/249 ms: 90 ms + 2.45 ms per sample of 818 GFLOP, i.e. MFU 0.34 on the work that grows
+  with FLOPs; the plain MFU of those runs, FLOPs / wall / peak, is 0.10-0.21). The model gives 129/168/246 ms
+  for them (-1 to -4 %). MFU and floor are assumed the same on every GPU (only an H200 was measured);
+* each process that starts CUDA pays ``CUDA_START_S`` (a training stage's workers; each eval or generation task).
+
+FLOP rates of this machine: its matmul peak is measured (``peak_flops``), its achieved rate in the calibration is
+reported, not assumed.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.errors import ConfigError, UserError
+
+DEFAULT_STEPS = 20  # calibration steps per training stage
+DATA_CAP = 2048  # training rows per task in the calibration
+TRAINING = ("align", "sft", "dpo", "grpo")
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    peak_tflops: float | None  # dense tensor-core peak at `precision` (None: measured here)
+    precision: str
+    memory_gib: float | None
+    price_key: str  # the cost.prices key
+    source: str
+
+
+# Dense (no 2:4 sparsity) tensor-core peaks at the precision the harness trains in on that card.
+DEVICES: dict[str, Device] = {d.name: d for d in (
+    Device("T4", 65.0, "fp16", 16, "T4", "NVIDIA T4 datasheet: 65 TFLOPS mixed precision (FP16/FP32); no bf16"),
+    Device("L4", 121.0, "bf16", 24, "L4", "NVIDIA L4 datasheet: 242 TFLOPS bf16 with sparsity, 121 dense"),
+    Device("A10G", 70.0, "bf16", 24, "A10G", "AWS G5's A10G: 70 TFLOPS bf16 tensor (Baseten, 'NVIDIA A10 vs A10G'; "
+           "the A10 has 125)"),
+    Device("A100", 312.0, "bf16", 80, "A100-80GB", "NVIDIA A100 datasheet: 312 TFLOPS bf16 dense (624 sparse); "
+           "priced as the 80 GB SXM4"),
+    Device("H100", 756.0, "bf16", 80, "H100", "NVIDIA H100 datasheet, PCIe (the priced card): 1,513 TFLOPS bf16 "
+           "sparse, 756 dense (SXM: 989)"),
+    Device("H200", 989.4, "bf16", 141, "H200", "NVIDIA H200 SXM datasheet: 1,979 TFLOPS bf16 sparse, 989 dense"),
+    Device("cpu", None, "fp32", None, "CPU", "this machine: fp32 matmul peak measured at estimate time"),
+)}
+ALIASES = {"a100-80gb": "A100", "a100-40gb": "A100", "cpu": "cpu"}  # price-table and torch names -> DEVICES
+
+# The GPU model's constants (see the module doc; fitted to results/gpu/*.json, measured on one H200).
+MFU = 0.34  # of the dense peak, on the work that grows with FLOPs
+STEP_FLOOR_S = 0.029  # per training step, whatever the model
+STEP_FLOOR_PER_TENSOR_S = 0.00013  # per parameter tensor per training step
+FORWARD_FLOOR_FRACTION = 1 / 3  # a forward pass launches about a third of a training step's kernels
+CUDA_START_S = 5.0  # CUDA context + weights to the device, per process that uses the GPU
+CPU_MFU_IF_NOT_MEASURED = 0.3  # a CPU estimate from a GPU calibration (not measured on any machine)
+
+
+def parse_devices(values: list[str] | None) -> list[str]:
+    """Device names from ``--device`` (repeatable, comma-separated; case-insensitive); all when none given."""
+    names = [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+    if not names:
+        return list(DEVICES)
+    known = {d.lower(): d for d in DEVICES} | {k: v for k, v in ALIASES.items()}
+    out = []
+    for name in names:
+        if name.lower() not in known:
+            raise UserError(f"--device: unknown device '{name}' (known: {', '.join(DEVICES)})")
+        if known[name.lower()] not in out:
+            out.append(known[name.lower()])
+    return out
+
+
+def check(cfg, pipeline: str, devices: list[str]) -> None:
+    """Everything that can fail before the calibration starts (raises UserError)."""
+    from stages import STAGES
+
+    for name in cfg.stages_of(pipeline):
+        STAGES[name].check(cfg)
+    for device in devices:
+        key = DEVICES[device].price_key
+        if key not in cfg.cost.prices:
+            raise ConfigError(f"cost: no price for device {key} (priced: {', '.join(cfg.cost.prices)}): set "
+                              f"cost.prices.{key}=<USD per device-hour>")
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+
+def calibration_overrides(cfg, pipeline: str, steps: int) -> tuple[list[str], dict]:
+    """key=value overrides that shorten ``pipeline``; and what was cut (for the extrapolation)."""
+    import torch
+
+    from stages.data import SYNTHETIC_SIZES
+
+    stages = cfg.stages_of(pipeline)
+    out, cut = [], {"steps": {}, "train_rows": {}}
+    if cfg.resources.use_gpu and not torch.cuda.is_available():
+        out.append("resources.use_gpu=false")  # calibrate on this machine's CPU, predict the GPUs
+        cut["gpu_config_on_cpu"] = True
+    for name in stages:
+        if name in TRAINING:
+            stage = getattr(cfg, name)
+            n = min(stage.max_steps, steps)
+            cut["steps"][name] = n
+            out += [f"{name}.max_steps={n}", f"{name}.save_steps={max(1, n // 2)}",
+                    f"{name}.logging_steps={max(1, min(stage.logging_steps, n // 4))}", f"{name}.warmup_steps=0"]
+            if cut.get("gpu_config_on_cpu"):
+                out.append(f"{name}.precision=auto")
+    if "data" in stages:
+        for kind, spec in cfg.data.tasks.items():
+            size = spec.train_size or (SYNTHETIC_SIZES["train"] if spec.source == "synthetic" else None)
+            if size is not None and size > DATA_CAP:
+                out.append(f"data.tasks.{kind}.train_size={DATA_CAP}")
+                cut["train_rows"][kind] = size
+    if "eval" in stages:
+        limit = min(cfg.eval.limit or cfg.eval.batch_size, cfg.eval.batch_size)
+        out.append(f"eval.limit={limit}")
+    if "dpo" in stages and cfg.dpo.preference.source == "tasks":
+        size = cfg.dpo.preference.size
+        out.append(f"dpo.preference.size={min(size or cfg.eval.batch_size, cfg.eval.batch_size)}")
+    return out, cut
+
+
+def _timed_display(console):
+    from harness.output import Display
+
+    class TimedDisplay(Display):
+        """The run's console, also noting when each stage began (Unix seconds)."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.began: dict[str, float] = {}
+
+        def begin_stage(self, name):
+            self.began[name] = time.time()
+            return super().begin_stage(name)
+
+    return TimedDisplay(console, capture=True)
+
+
+def _step_times(client, run_id: str, prefix: str) -> list[tuple[int, float]]:
+    """(step, Unix seconds) of each step log of a training stage, from its MLflow metric timestamps."""
+    for key in ("learning_rate", "loss", "reward"):
+        history = client.get_metric_history(run_id, f"{prefix}/{key}")
+        if history:
+            return sorted({m.step: m.timestamp / 1000.0 for m in history}.items())
+    return []
+
+
+def training_timeline(record: dict, began: float, logs: list[tuple[int, float]], save_steps: int) -> dict:
+    """A training stage's calibration split into start, warm, step, save and tail (see the module doc)."""
+    m = record["metrics"]
+    name = record["name"]
+    steps = int(m[f"{name}/steps"])
+    first = float(m.get(f"{name}/first_step_unix") or began)
+    end = began + record["wall_seconds"]
+    clean, dirty = [], []
+    for (a, ta), (b, tb) in zip(logs, logs[1:], strict=False):
+        saves = sum(1 for k in range(a, b) if k >= 1 and k % save_steps == 0)
+        (dirty if saves else clean).append((b - a, tb - ta, saves))
+    if clean:
+        step = sum(dt for _, dt, _ in clean) / sum(n for n, _, _ in clean)
+    elif logs:
+        step = max(1e-6, (logs[-1][1] - first) / max(1, logs[-1][0]))
+    else:
+        step = max(1e-6, (end - first) / max(1, steps))
+    # warm and save are differences of measured intervals: left signed (noise may make one negative), so that the
+    # parts add up to the measured stage again
+    saves = [(dt - n * step) / s for n, dt, s in dirty]
+    save = statistics.median(saves) if saves else 0.0
+    warm = logs[0][1] - first - logs[0][0] * step if logs else 0.0
+    last = logs[-1][1] if logs else first + steps * step
+    busy = float(m.get(f"{name}/step_seconds", 0.0))
+    busy_step = min(step, max(0.0, busy - max(0.0, warm)) / steps) if steps else 0.0
+    return {"steps": steps, "start_s": max(0.0, first - began), "warm_s": warm, "step_s": step,
+            "busy_step_s": busy_step, "host_step_s": step - busy_step, "save_s": save, "tail_s": max(0.0, end - last),
+            "wall_s": record["wall_seconds"], "logged_steps": len(logs)}
+
+
+def peak_flops(threads: int, seconds: float = 1.0) -> float:
+    """This machine's fp32 matmul rate (FLOP/s, best of repeated 1024x1024 products on ``threads`` threads)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        n = 1024
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)
+        best, stop = 0.0, time.perf_counter() + seconds
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
+        return best
+    finally:
+        torch.set_num_threads(before)
+
+
+def model_shape(model_dir: str, tasks: dict, trust_remote_code: bool, rows: int = 32) -> dict:
+    """Parameter counts (vision / the rest), parameter tensors, and mean tokens per training sample (full
+    prompt+answer, prompt only, image tokens) from the model's own processor."""
+    import io
+
+    import pyarrow.parquet as pq
+    import torch
+    from PIL import Image
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    from stages.support.training import assistant_turn, component_of, user_turn
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    vision_cfg = getattr(config, "vision_config", None)
+    text_cfg = getattr(config, "text_config", config)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
+    vision = other = tensors = 0
+    for pname, p in model.named_parameters():
+        tensors += 1
+        if component_of(pname) == "vision":
+            vision += p.numel()
+        else:
+            other += p.numel()
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    image_id = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
+    full, prompt, image = [], [], []
+    for files in tasks.values():
+        table = pq.read_table(files["train"], columns=["image", "question", "answer"]).slice(0, rows).to_pylist()
+        for row in table:
+            picture = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")
+            ids = processor(text=processor.apply_chat_template(user_turn(row["question"])
+                                                               + assistant_turn(row["answer"])),
+                            images=[picture])["input_ids"][0]
+            asked = processor(text=processor.apply_chat_template(user_turn(row["question"]),
+                                                                 add_generation_prompt=True),
+                              images=[picture])["input_ids"][0]
+            full.append(len(ids))
+            prompt.append(len(asked))
+            image.append(sum(1 for t in ids if t == image_id))
+    image_tokens = statistics.mean(image) if image else 0.0
+    scale = getattr(config, "scale_factor", 1) or 1  # Idefics3 pixel shuffle: scale^2 patches per image token
+    def layers_width(sub) -> tuple[int, int]:
+        return (int(getattr(sub, "num_hidden_layers", 0) or 0), int(getattr(sub, "hidden_size", 0) or 0)) \
+            if sub is not None else (0, 0)
+
+    (vision_layers, vision_width), (text_layers, text_width) = layers_width(vision_cfg), layers_width(text_cfg)
+    return {"params_vision": vision, "params_other": other, "params": vision + other, "param_tensors": tensors,
+            "vision_layers": vision_layers, "vision_width": vision_width, "text_layers": text_layers,
+            "text_width": text_width,
+            "tokens": statistics.mean(full), "prompt_tokens": statistics.mean(prompt), "image_tokens": image_tokens,
+            "patches": image_tokens * scale * scale, "rows_counted": len(full)}
+
+
+def calibrate(cfg, pipeline: str, steps: int = DEFAULT_STEPS, console=None) -> dict:
+    """Run the shortened pipeline here; return what was measured (see the module doc)."""
+    import psutil
+    import ray
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from harness import raytrain
+    from harness.config import load_config
+    from harness.pipeline import run_pipeline
+    from harness.tracking import Tracker
+
+    overrides, cut = calibration_overrides(cfg, pipeline, steps)
+    ray_was_up = ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
+    imports = time.time() - psutil.Process().create_time()
+    tmp = tempfile.mkdtemp(prefix="vlmlab-estimate-")  # kept when the calibration fails: its logs are there
+    try:
+        raw = cfg.model_dump(mode="json")
+        raw["run_name"] = None
+        raw["output_dir"] = str(Path(tmp) / "runs")
+        raw["tracking"] = {**raw["tracking"], "uri": f"sqlite:///{Path(tmp) / 'mlflow.db'}"}
+        config_file = Path(tmp) / "config.yaml"
+        config_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+        short = load_config(str(config_file), overrides)
+        saved_cache = os.environ.get("HF_DATASETS_CACHE")
+        if not ray_was_up:  # Ray's workers start in here: their datasets cache is the temporary one
+            os.environ["HF_DATASETS_CACHE"] = str(Path(tmp) / "hf-datasets")
+        display = _timed_display(console)
+        try:
+            with display:  # library output to the calibration run's logs
+                # a first run creates its MLflow store (schema migrations: seconds): timed apart, counted only
+                # when the user's store does not exist yet
+                t = time.perf_counter()
+                Tracker(short.tracking.resolved_uri(), short.tracking.experiment)
+                store_s = time.perf_counter() - t
+                start = time.perf_counter()
+                result = run_pipeline(short, pipeline, str(Path(tmp) / "runs"), console=console, display=display)
+                pipeline_s = time.perf_counter() - start
+        finally:
+            if saved_cache is None:
+                os.environ.pop("HF_DATASETS_CACHE", None)
+            else:
+                os.environ["HF_DATASETS_CACHE"] = saved_cache
+        client = MlflowClient(tracking_uri=short.tracking.resolved_uri())
+        experiment = client.get_experiment_by_name(short.tracking.experiment)
+        children = {r.data.tags.get("vlmlab.stage"): r.info.run_id for r in client.search_runs(
+            [experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{result['mlflow_run_id']}'")}
+        stages = {}
+        for record in result["stages"]:
+            name = record["name"]
+            entry = {"wall_s": record["wall_seconds"], "devices": record["devices"], "device": record["device"]}
+            if name in TRAINING:
+                logs = _step_times(client, children[name], name)
+                entry |= training_timeline(record, display.began[name], logs, max(1, cut["steps"][name] // 2))
+                if name == "dpo":
+                    entry["pairs"] = record["metrics"].get("dpo/pairs", 0.0)
+                    entry["generated"] = sum(s["items"] for s in record["outputs"].get("generation_shards", []))
+            elif name == "eval":
+                busy = record["cost"].get("cost/busy_hours", 0.0) * 3600 / max(record["devices"], 1e-9)
+                entry |= {"busy_s": busy, "items": sum(s["items"] for s in record["outputs"]["shards"]),
+                          "checkpoints": len(record["outputs"]["scored"])}
+            elif name == "data":
+                m = record["metrics"]
+                entry["rows"] = {k.removeprefix("data/"): v for k, v in m.items() if k.endswith(("_train_size",
+                                                                                                 "_test_size"))}
+            stages[name] = entry
+        tasks = _tasks_of(result)
+        model_dir = _model_dir_of(result)
+        shape = model_shape(model_dir, tasks, cfg.model.trust_remote_code) if model_dir and tasks else None
+    except BaseException:
+        if console is not None:
+            console.print(f"calibration failed: its run directory and logs are kept in {tmp}", highlight=False)
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
+    outside = pipeline_s - sum(r["wall_seconds"] for r in result["stages"])
+    shutdown = 0.0
+    if not ray_was_up and ray.is_initialized():  # as `harness run` does at exit
+        t = time.perf_counter()
+        raytrain.reap_hung_actors()
+        ray.shutdown()
+        shutdown = time.perf_counter() - t
+    threads = max(1, int(cfg.resources.cpus_per_worker))
+    return {"overrides": overrides, "cut": cut, "stages": stages, "shape": shape,
+            "overhead": {"imports_s": imports, "outside_stages_s": outside, "ray_shutdown_s": shutdown,
+                         "mlflow_store_create_s": store_s if _new_store(cfg) else 0.0},
+            "mlflow_store_create_measured_s": store_s,
+            "ray_was_running": ray_was_up, "local_device": _local_kind(short),
+            "cpu_peak_flops": peak_flops(threads), "cpu_threads": threads,
+            "calibration_wall_s": pipeline_s}
+
+
+def _new_store(cfg) -> bool:
+    """Whether the user's run would create its MLflow store (a SQLite file not there yet)."""
+    uri = cfg.tracking.resolved_uri()
+    return uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists()
+
+
+def _tasks_of(result: dict) -> dict | None:
+    for record in result["stages"]:
+        if "tasks" in record.get("outputs", {}):
+            return record["outputs"]["tasks"]
+    return None
+
+
+def _model_dir_of(result: dict) -> str | None:
+    for record in result["stages"]:
+        if "model_dir" in record.get("outputs", {}):
+            return record["outputs"]["model_dir"]
+    return None
+
+
+def _local_kind(cfg) -> str:
+    from harness.cost import device_kind
+
+    kind = device_kind(cfg.resources.use_gpu)  # a price-table name: CPU, T4, A100-80GB...
+    return ALIASES.get(kind.lower(), kind)
+
+
+# ------------------------------------------------------------------------------------------------- prediction
+
+def forward_flops(shape: dict, text_tokens: float) -> float:
+    """Model FLOPs of one forward pass over a sample of ``text_tokens`` tokens and its image: 2 x parameters x
+    tokens for the matrix products (the vision encoder over the image's patches) plus attention, 4 x layers x
+    sequence^2 x width (the count benchmarks/gpu_throughput.py uses; a backward pass is twice a forward)."""
+    patches = shape["patches"]
+    matmul = shape["params_other"] * text_tokens + shape["params_vision"] * patches
+    attention = shape["vision_layers"] * patches ** 2 * shape["vision_width"] \
+        + shape["text_layers"] * text_tokens ** 2 * shape["text_width"]
+    return 2 * matmul + 4 * attention
+
+
+def step_flops(name: str, stage_cfg, shape: dict) -> float:
+    """Model FLOPs of one optimizer step of training stage ``name`` on one worker."""
+    samples = stage_cfg.batch_size * stage_cfg.gradient_accumulation_steps
+    if name == "dpo":  # chosen + rejected, each forward + backward (3) and the reference model's forward (1)
+        return 2 * 4 * forward_flops(shape, shape["tokens"]) * samples
+    if name == "grpo":  # per completion: generation (~1 forward over prompt + completion), the update (3) [+ ref]
+        passes = 4 + (1 if stage_cfg.beta > 0 else 0)
+        return passes * forward_flops(shape, shape["prompt_tokens"] + stage_cfg.max_completion_length) * samples
+    return 3 * forward_flops(shape, shape["tokens"]) * samples
+
+
+def item_flops(shape: dict, new_tokens: int) -> float:
+    """Model FLOPs of generating one short answer (prefill + ``new_tokens`` decode steps ~ one forward)."""
+    return forward_flops(shape, shape["prompt_tokens"] + new_tokens)
+
+
+def step_floor(shape: dict) -> float:
+    return STEP_FLOOR_S + STEP_FLOOR_PER_TENSOR_S * shape["param_tensors"]
+
+
+@dataclass
+class Rates:
+    """How a device runs the device work: FLOP/s at the assumed MFU, the per-step floor; None: measured here."""
+    flops_per_s: float
+    floor_s: float
+    cuda_start_s: float
+
+
+def device_rates(device: str, calib: dict) -> Rates | None:
+    if device == calib["local_device"]:
+        return None
+    spec = DEVICES[device]
+    if device == "cpu":  # from a GPU calibration: this machine's measured peak, an assumed MFU, no floor
+        return Rates(calib["cpu_peak_flops"] * CPU_MFU_IF_NOT_MEASURED, 0.0, 0.0)
+    return Rates(spec.peak_tflops * 1e12 * MFU, step_floor(calib["shape"]), CUDA_START_S)
+
+
+def train_rows(calib: dict) -> dict[str, int]:
+    """Training rows per task of the full run: the configured size where the calibration cut it (and the source
+    had at least DATA_CAP rows), else what the calibration loaded."""
+    rows = calib["stages"].get("data", {}).get("rows", {})
+    out = {}
+    for key, n in rows.items():
+        if key.endswith("_train_size"):
+            kind = key.removesuffix("_train_size")
+            cut = calib["cut"]["train_rows"].get(kind)
+            out[kind] = int(cut if cut is not None and n >= DATA_CAP else n)
+    return out
+
+
+def _saves_between(steps: int, every: int) -> int:
+    return max(0, (steps - 1) // every)
+
+
+def predict_stage(name: str, cfg, calib: dict, rates: Rates | None) -> dict:
+    """Predicted wall seconds of stage ``name`` of the full config (``cfg``) on a device (``rates``)."""
+    stage = calib["stages"][name]
+    workers = cfg.resources.workers
+    shape = calib["shape"]
+    if name == "data":
+        cal_rows = sum(stage["rows"].values()) or 1
+        real_rows = sum(train_rows(calib).values()) + sum(v for k, v in stage["rows"].items()
+                                                         if k.endswith("_test_size"))
+        return {"wall_s": stage["wall_s"] * real_rows / cal_rows, "device_s": 0.0}
+    if name == "eval":
+        busy = stage["busy_s"] / workers
+        items = eval_items(cfg, calib)
+        fixed = stage["wall_s"] - busy
+        if rates is None:
+            device = busy * items / max(1, stage["items"])
+            return {"wall_s": fixed + device, "device_s": device}
+        device = generation_seconds(items, cfg.eval, shape, rates, workers)
+        jobs = stage["checkpoints"]  # one Ray task per checkpoint and shard, `workers` at a time
+        return {"wall_s": fixed + device + jobs * rates.cuda_start_s, "device_s": device}
+    if name in TRAINING:
+        stage_cfg = getattr(cfg, name)
+        steps = stage_cfg.max_steps
+        start = stage["start_s"]
+        if name == "dpo" and cfg.dpo.preference.source == "tasks" and cfg.dpo.preference.rejected == "on_policy":
+            start += dpo_generation_extra(cfg, calib, rates)
+        if rates is None:
+            per_step, warm, cuda = stage["step_s"], stage["warm_s"], 0.0
+            device = steps * stage["busy_step_s"]
+        else:
+            busy = rates.floor_s + step_flops(name, stage_cfg, shape) / rates.flops_per_s
+            if name == "grpo":  # generation: one forward floor per new token
+                busy += (stage_cfg.max_completion_length + 1) * rates.floor_s * FORWARD_FLOOR_FRACTION
+            per_step, warm, cuda = stage["host_step_s"] + busy, 0.0, rates.cuda_start_s
+            device = steps * busy
+        wall = (start + cuda + warm + steps * per_step + _saves_between(steps, stage_cfg.save_steps) * stage["save_s"]
+                + stage["tail_s"])
+        return {"wall_s": wall, "device_s": device}
+    return {"wall_s": stage["wall_s"], "device_s": 0.0}  # model, or a stage with no model of its own
+
+
+def eval_items(cfg, calib: dict) -> int:
+    """Items the full eval generates: per task min(test rows, eval.limit), for every checkpoint scored."""
+    rows = calib["stages"].get("data", {}).get("rows", {})
+    per_checkpoint = 0
+    for kind in cfg.data.tasks:
+        test = int(rows.get(f"{kind}_test_size", cfg.data.tasks[kind].test_size or 0))
+        per_checkpoint += min(test, cfg.eval.limit) if cfg.eval.limit else test
+    return per_checkpoint * calib["stages"]["eval"]["checkpoints"]
+
+
+def generation_seconds(items: int, eval_cfg, shape: dict, rates: Rates, workers: int,
+                       batches: int | None = None) -> float:
+    """Greedy answers on a modelled device: a forward floor per new token per batch, plus the FLOPs."""
+    batches = batches if batches is not None else math.ceil(items / eval_cfg.batch_size)
+    floor = batches * (eval_cfg.max_new_tokens + 1) * rates.floor_s * FORWARD_FLOOR_FRACTION
+    return (floor + items * item_flops(shape, eval_cfg.max_new_tokens) / rates.flops_per_s) / workers
+
+
+def dpo_generation_extra(cfg, calib: dict, rates: Rates | None) -> float:
+    """DPO's on-policy generation of the full preference set, minus what its calibration already generated."""
+    stage = calib["stages"]["dpo"]
+    done = stage.get("generated", 0)
+    rows = sum(train_rows(calib).values())
+    full = min(cfg.dpo.preference.size or rows, rows) if rows else (cfg.dpo.preference.size or 0)
+    ev = calib["stages"].get("eval")
+    workers = cfg.resources.workers
+    if rates is None:
+        if not ev or not ev["items"]:
+            return 0.0  # no eval measured to take the rate from
+        return max(0.0, full - done) * ev["busy_s"] / workers / ev["items"]
+    here = done * ev["busy_s"] / workers / ev["items"] if ev and ev["items"] else 0.0
+    return generation_seconds(full, cfg.eval, calib["shape"], rates, workers) + rates.cuda_start_s - here
+
+
+def predict(cfg, pipeline: str, calib: dict, device: str) -> dict:
+    rates = device_rates(device, calib)
+    spec = DEVICES[device]
+    stages = {name: predict_stage(name, cfg, calib, rates) for name in cfg.stages_of(pipeline)}
+    overhead = sum(calib["overhead"].values())
+    total = overhead + sum(s["wall_s"] for s in stages.values())
+    if device == "cpu":
+        held = cfg.resources.workers * cfg.resources.cpus_per_worker
+    else:
+        held = cfg.resources.workers * cfg.resources.gpus_per_worker
+    price = cfg.cost.prices[spec.price_key]
+    hours = total * held / 3600.0
+    out = {"device": device, "measured_here": rates is None, "stages": stages, "overhead_s": overhead,
+           "total_s": total, "devices": held, "accelerator_hours": hours, "usd_per_device_hour": price,
+           "usd": hours * price, "price_key": spec.price_key,
+           "peak_tflops": spec.peak_tflops if spec.peak_tflops else calib["cpu_peak_flops"] / 1e12,
+           "mfu": None if rates is None else (MFU if device != "cpu" else CPU_MFU_IF_NOT_MEASURED),
+           "step_floor_s": None if rates is None else rates.floor_s}
+    shape = calib["shape"]
+    if spec.memory_gib and shape and shape["params"] * 16 > spec.memory_gib * 2 ** 30:
+        out["warning"] = (f"{shape['params'] / 1e9:.1f}B parameters need ~{shape['params'] * 16 / 2 ** 30:.0f} GiB "
+                          f"for weights, gradients and AdamW state: more than the {spec.name}'s {spec.memory_gib} GiB")
+    return out
+
+
+def achieved_here(cfg, calib: dict) -> dict[str, float]:
+    """FLOP/s the calibration's training steps reached on this machine (per worker), by stage."""
+    shape = calib["shape"]
+    out = {}
+    for name, stage in calib["stages"].items():
+        if name in TRAINING and stage["busy_step_s"] > 0 and shape:
+            out[name] = step_flops(name, getattr(cfg, name), shape) / stage["busy_step_s"]
+    return out
+
+
+def assumptions(cfg, pipeline: str, calib: dict, devices: list[str]) -> list[str]:
+    shape = calib["shape"]
+    lines = []
+    steps = ", ".join(f"{k} {v} steps" for k, v in calib["cut"]["steps"].items())
+    lines.append(f"calibration here ({calib['local_device']}, {calib['calibration_wall_s']:.0f} s): the pipeline "
+                 f"shortened by {' '.join(calib['overrides'])}" + (f" ({steps})" if steps else ""))
+    for name, stage in calib["stages"].items():
+        if name in TRAINING:
+            lines.append(f"measured {name}: start {stage['start_s']:.1f} s, {stage['step_s'] * 1000:.0f} ms/step "
+                         f"({stage['busy_step_s'] * 1000:.0f} ms inside optimizer steps), first steps "
+                         f"{stage['warm_s']:+.1f} s, checkpoint {stage['save_s']:.2f} s, end {stage['tail_s']:.1f} s")
+        elif name == "eval":
+            lines.append(f"measured eval: {stage['items']} items, {stage['busy_s'] / max(1, stage['items']) * 1000:.1f}"
+                         f" ms/item generating, {stage['wall_s'] - stage['busy_s']:.1f} s fixed; full eval: "
+                         f"{eval_items(cfg, calib)} items")
+    o = calib["overhead"]
+    store = (f", {o['mlflow_store_create_s']:.1f} s creating the MLflow store (it does not exist yet)"
+             if o["mlflow_store_create_s"] else " (the MLflow store exists: not created)")
+    lines.append(f"measured outside the stages: {o['imports_s']:.1f} s start-up and imports, "
+                 f"{o['outside_stages_s']:.1f} s MLflow/manifest/results, {o['ray_shutdown_s']:.1f} s Ray shutdown"
+                 + store)
+    if shape:
+        achieved = achieved_here(cfg, calib)
+        peak = calib["cpu_peak_flops"]
+        rate = ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in achieved.items())
+        lines.append(f"model: {shape['params'] / 1e6:.2f}M parameters ({shape['params_vision'] / 1e6:.2f}M vision), "
+                     f"{shape['param_tensors']} tensors; {shape['tokens']:.1f} tokens per training sample "
+                     f"({shape['image_tokens']:.0f} image tokens, {shape['patches']:.0f} patches), "
+                     f"{shape['prompt_tokens']:.1f} per prompt (the processor on {shape['rows_counted']} rows)")
+        lines.append(f"FLOPs: a forward = 2 x params x tokens (vision: x patches) + attention; a trained sample 3 "
+                     f"forwards (DPO 8 per pair, GRPO 4 per completion), a generated item 1; this machine: fp32 "
+                     f"matmul peak {peak / 1e9:.1f} GFLOP/s on {calib['cpu_threads']} threads (measured)"
+                     + (f", training reached {rate}" if rate else "")
+                     + (f" (MFU {max(achieved.values()) / peak:.2f})" if achieved and peak else ""))
+    if any(device_rates(d, calib) is not None and d != "cpu" for d in devices):
+        floor = step_floor(shape) if shape else STEP_FLOOR_S
+        lines.append(f"GPUs (assumed): step = host work as measured here + {floor * 1000:.0f} ms floor "
+                     f"({STEP_FLOOR_S * 1000:.0f} ms + {STEP_FLOOR_PER_TENSOR_S * 1000:.2f} ms x parameter tensors) + "
+                     f"FLOPs / (dense peak x MFU {MFU}); a forward {FORWARD_FLOOR_FRACTION:.2f} of the floor per new "
+                     f"token; +{CUDA_START_S:.0f} s CUDA start per GPU process; fitted to H200 measurements "
+                     "(results/gpu/), the same on every GPU; fixed overheads as measured here")
+        peaks = ", ".join(f"{d} {DEVICES[d].peak_tflops:g}" for d in devices if DEVICES[d].peak_tflops)
+        lines.append(f"peak TFLOP/s ({'bf16; T4 fp16' if 'T4' in devices else 'bf16'}, dense): {peaks} "
+                     "(datasheets: harness/estimate.py DEVICES)")
+    lines.append("$ = predicted wall x devices held x cost.prices (harness/cost.py PRICE_TABLE): a device rented for "
+                 "the whole run; the harness's own cost/* counts only the time stages hold devices")
+    if cfg.cost.price_per_hour is not None:
+        lines.append(f"cost.price_per_hour ({cfg.cost.price_per_hour}) is not used: it prices the device a run "
+                     "detects; each device here is priced from cost.prices")
+    if any(getattr(cfg, n).grades.enabled for n in cfg.stages_of(pipeline) if n in TRAINING):
+        lines.append("GradES is on: it may stop training early; the prediction is for all max_steps (an upper bound)")
+    if calib["cut"].get("gpu_config_on_cpu"):
+        lines.append("the config asks for a GPU this machine lacks: calibrated on the CPU (resources.use_gpu=false)")
+    if calib["ray_was_running"]:
+        lines.append("Ray was already running: its start-up is not in the calibration's first training stage")
+    return lines
+
+
+def estimate(cfg, pipeline: str, devices: list[str], steps: int = DEFAULT_STEPS, console=None) -> dict:
+    """Calibrate ``pipeline`` here, then predict it on each of ``devices``. Raises UserError before any work."""
+    check(cfg, pipeline, devices)
+    calib = calibrate(cfg, pipeline, steps, console)
+    return {"pipeline": pipeline, "stages": cfg.stages_of(pipeline),
+            "devices": {d: predict(cfg, pipeline, calib, d) for d in devices},
+            "assumptions": assumptions(cfg, pipeline, calib, devices), "calibration": calib,
+            "constants": {"mfu": MFU, "step_floor_s": STEP_FLOOR_S, "step_floor_per_tensor_s": STEP_FLOOR_PER_TENSOR_S,
+                          "forward_floor_fraction": FORWARD_FLOOR_FRACTION, "cuda_start_s": CUDA_START_S,
+                          "data_cap": DATA_CAP},
+            "peaks": {d.name: {"tflops": d.peak_tflops, "precision": d.precision, "source": d.source}
+                      for d in DEVICES.values()}}
+
+
+# ------------------------------------------------------------------------------------------------- rendering
+
+def render(result: dict, console) -> None:
+    from rich.table import Table
+
+    from harness.output import duration
+
+    devices = result["devices"]
+    table = Table(title=f"estimate · pipeline {result['pipeline']}")
+    for col in ("device", "wall", "accel-h", "USD/h", "USD", "basis"):
+        table.add_column(col, justify="left" if col in ("device", "basis") else "right")
+    for name, d in devices.items():
+        basis = "measured here" if d["measured_here"] else f"{d['peak_tflops']:g} TFLOP/s x MFU {d['mfu']}"
+        table.add_row(name, duration(d["total_s"]), f"{d['accelerator_hours']:.4f}", f"{d['usd_per_device_hour']:.3f}",
+                      f"{d['usd']:.4f}", basis)
+    console.print(table)
+    stages = Table(title="predicted wall time per stage")
+    stages.add_column("stage")
+    for name in devices:
+        stages.add_column(name, justify="right")
+    for stage in result["stages"]:
+        stages.add_row(stage, *[f"{devices[d]['stages'][stage]['wall_s']:.1f}s" for d in devices])
+    stages.add_row("outside stages", *[f"{devices[d]['overhead_s']:.1f}s" for d in devices])
+    stages.add_row("total", *[f"{devices[d]['total_s']:.1f}s" for d in devices], style="bold")
+    console.print(stages)
+    for d in devices.values():
+        if "warning" in d:
+            console.print(f"[yellow]warning:[/] {d['device']}: {d['warning']}")
+    console.print("assumptions:")
+    for line in result["assumptions"]:
+        console.print(f"  - {line}", highlight=False, soft_wrap=True)

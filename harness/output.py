@@ -1,0 +1,604 @@
+"""What `harness run` prints, and where everything else goes.
+
+The console gets one live line (or bar) per stage: step/total, loss or reward, samples/s, ETA and the dollars the
+stage has held so far; one line per finished stage; the final table; and warnings and errors, once each, as one
+vlmlab line. Everything else (Ray, TRL, lm-eval, datasets, MLflow) goes to ``<run dir>/logs/``:
+
+* ``run.log`` — the driver's output outside any stage, ``<stage>.log`` — the driver's output during that stage;
+* ``ray/<stage>.rank<k>.log`` (training ranks), ``ray/<stage>.shard<i>.log`` (eval and generation shards) — what
+  the stage's Ray workers printed, written by the workers themselves, so it also lands there on a cluster.
+
+How the workers' numbers reach the driver: a training stage's rank 0 rewrites ``logs/.live/<stage>.json`` (at most
+once a second: step, total, the last loss/reward, the global batch); each worker appends the warnings it logs to
+``logs/.live/<stage>.<worker>.warnings``; the driver reads both twice a second. The run directory is on storage
+every node sees, so this needs no extra Ray actor. Shard stages count finished Ray tasks in the driver.
+
+``-v`` (``VLMLAB_VERBOSE=1``) keeps today's behaviour: every library's and worker's output on the console.
+Without a TTY (CI, ``ray job submit`` logs) progress is plain lines, per stage at most one per 10 % of its steps
+and at most one per 30 s.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+VERBOSE_ENV = "VLMLAB_VERBOSE"
+PROGRESS_ENV = "VLMLAB_PROGRESS_FILE"  # set inside a training stage's rank 0 only
+PLAIN_EVERY_S = 30.0  # without a TTY: at most one progress line per stage every 30 s ...
+PLAIN_EVERY_FRACTION = 0.1  # ... and one per 10 % of its steps
+POLL_S = 0.5
+# library loggers that keep their records to themselves (propagate=False): warnings are collected from each
+LIBRARY_LOGGERS = ("ray", "mlflow", "transformers", "datasets", "trl", "lm-eval", "lm_eval", "accelerate", "peft",
+                   "torch", "py.warnings")
+# Warnings that say nothing a vlmlab user can act on: kept in the logs, not shown. (pattern, reason)
+QUIET = [re.compile(p) for p in (
+    r"Token authentication is enabled",  # the local Ray vlmlab starts, or the cluster's own setting
+    r"mtime may not be reliable",  # transformers sorting checkpoints on a network/overlay filesystem
+    r"HF model type is neither marked as CausalLM",  # lm-eval on every VLM (vlmlab sets the backend)
+    r"Failed to determine local IP",  # Ray on a machine without a route to the internet
+    r"hostname of the client socket cannot be retrieved",  # torch c10d in a loopback-only network
+)]
+
+_ACTIVE: _Stage | None = None  # the stage the driver is running now (raytrain asks it where workers log)
+_CAPTURING = False  # a Display sends this process's output to the logs: Ray must not forward its workers' output
+
+
+def forward_worker_output() -> bool:
+    """Whether a Ray this process starts or attaches to should print its workers' output here (``log_to_driver``):
+    not under `harness run` without -v, whose workers write to the run's logs."""
+    return not _CAPTURING
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def active_stage() -> _Stage | None:
+    return _ACTIVE
+
+
+def duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def usd(value: float) -> str:
+    return f"${value:.4f}" if value < 1 else f"${value:.2f}"
+
+
+def redact_file(path: Path) -> None:
+    """Redact a log file in place (same inode: processes may still hold it open)."""
+    from harness.secrets import redact_text
+
+    try:
+        with open(path, "r+", encoding="utf-8", errors="replace", newline="") as f:
+            text = f.read()
+            clean = redact_text(text)
+            if clean != text:
+                f.seek(0)
+                f.write(clean)
+                f.truncate()
+    except OSError:
+        pass
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
+    return " ".join(line.split())[:limit]
+
+
+def _quiet(message: str) -> bool:
+    return any(p.search(message) for p in QUIET)
+
+
+# ----------------------------------------------------------------------------------------------- worker side
+
+@dataclass(frozen=True)
+class WorkerLog:
+    """Where one Ray worker's output goes (picklable: it travels with the task)."""
+    path: str  # the worker's log file
+    warnings: str  # where it appends the warnings it logs (one JSON line each)
+    progress: str | None = None  # a training stage's rank 0: the progress file it rewrites
+
+
+class _Watcher(logging.Handler):
+    """Sees every WARNING+ record of the process (on the root and the library loggers); a record no other handler
+    takes is written to stderr (the log) as Python's last-resort handler would have."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "_vlmlab_seen", False):  # attached to a logger and to its parent: one record, once
+            return
+        record._vlmlab_seen = True
+        with contextlib.suppress(Exception):
+            message = record.getMessage()
+            if not self._handled_elsewhere(record.name):
+                sys.stderr.write(f"{record.levelname} {record.name}: {message}\n")
+            self.seen_record(record.name.split(".")[0], record.levelname, message)
+
+    def seen_record(self, source: str, level: str, message: str) -> None:
+        raise NotImplementedError
+
+    def _handled_elsewhere(self, name: str) -> bool:
+        lg = logging.getLogger(name)
+        while lg is not None:
+            if any(h is not self for h in lg.handlers):
+                return True
+            if not lg.propagate:
+                return False
+            lg = lg.parent
+        return False
+
+
+class _Collector(_Watcher):
+    """In a worker: appends each distinct warning of this process to a JSON-lines file, for the driver to show."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path, self.seen = path, set()
+
+    def seen_record(self, source: str, level: str, message: str) -> None:
+        self.note(source, level, message)
+
+    def note(self, source: str, level: str, message: str) -> None:
+        line = _first_line(message)
+        if not line or line in self.seen:
+            return
+        self.seen.add(line)
+        with contextlib.suppress(OSError), open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"source": source, "level": level, "message": line}) + "\n")
+
+
+@contextlib.contextmanager
+def _collecting(collector: logging.Handler, surface_warning):
+    """Attach ``collector`` to the root and library loggers, and see Python warnings; undone on exit."""
+    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in LIBRARY_LOGGERS]
+    for lg in loggers:
+        lg.addHandler(collector)
+    shown = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        shown(message, category, filename, lineno, file, line)  # into the log, as before
+        with contextlib.suppress(Exception):
+            surface_warning(category.__name__, str(message))
+
+    warnings.showwarning = showwarning
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+        for lg in loggers:
+            lg.removeHandler(collector)
+
+
+@contextlib.contextmanager
+def worker_output(log: WorkerLog | None):
+    """Inside a Ray worker: this process's stdout and stderr (file descriptors: C++ and tqdm too) go to the
+    worker's log file, its warnings to the driver; everything is restored (and the file redacted) on exit."""
+    if log is None:
+        yield
+        return
+    Path(log.path).parent.mkdir(parents=True, exist_ok=True)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    fd = os.open(log.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    collector = _Collector(log.warnings)
+    if log.progress:
+        os.environ[PROGRESS_ENV] = log.progress
+    try:
+        with _collecting(collector, lambda kind, text: collector.note(kind, "WARNING", text)):
+            yield
+    finally:
+        os.environ.pop(PROGRESS_ENV, None)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        redact_file(Path(log.path))
+
+
+def write_progress(path: str, state: dict) -> None:
+    """Rank 0 of a training stage: the stage's progress, replaced atomically."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with contextlib.suppress(OSError):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(state, f)
+        os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------- driver side
+
+class _Stage:
+    """A stage the driver is running: its log files and its progress as last seen."""
+
+    def __init__(self, display: Display, name: str, logs: Path | None, cost=None):
+        self.display, self.name, self.logs, self.cost = display, name, logs, cost
+        self.started = time.monotonic()
+        self.label, self.step, self.total = name, 0, None
+        self.metric: tuple[str, float] | None = None
+        self.rate_from: tuple[float, int] | None = None  # (time, step) of the first progress seen in this phase
+        self.samples_per_s: float | None = None
+        self.eta: float | None = None
+        self.printed_at, self.printed_bucket = self.started, 0
+        self.changed = False
+        self._offsets: dict[Path, int] = {}
+        self.lock = threading.Lock()
+
+    @property
+    def live(self) -> Path | None:
+        return self.logs / ".live" if self.logs else None
+
+    def worker_log(self, worker: str, progress: bool = False, label: str | None = None) -> WorkerLog | None:
+        """The log of one of this stage's workers (``worker``: rank0, shard3...); None when output is verbose."""
+        if self.logs is None or verbose():
+            return None
+        self.live.mkdir(parents=True, exist_ok=True)
+        label = label or self.name
+        return WorkerLog(path=str((self.logs / "ray" / f"{label}.{worker}.log").resolve()),
+                         warnings=str((self.live / f"{label}.{worker}.warnings").resolve()),
+                         progress=str((self.live / f"{self.name}.json").resolve()) if progress else None)
+
+    def update(self, step: int, total: int | None = None, label: str | None = None, metric=None,
+               global_batch: int | None = None) -> None:
+        """New progress (from the driver's own shard count, or read from rank 0's progress file)."""
+        with self.lock:
+            now = time.monotonic()
+            if label is not None and label != self.label:  # a new phase (e.g. DPO's generation, then training)
+                self.label, self.rate_from, self.samples_per_s, self.eta = label, None, None, None
+                self.printed_bucket = 0
+            if total is not None:
+                self.total = total
+            if self.rate_from is None or step < self.rate_from[1]:
+                self.rate_from = (now, step)
+            self.step, self.metric = step, metric if metric is not None else self.metric
+            since, first = self.rate_from
+            if step > first and now > since:
+                per_step = (now - since) / (step - first)
+                self.eta = per_step * max(0, (self.total or step) - step)
+                if global_batch:
+                    self.samples_per_s = global_batch / per_step
+            self.changed = True
+
+    def usd(self) -> float | None:
+        if self.cost is None:
+            return None
+        with contextlib.suppress(Exception):
+            return self.cost()
+        return None
+
+    def line(self, head: bool = True) -> str:
+        """``sft  250/1000 25%  loss 1.234  41.2 samples/s  ETA 3m10s  $0.0012`` (``head=False``: from the loss on,
+        for the live bar, which shows the name and count itself)."""
+        parts = []
+        if head:
+            parts.append(f"{self.label:<5}")
+            if self.total:
+                parts.append(f"{self.step}/{self.total} {100 * self.step / self.total:3.0f}%")
+        if self.metric is not None and math.isfinite(self.metric[1]):
+            value = self.metric[1]
+            parts.append(f"{self.metric[0]} {value:.3f}" if abs(value) < 1000 else f"{self.metric[0]} {value:.4g}")
+        if self.samples_per_s:
+            parts.append(f"{self.samples_per_s:.1f} samples/s")
+        if self.eta is not None and self.total and self.step < self.total:
+            parts.append(f"ETA {duration(self.eta)}")
+        cost = self.usd()
+        if cost is not None:
+            parts.append(usd(cost))
+        return "  ".join(parts)
+
+    def poll(self) -> None:
+        """Read rank 0's progress file and the workers' warnings."""
+        live = self.live
+        if live is None or not live.is_dir():
+            return
+        progress = live / f"{self.name}.json"
+        if progress.exists():
+            with contextlib.suppress(OSError, ValueError):
+                state = json.loads(progress.read_text())
+                if state.get("step", 0) != self.step or state.get("label", self.name) != self.label:
+                    metric = state.get("metric")
+                    self.update(int(state["step"]), state.get("total"), state.get("label", self.name),
+                                tuple(metric) if metric else None, state.get("global_batch"))
+        for path in sorted(live.glob("*.warnings")):
+            with contextlib.suppress(OSError):
+                with open(path, encoding="utf-8") as f:
+                    f.seek(self._offsets.get(path, 0))
+                    lines = f.readlines()
+                    if lines and not lines[-1].endswith("\n"):  # a line being written: read it next time
+                        lines.pop()
+                    self._offsets[path] = self._offsets.get(path, 0) + sum(len(ln.encode()) for ln in lines)
+                for ln in lines:
+                    with contextlib.suppress(ValueError):
+                        w = json.loads(ln)
+                        self.display.warn(w.get("message", ""), w.get("source"), w.get("level", "WARNING"))
+
+
+class _Surface(_Watcher):
+    """In the driver: the libraries' warnings, shown once each."""
+
+    def __init__(self, display: Display):
+        super().__init__()
+        self.display = display
+
+    def seen_record(self, source: str, level: str, message: str) -> None:
+        self.display.warn(message, source, level)
+
+
+class Display:
+    """The console of one `harness run` (see the module doc).
+
+    ``capture=True`` (the CLI) sends this process's own stdout/stderr (file descriptors) to the run's logs while it
+    is open, and prints through a duplicate of the original stdout; use it as a context manager. ``console`` may be
+    None (nothing printed; workers still log to the run's logs).
+    """
+
+    def __init__(self, console=None, capture: bool = False, live: bool | None = None):
+        self.verbose = verbose()
+        self.capture = capture and not self.verbose
+        self.console = self._given_console = console
+        self.live = (console is not None and console.is_terminal and not self.verbose) if live is None else live
+        self.shown: set[str] = set()
+        self._saved: list[int] = []
+        self._file = None
+        self._out = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._progress = None
+        self._task = None
+        self._surface: _Surface | None = None
+        self._collect = None
+        self.logs: Path | None = None
+        self.failed_stage: str | None = None
+
+    # -- lifecycle
+    def __enter__(self) -> Display:
+        if self.capture:
+            self._start_capture()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and self.failed_stage and self.logs is not None:
+            from harness.errors import UserError
+
+            if not issubclass(exc_type, (UserError, KeyboardInterrupt)):  # a crash: where its full story is
+                self.say(f"stage {self.failed_stage} failed: its output is in {self.logs / self.failed_stage}.log, "
+                         f"its Ray workers' in {self.logs / 'ray'}/")
+        self.close()
+
+    def _start_capture(self) -> None:
+        from rich.console import Console
+
+        from harness.secrets import RedactingStream
+
+        global _CAPTURING
+        _CAPTURING = True
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # the logs need no progress bars either
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if self.console is not None and self._fd_backed(sys.stdout):
+            # the console keeps the real stdout; the process's fds 1 and 2 go to the logs
+            self._out = os.fdopen(os.dup(1), "w", encoding=getattr(sys.stdout, "encoding", None) or "utf-8",
+                                  errors="replace", buffering=1)
+            self.console = Console(file=RedactingStream(self._out), soft_wrap=True)
+            self.live = self.console.is_terminal
+        self._saved = [os.dup(1), os.dup(2)]
+        self._file = tempfile.TemporaryFile()  # until the run directory is known
+        self._point(self._file.fileno())
+        self._surface = _Surface(self)
+        self._collect = _collecting(self._surface, lambda kind, text: self.warn(text, kind))
+        self._collect.__enter__()
+
+    @staticmethod
+    def _fd_backed(stream) -> bool:
+        try:
+            return stream.fileno() == 1
+        except Exception:
+            return False
+
+    def _point(self, fd: int) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+
+    def _log_to(self, path: Path) -> None:
+        """Send the captured output to ``path`` from now on."""
+        if not self.capture:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        if self._file is not None:  # what came before the run directory existed
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            self._file.seek(0)
+            os.write(fd, self._file.read())
+            self._file.close()
+            self._file = None
+        self._point(fd)
+        os.close(fd)
+
+    def open_run(self, run_dir: Path) -> None:
+        """The run directory is known: its logs/ take the output from now on."""
+        self.logs = run_dir / "logs"
+        self._log_to(self.logs / "run.log")
+        if self.live and self.console is not None and self._progress is None:
+            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
+
+            self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=24),
+                                      TextColumn("{task.fields[info]}"), console=self.console, transient=True,
+                                      redirect_stdout=False, redirect_stderr=False, refresh_per_second=4)
+            self._progress.start()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._poll, name="vlmlab-progress", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        global _ACTIVE, _CAPTURING
+        _ACTIVE = None
+        _CAPTURING = False
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if self._collect is not None:
+            self._collect.__exit__(None, None, None)
+            self._collect = None
+        if self._saved:
+            self._point(self._saved[0])
+            os.dup2(self._saved[1], 2)
+            for fd in self._saved:
+                os.close(fd)
+            self._saved = []
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.logs is not None and self.logs.is_dir():
+            for path in self.logs.rglob("*.log"):
+                redact_file(path)
+        if self._out is not None:
+            with contextlib.suppress(Exception):
+                self._out.flush()
+            self._out.close()  # a duplicate of fd 1: the real stdout stays open
+            self._out = None
+            self.console = self._given_console
+
+    def log_files(self) -> list[Path]:
+        """The run's log files as they are now, redacted (to upload with the run)."""
+        if self.logs is None or not self.logs.is_dir():
+            return []
+        files = sorted(p for p in self.logs.rglob("*.log") if p.is_file())
+        for path in files:
+            redact_file(path)
+        return files
+
+    # -- printing
+    def say(self, text: str) -> None:
+        if self.console is not None:
+            self.console.print(text, highlight=False)
+
+    def warn(self, message: str, source: str | None = None, level: str = "WARNING") -> None:
+        """A library's warning or error, shown once, as one vlmlab line (the full text is in the logs)."""
+        line = _first_line(message)
+        if not line or _quiet(line) or line in self.shown:
+            return
+        self.shown.add(line)
+        kind = "error" if level in ("ERROR", "CRITICAL") else "warning"
+        where = f" (see {self.logs})" if self.logs is not None and kind == "error" else ""
+        self.say(f"[yellow]{kind}:[/] {source + ': ' if source else ''}{_escape(line)}{where}")
+
+    def begin_stage(self, name: str) -> _Stage:
+        """Stage ``name`` starts: its driver output goes to logs/<stage>.log, its progress to the console."""
+        global _ACTIVE
+        if self.logs is not None:
+            self._log_to(self.logs / f"{name}.log")
+        stage = _Stage(self, name, self.logs)
+        if self._progress is not None:
+            self._task = self._progress.add_task(name, total=None, info="")
+        _ACTIVE = stage
+        return stage
+
+    def end_stage(self, name: str) -> None:
+        """Stage ``name`` ended (done, reused or failed): its last warnings, its logs redacted, back to run.log."""
+        global _ACTIVE
+        stage, _ACTIVE = _ACTIVE, None
+        if sys.exc_info()[1] is not None:  # called from a `finally` while the stage's exception propagates
+            self.failed_stage = name
+        if stage is not None:
+            with contextlib.suppress(Exception):
+                stage.poll()
+        if self._progress is not None and self._task is not None:
+            self._progress.remove_task(self._task)
+            self._task = None
+        if self.logs is None:
+            return
+        live = self.logs / ".live"
+        if live.is_dir():
+            for path in live.glob(f"{name}*"):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            with contextlib.suppress(OSError):
+                live.rmdir()
+        for path in [self.logs / f"{name}.log", *(self.logs / "ray").glob(f"{name}*.log")]:
+            if path.exists():
+                redact_file(path)
+        self._log_to(self.logs / "run.log")
+
+    def _poll(self) -> None:
+        while not self._stop.wait(POLL_S):
+            stage = _ACTIVE
+            if stage is None:
+                continue
+            try:
+                stage.poll()
+                self.render(stage)
+            except Exception:  # a display problem never stops a run
+                pass
+
+    def render(self, stage: _Stage) -> None:
+        """Show ``stage``'s progress: the live bar, or (no TTY) a plain line when the throttle allows one."""
+        if self._progress is not None and self._task is not None:
+            count = f"{stage.step}/{stage.total}" if stage.total else ""
+            self._progress.update(self._task, description=f"{stage.label} {count}", total=stage.total,
+                                  completed=stage.step, info=stage.line(head=False))
+            return
+        with stage.lock:
+            if not stage.changed or not stage.total:
+                return
+            stage.changed = False
+            now = time.monotonic()
+            bucket = int(stage.step / stage.total / PLAIN_EVERY_FRACTION + 1e-9)
+            if bucket <= stage.printed_bucket or stage.step >= stage.total or now - stage.printed_at < PLAIN_EVERY_S:
+                return
+            stage.printed_bucket, stage.printed_at = bucket, now
+        self.say(_escape(stage.line()))
+
+
+
+def finished_note(metrics: dict, name: str, cost: float) -> str:
+    """What the line of a finished stage adds to its wall time: steps, final loss, accuracy, dollars."""
+    parts = []
+    if isinstance(metrics.get(f"{name}/steps"), (int, float)):
+        parts.append(f"{int(metrics[f'{name}/steps'])} steps")
+    for key, label in ((f"{name}/loss_end", "loss"), (f"{name}/reward_end", "reward"),
+                       (f"{name}/mean_accuracy", "mean accuracy")):
+        if isinstance(metrics.get(key), (int, float)) and math.isfinite(metrics[key]):
+            parts.append(f"{label} {metrics[key]:.3g}")
+    if cost:
+        parts.append(usd(cost))
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
