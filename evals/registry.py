@@ -85,6 +85,35 @@ def _docvqa_row(f: dict) -> dict:
     return {}
 
 
+def _scienceqa_score(prediction: str, answers: list[str]) -> float:
+    """ScienceQA accuracy of one item: ``answers`` is [the option letter, the option's text]; the letter (or "X. ...")
+    scores, and so does the option's text (vlmlab's `short` protocol and the question-only prior; the `lmms` protocol
+    accepts only the letter, as lmms-eval)."""
+    return metrics.multiple_choice_accuracy(prediction, answers[0], answers[1] if len(answers) > 1 else None)
+
+
+def _scienceqa_row(f: dict) -> dict:
+    """lmms-lab/ScienceQA's multiple choice (``choices``, ``answer`` an index into them, ``hint``) as canonical fields:
+    the question as lmms-eval's scienceqa_img prompt before its post_prompt ("Context: {hint}\n" when there is a hint,
+    "{question}\n", then "A. choice\nB. choice..."), answers [letter, option text], answer the letter. Rows already
+    canonical (a string answer, e.g. from the_cauldron) pass through."""
+    index = f.get("answer")
+    if not isinstance(index, int) or isinstance(index, bool):
+        return {}
+    choices, question, hint = f["answers"], f["question"], f.get("hint") or ""
+    if isinstance(choices, str) or not choices or not all(isinstance(c, str) for c in choices):
+        raise ValueError(f"choices must be a list of option strings, got {choices!r}")
+    if not 0 <= index < len(choices):
+        raise IndexError(f"answer index {index} is out of range for {len(choices)} choices")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("empty question")
+    letters = [chr(ord("A") + i) for i in range(len(choices))]
+    options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(letters, choices, strict=True))
+    context = f"Context: {hint}\n" if hint else ""
+    return {"question": f"{context}{question}\n{options}", "answers": [letters[index], choices[index]],
+            "answer": letters[index]}
+
+
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task(name="vqa", title="VQAv2", metric="vqa_accuracy", score=metrics.vqa_accuracy,
          layout="lmms-lab/VQAv2",
@@ -116,6 +145,12 @@ TASKS: dict[str, Task] = {t.name: t for t in (
                   "question_type": "question_types"},
          generator="form-docvqa", question_types=("form", "layout"),
          adapt=_docvqa_row),
+    Task(name="scienceqa", title="ScienceQA", metric="scienceqa_accuracy", score=_scienceqa_score,
+         layout="lmms-lab/ScienceQA",  # hub_config: ScienceQA-IMG
+         columns={"image": "image", "question": "question", "answers": "choices", "answer": "answer",
+                  "hint": "hint", "question_type": "topic"},
+         generator="diagram-scienceqa", question_types=("side", "size", "direction", "color"),
+         adapt=_scienceqa_row),
 )}
 
 

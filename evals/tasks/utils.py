@@ -75,3 +75,14 @@ def process_docvqa(doc: dict, results: list[str]) -> dict:
     """`short`: the extracted short answer, ANLS (threshold 0.5) against all the answers."""
     from evals.metrics import anls
     return {"docvqa_anls": anls(extract_short_answer(results[0]), _references(doc))}
+
+
+# --- short protocol: scienceqa ------------------------------------------------------------------------------------
+
+def process_scienceqa(doc: dict, results: list[str]) -> dict:
+    """`short`: the extracted short answer is right when it is the option letter (any case, or "X. ...") or the
+    correct option's text (``answers`` = [letter, option text])."""
+    from evals.metrics import multiple_choice_accuracy
+    refs = _references(doc)
+    return {"scienceqa_accuracy": multiple_choice_accuracy(extract_short_answer(results[0]), doc["answer"],
+                                                           refs[1] if len(refs) > 1 else None)}
