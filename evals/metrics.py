@@ -280,3 +280,10 @@ def multiple_choice_accuracy(prediction: str, letter: str, choice: str | None = 
             return text[:-1].rstrip() if text.endswith(".") else text
         return float(norm(pred) == norm(choice))
     return 0.0
+
+
+def choice_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """Multiple-choice accuracy of one item whose ``answers`` are [the option letter, the option's text]: the letter
+    (or "X. ...") scores, and so does the option's text (ScienceQA's `short` protocol, its question-only prior and
+    GRPO reward; the `lmms` protocol accepts only the letter, as lmms-eval)."""
+    return multiple_choice_accuracy(prediction, answers[0], answers[1] if len(answers) > 1 else None)

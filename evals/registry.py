@@ -6,11 +6,10 @@ protocol) + its synthetic generator (``stages/support/synthetic.py``). Nothing e
 """
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from evals import metrics
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
 PROTOCOLS = ("short", "lmms")  # short: terse prompts for tiny models; lmms: lmms-eval's published task protocol
@@ -31,7 +30,8 @@ class Task:
     name: str
     title: str
     metric: str
-    score: Callable[[str, list[str]], float]
+    scorer: str  # "module:function" (prediction, references) -> float; by name, so the data stage's code
+    # fingerprint does not cover the metrics (a new scoring rule reruns eval only)
     layout: str
     columns: dict[str, str]
     generator: str
@@ -41,6 +41,10 @@ class Task:
     layouts: dict[str, dict[str, str]] = field(default_factory=dict)
     formats: tuple[str, ...] = ()  # local layouts beyond parquet / save_to_disk (datasets.py readers)
     adapt: Callable[[dict], dict] | None = None
+
+    def score(self, prediction: str, references: list[str]) -> float:
+        module, _, name = self.scorer.partition(":")
+        return getattr(importlib.import_module(module), name)(prediction, references)
 
     def protocols(self) -> tuple[str, ...]:
         return tuple(p for p in PROTOCOLS if self.task_file(p).is_file())
@@ -85,13 +89,6 @@ def _docvqa_row(f: dict) -> dict:
     return {}
 
 
-def _scienceqa_score(prediction: str, answers: list[str]) -> float:
-    """ScienceQA accuracy of one item: ``answers`` is [the option letter, the option's text]; the letter (or "X. ...")
-    scores, and so does the option's text (vlmlab's `short` protocol and the question-only prior; the `lmms` protocol
-    accepts only the letter, as lmms-eval)."""
-    return metrics.multiple_choice_accuracy(prediction, answers[0], answers[1] if len(answers) > 1 else None)
-
-
 def _scienceqa_row(f: dict) -> dict:
     """lmms-lab/ScienceQA's multiple choice (``choices``, ``answer`` an index into them, ``hint``) as canonical fields:
     the question as lmms-eval's scienceqa_img prompt before its post_prompt ("Context: {hint}\n" when there is a hint,
@@ -115,14 +112,14 @@ def _scienceqa_row(f: dict) -> dict:
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (
-    Task(name="vqa", title="VQAv2", metric="vqa_accuracy", score=metrics.vqa_accuracy,
+    Task(name="vqa", title="VQAv2", metric="vqa_accuracy", scorer="evals.metrics:vqa_accuracy",
          layout="lmms-lab/VQAv2",
          columns={"image": "image", "question": "question", "answers": "answers",
                   "answer": "multiple_choice_answer", "question_type": "question_type"},
          generator="shapes-vqa", question_types=("color", "shape", "count", "presence"),
          layouts={"HuggingFaceM4/VQAv2": {}},
          formats=("vqa_official",)),
-    Task(name="chartqa", title="ChartQA", metric="chartqa_relaxed_accuracy", score=metrics.relaxed_accuracy,
+    Task(name="chartqa", title="ChartQA", metric="chartqa_relaxed_accuracy", scorer="evals.metrics:relaxed_accuracy",
          layout="HuggingFaceM4/ChartQA",
          columns={"image": "image", "question": "query", "answers": "label", "answer": "label",
                   "question_type": "question_type", "subset": "human_or_machine"},
@@ -133,19 +130,19 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          layouts={"lmms-lab/ChartQA": {"question": "question", "answers": "answer", "answer": "answer",
                                        "question_type": "type", "subset": "type"}},
          formats=("chartqa_json",)),
-    Task(name="textvqa", title="TextVQA", metric="textvqa_accuracy", score=metrics.vqa_accuracy,
+    Task(name="textvqa", title="TextVQA", metric="textvqa_accuracy", scorer="evals.metrics:vqa_accuracy",
          layout="lmms-lab/textvqa",
          columns={"image": "image", "question": "question", "answers": "answers",
                   "question_type": "question_type"},
          generator="sign-textvqa", question_types=("word",),
          adapt=_textvqa_row),
-    Task(name="docvqa", title="DocVQA", metric="docvqa_anls", score=metrics.anls,
+    Task(name="docvqa", title="DocVQA", metric="docvqa_anls", scorer="evals.metrics:anls",
          layout="lmms-lab/DocVQA",  # hub_config: DocVQA
          columns={"image": "image", "question": "question", "answers": "answers",
                   "question_type": "question_types"},
          generator="form-docvqa", question_types=("form", "layout"),
          adapt=_docvqa_row),
-    Task(name="scienceqa", title="ScienceQA", metric="scienceqa_accuracy", score=_scienceqa_score,
+    Task(name="scienceqa", title="ScienceQA", metric="scienceqa_accuracy", scorer="evals.metrics:choice_accuracy",
          layout="lmms-lab/ScienceQA",  # hub_config: ScienceQA-IMG
          columns={"image": "image", "question": "question", "answers": "choices", "answer": "answer",
                   "hint": "hint", "question_type": "topic"},
