@@ -128,6 +128,11 @@ def test_default_sft_run_prints_a_page_and_logs_the_rest(workdir):
     if not loopback_only():
         pytest.fail("this test starts Ray: run it inside a loopback-only network namespace (scripts/test)")
     lines, code = _full_run(workdir)
+    check_default_sft_run(workdir, lines, code)
+
+
+def check_default_sft_run(workdir, lines: list[tuple[float, str]], code: int) -> None:
+    """The acceptance checks on one run's (arrival time, non-empty line) pairs, its exit code and its workdir."""
     text = "\n".join(ln for _, ln in lines)
     assert code == 0, text[-5000:]
     assert len(lines) <= 40, text

@@ -211,7 +211,7 @@ def test_planted_secrets_are_written_nowhere(mlflow_server, tmp_path):
     assert b"warning: sft.runtime_env.env_vars.GITHUB_TOKEN holds a secret" in output
     written = (run_dir / "config.yaml").read_text()  # the secrets were there, and were replaced
     for name in ("GITHUB_TOKEN", "SLACK_HOOK", "DB_URL", "AWS_ACCESS_KEY_ID", "PROXY", "VLMLAB_SECRET_TRACKING_URI",
-                 "VLMLAB_SECRET_DATA_VQA_SOURCE"):
+                 "VLMLAB_SECRET_DATA_TASKS_VQA_SOURCE"):
         assert "${secret:" + name + "}" in written, name
     assert b"sft.runtime_env.env_vars.GITHUB_TOKEN" in (store / "store.db").read_bytes()  # params reached MLflow
 
@@ -228,6 +228,7 @@ def test_planted_secrets_are_written_nowhere(mlflow_server, tmp_path):
     again = subprocess.run([sys.executable, "-m", "harness.cli", "reproduce", str(run_dir), "--trust"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2, again.stderr
-    for name in ("DB_URL", "GITHUB_TOKEN", "PROXY", "VLMLAB_SECRET_DATA_VQA_SOURCE", "VLMLAB_SECRET_TRACKING_URI"):
+    for name in ("DB_URL", "GITHUB_TOKEN", "PROXY", "VLMLAB_SECRET_DATA_TASKS_VQA_SOURCE",
+                 "VLMLAB_SECRET_TRACKING_URI"):
         assert name in again.stderr, again.stderr
     assert sorted(p.name for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")) == [run_dir.name]
