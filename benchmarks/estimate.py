@@ -126,8 +126,10 @@ def main() -> None:
                "--output-dir", str(work / "real" / "runs")]
     (work / "real").mkdir()
     loads = {"before": load()}
+    print(f"work directory: {work}", file=sys.stderr, flush=True)
     estimate_wall, text = timed(estimate_cmd, work / "estimate.log")
     estimate = json.loads(text)
+    (work / "estimate.json").write_text(text)  # kept if the real run does not finish
     loads["between"] = load()
     run_wall, _ = timed(run_cmd, work / "run.log")
     loads["after"] = load()

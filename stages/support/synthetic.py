@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import functools
 import io
 import random
 
@@ -149,6 +150,7 @@ DOC_NAMES = ("ANN", "BOB", "EVE", "MAX", "SUE", "JIM", "KAY", "LOU")  # pairwise
 DOC_ITEMS = ("TEA", "PIE", "JAM", "EGG")
 
 
+@functools.lru_cache(maxsize=16)
 def _font(px: int):
     """Pillow's embedded FreeType font (Aileron) at ``px``: the same glyphs on every machine, no system fonts."""
     return ImageFont.load_default(size=max(6, px))
