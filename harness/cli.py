@@ -113,14 +113,30 @@ def with_interval(metrics: dict, key: str) -> str:
     return f"{metrics[key]:.3f}" + (f" ± {(high - low) / 2:.3f}" if low is not None and high is not None else "")
 
 
+def _key_metrics(stage: dict) -> dict[str, float]:
+    """A few numbers per stage for the summary table: the data stage's sizes summed over its tasks, eval's mean
+    accuracy (each task's score follows the table), the first three of any other stage."""
+    metrics = {k.split("/", 1)[1]: v for k, v in stage["metrics"].items()
+               if k.count("/") == 1 and "prior" not in k and not k.endswith(("_ci_low", "_ci_high"))}
+    if stage["name"] == "data":
+        totals: dict[str, float] = {}
+        for key, value in metrics.items():
+            task, _, field = key.partition("_")
+            if task in TASKS:
+                totals[field] = totals.get(field, 0) + value
+        return {"tasks": len({k.partition("_")[0] for k in metrics} & set(TASKS))} | totals
+    if "mean_accuracy" in metrics:
+        return {"mean_accuracy": metrics["mean_accuracy"]}
+    return dict(list(metrics.items())[:3])
+
+
 def _summary(result: dict) -> None:
     table = Table(title=f"{result['pipeline']} · {result['run_id']}")
     for col in ("stage", "wall s", "accel-h", "cost USD", "key metrics"):
         table.add_column(col, justify="right" if col != "key metrics" else "left")
     for s in result["stages"]:
-        keys = {k: v for k, v in s["metrics"].items()
-                if k.count("/") == 1 and "prior" not in k and not k.endswith(("_ci_low", "_ci_high"))}
-        shown = ", ".join(f"{k.split('/', 1)[1]}={v:.3g}" for k, v in list(keys.items())[:6])
+        shown = ", ".join(f"{k}={int(v):,}" if float(v).is_integer() else f"{k}={v:.3g}"
+                          for k, v in _key_metrics(s).items())
         name = f"{s['name']} (cached)" if "reused_from" in s else s["name"]
         table.add_row(name, f"{s['wall_seconds']:.1f}", f"{s['accelerator_hours']:.5f}",
                       f"{s['cost_usd']:.5f}", shown)

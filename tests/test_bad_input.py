@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from evals.registry import TASKS
 from harness.cli import app
 from harness.config import load_config
 
@@ -83,8 +84,8 @@ CASES = [
      "fix it"),
     ("nan-beta", ["run", "dpo", "dpo.beta=.nan"], {}, "dpo.beta: Input should be a finite number", "fix it"),
     ("zero-beta", ["run", "dpo", "dpo.beta=0"], {}, "dpo.beta: Input should be greater than 0", "fix it"),
-    ("save-after-end", [*RUN, "sft.save_steps=5000"], {}, "sft.save_steps: more than max_steps (1000)",
-     "set it to 1000 or less"),
+    ("save-after-end", [*RUN, "sft.max_steps=1000", "sft.save_steps=5000"], {},
+     "sft.save_steps: more than max_steps (1000)", "set it to 1000 or less"),
     ("long-run-name", [*RUN, "run_name=" + "x" * 300], {}, "run_name: String should have at most 100 characters",
      "fix it"),
     ("run-name-escape", [*RUN, "run_name=../escape"], {}, "run_name: String should match pattern", "fix it"),
@@ -110,7 +111,7 @@ CASES = [
      "data.tasks: unknown task 'chartq' (did you mean 'chartqa'?)", "known tasks: vqa, chartqa"),
     ("task-under-old-key", [*RUN, "data.vqa.train_size=5"], {}, "data.vqa: unknown key (did you mean 'tasks.vqa'?)",
      "fix it"),
-    ("no-task-left", [*RUN, "data.tasks={vqa: null, chartqa: null}"], {}, "no task left",
+    ("no-task-left", [*RUN, "data.tasks={" + ", ".join(f"{k}: null" for k in TASKS) + "}"], {}, "no task left",
      "give at least one of vqa, chartqa"),
     ("eval-unknown-task", ["eval", "tiny", "--tasks", "vqa,docs"], {}, "--tasks: unknown task 'docs'",
      "comma-separated list of those"),

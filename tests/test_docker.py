@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, loopback_only
+from test_console import check_default_sft_run, run_without_tty
 
 from evals.registry import TASKS
 from harness.config import load_config
@@ -144,22 +145,28 @@ def test_runtime_user_has_no_sudo_though_the_base_gave_it_one(docker_env, image)
     assert left.strip() == "", left
 
 
-def test_harness_run_dpo_default_preset_in_the_container(docker_env, image, tmp_path):
-    """The README's Docker command on the embedded default preset; results and MLflow DB land on the volume."""
+def test_harness_run_sft_then_dpo_default_preset_in_the_container(docker_env, image, tmp_path):
+    """The README's Docker command on the embedded default preset, as `harness run sft` then `harness run dpo` on one
+    volume: the sft run's console is #26's page (no TTY in `docker run` without -t), the dpo run reuses its stages
+    and reproduces the host's reference; results and the MLflow DB land on the volume."""
     volume = tmp_path / "work"
     volume.mkdir()
     os.chown(volume, 1000, 1000)
+    docker_run = [DOCKER, "run", "--rm", "--network", "none", "--shm-size=2g", "-v", f"{volume}:/work", image]
     start = time.time()
-    run = subprocess.run(
-        [DOCKER, "run", "--rm", "--network", "none", "--shm-size=2g", "-v", f"{volume}:/work", image,
-         "harness", "run", "dpo"], env=docker_env, capture_output=True, text=True, timeout=1800)
+    lines, code = run_without_tty([*docker_run, "harness", "run", "sft"], ROOT, docker_env, timeout=1800)
+    print(f"in-container `harness run sft` (default preset): {time.time() - start:.0f} s")
+    check_default_sft_run(volume, lines, code, shown_workdir=Path("/work"))
+    start = time.time()
+    run = subprocess.run([*docker_run, "harness", "run", "dpo"], env=docker_env, capture_output=True, text=True,
+                         timeout=1800)
     wall = time.time() - start
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    print(f"in-container `harness run dpo` (default preset): {wall:.0f} s")
-    results = list((volume / "runs").glob("*/result.json"))
-    assert len(results) == 1, results
-    result = json.loads(results[0].read_text())
-    assert result["pipeline"] == "dpo" and result["reused_stages"] == []
+    print(f"in-container `harness run dpo` after it (data, model and sft reused): {wall:.0f} s")
+    results = [json.loads(p.read_text()) for p in sorted((volume / "runs").glob("*/result.json"))]
+    assert [r["pipeline"] for r in results] == ["sft", "dpo"], results
+    result = results[1]
+    assert result["reused_stages"] == ["data", "model", "sft"]
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert result["manifest"]["git"]["sha"] == head
     # same pins, same CPU arithmetic: the container reproduces the host's reference run of the default preset
@@ -175,4 +182,4 @@ def test_harness_run_dpo_default_preset_in_the_container(docker_env, image, tmp_
         statuses = db.execute("SELECT r.status, t.value FROM runs r LEFT JOIN tags t ON t.run_uuid = r.run_uuid "
                               "AND t.key = 'mlflow.parentRunId'").fetchall()
     assert statuses and all(status == "FINISHED" for status, _ in statuses), statuses
-    assert sum(parent is None for _, parent in statuses) == 1 and len(statuses) >= 5
+    assert sum(parent is None for _, parent in statuses) == 2 and len(statuses) >= 5  # the sft and dpo runs

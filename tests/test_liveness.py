@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from test_faults import _wait_for
 from test_sync import Partition, server  # noqa: F401 - the module's MLflow server fixture
 
+from evals.registry import TASKS
 from harness.tracking import HEARTBEAT_TAG, OUTBOX, REAPED_TAG, Tracker, sync_outbox
 
 OTHER_HOST = r"""
@@ -171,8 +172,8 @@ def test_harness_run_and_sweep_mark_a_silent_run_of_another_host_killed(workdir,
     _wait_for(lambda: float(client.get_run(other.runs[0]).data.tags[HEARTBEAT_TAG]) < time.time() - 4, 60,
               "the heartbeat to go stale")
     data = ["pipelines.d=[data]", "data.tasks.vqa.train_size=16", "data.tasks.vqa.test_size=8",
-            "data.tasks.chartqa.train_size=16",
-            "data.tasks.chartqa.test_size=8"]
+            "data.tasks.chartqa.train_size=16", "data.tasks.chartqa.test_size=8",
+            *(f"data.tasks.{name}=null" for name in TASKS if name not in ("vqa", "chartqa"))]
     args = ["run", "d", *data] if command == "run" else \
         ["sweep", "--pipeline", "d", *data, "--space", "seed=choice(0)", "--trials", "1"]
     proc = subprocess.Popen([sys.executable, "-m", "harness.cli", *args, "--output-dir", "runs"], cwd=workdir,
