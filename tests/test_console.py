@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT, loopback_only
+from conftest import ROOT
 
 from harness import output
 

@@ -172,7 +172,7 @@ def test_harness_run_sft_then_dpo_default_preset_in_the_container(docker_env, im
     # same pins, same CPU arithmetic: the container reproduces the host's reference run of the default preset
     reference = json.loads((ROOT / "results" / "reference" / "dpo.json").read_text())["metrics"]
     metrics = result["metrics"]
-    tasks = [TASKS[name] for name, spec in load_config(None).data.tasks.items() if spec is not None]  # the default preset's
+    tasks = [TASKS[name] for name, spec in load_config(None).data.tasks.items() if spec is not None]  # the preset's
     keys = [f"eval/{prefix}{t.metric}" for t in tasks for prefix in ("", "sft_")] + ["dpo/reward_accuracy"]
     for key in keys:
         assert abs(metrics[key] - reference[key]) <= 0.01, (key, metrics[key], reference[key])
