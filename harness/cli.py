@@ -16,6 +16,7 @@ from typer.core import TyperGroup
 
 from evals.registry import TASKS
 from harness.errors import UserError
+from harness.estimate import DEFAULT_STEPS
 from harness.secrets import RedactingStream, redact_text
 
 try:  # typer 0.29 carries its own click
@@ -575,7 +576,7 @@ def estimate(
     device: list[str] | None = typer.Option(None, "--device", "-d", help="T4, L4, A10G, A100, H100, H200 or cpu "
                                             "(this machine); repeatable or comma-separated. Default: all."),
     config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-    steps: int = typer.Option(20, "--steps", min=2, help="Calibration steps per training stage."),
+    steps: int = typer.Option(DEFAULT_STEPS, "--steps", min=2, help="Calibration steps per training stage."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Predict a pipeline's wall time and cost per device from a short calibration run on this machine.
