@@ -38,6 +38,7 @@ PROGRESS_ENV = "VLMLAB_PROGRESS_FILE"  # set inside a training stage's rank 0 on
 PLAIN_EVERY_S = 30.0  # without a TTY: at most one progress line per stage every 30 s ...
 PLAIN_EVERY_FRACTION = 0.1  # ... and one per 10 % of its steps
 POLL_S = 0.5
+STREAM_POLL_S = 5.0  # where rank 0's progress file is out of sight: ask the MLflow store at most this often
 # library loggers that keep their records to themselves (propagate=False): warnings are collected from each
 LIBRARY_LOGGERS = ("ray", "mlflow", "transformers", "datasets", "trl", "lm-eval", "lm_eval", "accelerate", "peft",
                    "torch", "py.warnings")
@@ -48,6 +49,7 @@ QUIET = [re.compile(p) for p in (
     r"HF model type is neither marked as CausalLM",  # lm-eval on every VLM (vlmlab sets the backend)
     r"Failed to determine local IP",  # Ray on a machine without a route to the internet
     r"hostname of the client socket cannot be retrieved",  # torch c10d in a loopback-only network
+    r"`is_gradient_checkpointing` is deprecated",  # TRL's DPO trainer calling transformers' old name
 )]
 
 _ACTIVE: _Stage | None = None  # the stage the driver is running now (raytrain asks it where workers log)
@@ -236,8 +238,9 @@ def write_progress(path: str, state: dict) -> None:
 class _Stage:
     """A stage the driver is running: its log files and its progress as last seen."""
 
-    def __init__(self, display: Display, name: str, logs: Path | None, cost=None):
+    def __init__(self, display: Display, name: str, logs: Path | None, cost=None, progress_from=None):
         self.display, self.name, self.logs, self.cost = display, name, logs, cost
+        self.progress_from, self._asked = progress_from, 0.0
         self.started = time.monotonic()
         self.label, self.step, self.total = name, 0, None
         self.metric: tuple[str, float] | None = None
@@ -311,19 +314,28 @@ class _Stage:
             parts.append(usd(cost))
         return "  ".join(parts)
 
+    def _progress_state(self, path: Path) -> dict | None:
+        """Rank 0's progress file; where the driver does not see it (rank 0 on a node without storage shared under
+        the run directory), the step metrics the workers stream to the stage's MLflow run (``progress_from``)."""
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads(path.read_text())
+        if self.progress_from is None or time.monotonic() - self._asked < STREAM_POLL_S:
+            return None
+        self._asked = time.monotonic()
+        with contextlib.suppress(Exception):  # a store that is down or slow costs the console a line, no more
+            return self.progress_from()
+        return None
+
     def poll(self) -> None:
-        """Read rank 0's progress file and the workers' warnings."""
+        """Read rank 0's progress (file, or the MLflow stream) and the workers' warnings."""
         live = self.live
         if live is None or not live.is_dir():
             return
-        progress = live / f"{self.name}.json"
-        if progress.exists():
-            with contextlib.suppress(OSError, ValueError):
-                state = json.loads(progress.read_text())
-                if state.get("step", 0) != self.step or state.get("label", self.name) != self.label:
-                    metric = state.get("metric")
-                    self.update(int(state["step"]), state.get("total"), state.get("label", self.name),
-                                tuple(metric) if metric else None, state.get("global_batch"))
+        state = self._progress_state(live / f"{self.name}.json")
+        if state and (state.get("step", 0) != self.step or state.get("label", self.name) != self.label):
+            metric = state.get("metric")
+            self.update(int(state["step"]), state.get("total"), state.get("label", self.name),
+                        tuple(metric) if metric else None, state.get("global_batch"))
         for path in sorted(live.glob("*.warnings")):
             with contextlib.suppress(OSError):
                 with open(path, encoding="utf-8") as f:
@@ -516,12 +528,14 @@ class Display:
         where = f" (see {self.logs})" if self.logs is not None and kind == "error" else ""
         self.say(f"[yellow]{kind}:[/] {source + ': ' if source else ''}{_escape(line)}{where}")
 
-    def begin_stage(self, name: str) -> _Stage:
-        """Stage ``name`` starts: its driver output goes to logs/<stage>.log, its progress to the console."""
+    def begin_stage(self, name: str, progress_from=None) -> _Stage:
+        """Stage ``name`` starts: its driver output goes to logs/<stage>.log, its progress to the console.
+        ``progress_from()``, where given, returns the stage's progress from elsewhere than rank 0's file (see
+        ``_Stage._progress_state``)."""
         global _ACTIVE
         if self.logs is not None:
             self._log_to(self.logs / f"{name}.log")
-        stage = _Stage(self, name, self.logs)
+        stage = _Stage(self, name, self.logs, progress_from=progress_from)
         if self._progress is not None:
             self._task = self._progress.add_task(name, total=None, info="")
         _ACTIVE = stage

@@ -17,7 +17,7 @@ import yaml
 from harness import codeprint
 from harness.cache import StageCache, stage_key
 from harness.codeprint import TreeHasher
-from harness.config import SCHEMA_VERSION, PipelineConfig
+from harness.config import SCHEMA_VERSION, PipelineConfig, TrainStageConfig
 from harness.cost import Meter
 from harness.errors import UserError
 from harness.inputs import check_inputs
@@ -26,7 +26,7 @@ from harness.manifest import build_manifest
 from harness.output import Display, active_stage, finished_note
 from harness.secrets import redact
 from harness.storage import OutputDir
-from harness.tracking import Tracker
+from harness.tracking import Tracker, latest_step
 from stages import STAGES, StageContext, StageOutput
 
 NOT_PATHS = {"tiny", "compose", "synthetic", "tasks"}  # source values that name a generator, not a directory
@@ -149,6 +149,15 @@ class _Runner:
                    "sources": sources}
         return depends, {"fingerprint": depends["code"], "git_sha": self.git_sha, "files": files}
 
+    def _progress_from(self, name: str, run_id: str):
+        """A training stage's progress as its rank 0 streams it to MLflow: the console's fallback where rank 0's
+        progress file is on another node."""
+        stage = getattr(self.cfg, name, None)
+        if not isinstance(stage, TrainStageConfig):
+            return None
+        batch = stage.batch_size * stage.gradient_accumulation_steps * self.cfg.resources.workers
+        return lambda: latest_step(self.tracker.client, run_id, name, stage.max_steps, batch)
+
     def _stage(self, name: str, key: str, outputs: dict[str, StageOutput], code: dict) -> dict:
         stage_dir = self.run_dir / name
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -163,7 +172,7 @@ class _Runner:
                 f"stage {name}: waiting for the run computing the same stage (pid {owner['pid']} on {owner['host']}); "
                 "its result will be reused"))
             entry = self.cache.lookup(name, key)
-        self.display.begin_stage(name)  # its output to logs/<stage>.log, its progress to the console
+        self.display.begin_stage(name, self._progress_from(name, child))  # output to logs/<stage>.log, progress shown
         try:
             if entry is not None:
                 record = entry["record"] | {"reused_from": entry["stage_dir"], "wall_seconds_this_run": 0.0}

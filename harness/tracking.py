@@ -496,6 +496,18 @@ def _check_server(uri: str, timeout: float = 5.0) -> None:
                         "it or set MLFLOW_TRACKING_URI / tracking.uri to a reachable store") from None
 
 
+def latest_step(client, run_id: str, prefix: str, total: int, global_batch: int) -> dict | None:
+    """A training stage's last step streamed to its MLflow run, as the console's progress state; None before the
+    first log. GRPO's reward before the loss, as rank 0's progress file has it."""
+    for key in ("reward", "loss"):
+        history = client.get_metric_history(run_id, f"{prefix}/{key}")
+        if history:
+            last = max(history, key=lambda m: m.step)
+            return {"label": prefix, "step": last.step, "total": total, "metric": [key, last.value],
+                    "global_batch": global_batch}
+    return None
+
+
 def log_step_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int,
                      outbox: str | None = None) -> None:
     """Used from Ray workers: log one step's metrics to a run by id; to ``outbox`` if the store fails."""

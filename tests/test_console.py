@@ -96,6 +96,32 @@ def test_worker_output_goes_to_its_log_and_warnings_once_to_the_console(tmp_path
     assert not (logs / ".live").exists()  # the progress and warnings files go with the stage
 
 
+def test_progress_from_the_mlflow_stream_where_rank0s_file_is_out_of_sight(tmp_path):
+    """Rank 0 on another node without shared storage writes its progress file there: the driver then reads the step
+    metrics rank 0 streams to the stage's MLflow run (a real SQLite store here), at most every STREAM_POLL_S."""
+    from harness.tracking import Tracker, latest_step, log_step_metrics
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "vlmlab")
+    run_id = tracker.start("sft")
+    display, buffer = _display()
+    display.logs = tmp_path / "logs"
+    stage = display.begin_stage("sft", lambda: latest_step(tracker.client, run_id, "sft", 1000, 64))
+    stage.worker_log("rank0", progress=True)  # its file would be on rank 0's node: never written here
+    stage.poll()
+    assert stage.step == 0  # nothing streamed yet
+    for step in (10, 20):
+        log_step_metrics(uri, run_id, {"sft/loss": 2.0 / step, "sft/learning_rate": 1e-3}, step)
+    stage.poll()
+    assert stage.step == 0  # asked less than STREAM_POLL_S ago
+    stage._asked -= output.STREAM_POLL_S
+    stage.poll()
+    assert (stage.step, stage.total, stage.metric) == (20, 1000, ("loss", 0.1))
+    assert re.match(r"sft +20/1000 +2%  loss 0\.100", stage.line()), stage.line()
+    display.end_stage("sft")
+    display.close()
+
+
 def run_without_tty(argv: list[str], cwd, env: dict, timeout: float = 3600) -> tuple[list[tuple[float, str]], int]:
     """Run ``argv`` with its output on a pipe (no TTY): its non-empty lines with the time each arrived, its exit
     code."""
