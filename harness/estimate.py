@@ -169,9 +169,9 @@ def _timed_display(console):
             super().__init__(*args, **kwargs)
             self.began: dict[str, float] = {}
 
-        def begin_stage(self, name):
+        def begin_stage(self, name, *args, **kwargs):
             self.began[name] = time.time()
-            return super().begin_stage(name)
+            return super().begin_stage(name, *args, **kwargs)
 
     return TimedDisplay(console, capture=True)
 

@@ -87,8 +87,8 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(workdir):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a torn write
     rc, out, err = _finish(workdir, args)
     assert rc == 0, err[-3000:]
-    text = " ".join(out.split())
-    assert text.count("damaged checkpoint") == 1 and f"resuming from {older}" in text
+    text = "".join(out.split())  # rich folds the warning's long path wherever the console width falls
+    assert text.count("damagedcheckpoint") == 1 and f"resumingfrom{older}" in text, out
     result = json.loads(next((workdir / "runs").glob("*/result.json")).read_text())
     assert result["metrics"]["sft/resumed_from_step"] == older_step and result["metrics"]["sft/steps"] == 40
 
