@@ -174,7 +174,7 @@ def test_generator_answers_are_consistent_and_letters_uniform():
     rows = synthetic.generate("diagram-scienceqa", 1500, seed=0, image_size=32)
     assert {r["topic"] for r in rows} == set(TASKS["scienceqa"].question_types)
     assert {len(r["choices"]) for r in rows} == {2, 3, 4, 5}
-    assert {bool(r["hint"]) for r in rows} == {True, False}
+    assert not any(r["hint"] for r in rows)  # the embedded prompts stay short; hub rows' hints: test above
     # each question lists its options in one fixed order: the letter means the same thing every time
     assert all(r["choices"] == list(synthetic.DIAGRAM_QUESTIONS[r["topic"]][1]) for r in rows)
     for r in rows:

@@ -270,8 +270,9 @@ def _draw_arrow(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], direc
 def diagram_item(rng: random.Random, index: int, image_size: int) -> dict:
     """One diagram-scienceqa row in the lmms-lab/ScienceQA (ScienceQA-IMG) column layout: a diagram of an arrow and
     2-3 shapes of clearly different sizes, one in each quarter of the image; a question on the arrow's side (2
-    options), the largest shape (3), the arrow's direction (4) or its colour (5), a hint half of the time. Each
-    question lists its options in one fixed order, so the answer's letter stands for the same thing every time (a
+    options), the largest shape (3), the arrow's direction (4) or its colour (5); no hint (a "Context:" line
+    would make these the longest prompts of every batch, and a batch's cost is its longest row's). Each question
+    lists its options in one fixed order, so the answer's letter stands for the same thing every time (a
     ~3M-parameter model learns that within the default budget; matching shuffled options it did not) and is
     uniformly spread, as the drawn attribute is."""
     shade = rng.randint(40, 90)
@@ -299,10 +300,9 @@ def diagram_item(rng: random.Random, index: int, image_size: int) -> dict:
              "direction": direction, "color": arrow_color}[qtype]
     solution = {"side": f"The arrow is on the {truth}.", "size": f"The {truth} is the largest shape.",
                 "direction": f"The arrow points {truth}.", "color": f"The arrow is {truth}."}[qtype]
-    hint = "The diagram shows an arrow and some shapes." if rng.random() < 0.5 else ""
     return {
         "image": _png(img), "question": question, "choices": list(options), "answer": options.index(truth),
-        "hint": hint, "task": "closed choice", "grade": rng.choice(["grade1", "grade2"]), "subject": "natural science",
+        "hint": "", "task": "closed choice", "grade": rng.choice(["grade1", "grade2"]), "subject": "natural science",
         "topic": qtype, "category": category, "skill": category, "lecture": "", "solution": solution,
     }
 
