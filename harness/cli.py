@@ -276,7 +276,8 @@ def reproduce(
 
 @app.command()
 def sweep(
-    preset: str | None = typer.Argument(None, help="dpo-beta | grades (or leave out and give --space)."),
+    preset: str | None = typer.Argument(None, help="dpo-beta | grades | grades-dpo (or leave out and give "
+                                        "--space)."),
     overrides: list[str] | None = typer.Argument(None, help="key=value overrides for every trial"),
     space: list[str] | None = typer.Option(None, "--space", "-s", help="key=sampler(args): loguniform, "
                                               "uniform, randint, choice, grid. Repeatable."),
@@ -332,6 +333,14 @@ def sweep(
     console.print(table)
     if result["best"]:
         console.print(f"best: {result['best']['params']} -> {objective} = {result['best']['objective']:.4g}")
+    grades = result.get("grades")
+    if grades:
+        pick = grades["pick"]
+        console.print(f"GradES vs the reference (observing, {grades['reference']['stage_wall_seconds']:.0f} s): "
+                      + (f"pick {' '.join(grades['pick_overrides'])} -> {pick['speedup']:.2f}x, "
+                         f"{grades['metric']} {pick['accuracy_delta']:+.4f}" if pick else
+                         f"no trial within {grades['accuracy_tolerance']} of the reference's accuracy")
+                      + " (pareto.png)")
     console.print(f"sweep directory: [bold]{result['sweep_dir']}[/] (total cost {result['cost_usd']:.5f} USD)")
 
 

@@ -3,6 +3,12 @@
 Stages that no swept key touches (data, model, and e.g. the SFT checkpoint a DPO sweep starts from) run once,
 before the trials, and every trial reuses them from the stage cache. MLflow: one parent run for the sweep; each
 trial's pipeline run is its child (with the trial's stage runs below it).
+
+A sweep of one training stage's GradES settings (`<stage>.grades.*` only) also runs a reference first: the same
+pipeline with GradES observing (both taus 0: nothing freezes, same max_steps). Each trial then gets its speed-up
+(reference stage wall / trial stage wall) and accuracy delta (trial - reference, on the objective's metric);
+sweep.json records them with the Pareto front and the pick (the fastest trial within ACCURACY_TOLERANCE of the
+reference), pareto.png plots them. Those trials run one at a time, so their stage walls compare.
 """
 from __future__ import annotations
 
@@ -67,13 +73,22 @@ def log_grid(low: float, high: float, n: int) -> list[float]:
     return [float(f"{low * (high / low) ** (i / (n - 1)):.4g}") for i in range(n)]
 
 
+def grades_space(stage: str, low: float, high: float):
+    """A GradES search space over ``stage``'s taus (log-uniform in [low, high]), grace period and check interval."""
+    return lambda n: {f"{stage}.grades.vision_tau": ("loguniform", [low, high]),
+                      f"{stage}.grades.language_tau": ("loguniform", [low, high]),
+                      f"{stage}.grades.alpha": ("uniform", [0.1, 0.6]),
+                      f"{stage}.grades.compute_interval": ("choice", [10, 20, 40])}
+
+
 PRESETS = {
     # name: (pipeline, fixed overrides, space builder(trials))
     "dpo-beta": ("dpo", [], lambda n: {"dpo.beta": ("grid", log_grid(0.01, 1.0, n))}),
-    "grades": ("sft", ["sft.grades.enabled=true"], lambda n: {
-        "sft.grades.vision_tau": ("loguniform", [1.0, 100.0]), "sft.grades.language_tau": ("loguniform", [1.0, 100.0]),
-        "sft.grades.alpha": ("uniform", [0.1, 0.6])}),
+    "grades": ("sft", ["sft.grades.enabled=true"], grades_space("sft", 1.0, 100.0)),
+    # DPO's learning rate is lower than SFT's: smaller changes per check
+    "grades-dpo": ("dpo", ["dpo.grades.enabled=true"], grades_space("dpo", 0.3, 100.0)),
 }
+ACCURACY_TOLERANCE = 0.01  # the GradES pick: the fastest trial whose accuracy is at most this much below the reference
 
 
 def shared_prefix(stage_names: list[str], swept: list[str]) -> list[str]:
@@ -96,6 +111,63 @@ def objective_value(metrics: dict, cost: float, objective: str) -> float:
         base = metrics.get(metric.replace("eval/", "eval/base_"), 0.0)
         return (metrics[metric] - base) / cost if cost > 0 else math.inf
     return metrics[objective]
+
+
+def grades_stage(space: dict) -> str | None:
+    """The training stage whose GradES settings are the only swept keys (`<stage>.grades.*`), or None."""
+    stages = {key.split(".")[0] for key in space}
+    if len(stages) == 1 and all(key.split(".")[1:2] == ["grades"] for key in space):
+        return stages.pop()
+    return None
+
+
+def stage_view(result: dict, stage: str, metric: str) -> dict:
+    """From a pipeline result: the stage's wall time, optimizer steps and final frozen fraction, and ``metric``."""
+    record = next(s for s in result["stages"] if s["name"] == stage)
+    m = result["metrics"]
+    return {"stage_wall_seconds": record["wall_seconds"], "steps": m.get(f"{stage}/steps"),
+            "frozen_fraction": m.get(f"{stage}/grades/frozen_fraction", 0.0), "metric": m.get(metric)}
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the (speed-up, accuracy delta) points no other point matches or beats on both, one better."""
+    return [i for i, (s, d) in enumerate(points)
+            if not any(s2 >= s and d2 >= d and (s2, d2) != (s, d) for s2, d2 in points)]
+
+
+def grades_pick(rows: list[dict], tolerance: float = ACCURACY_TOLERANCE) -> dict | None:
+    """The fastest finished trial whose accuracy delta is >= -tolerance (None if there is none)."""
+    ok = [r for r in rows if r.get("grades") and r["grades"]["accuracy_delta"] >= -tolerance]
+    return max(ok, key=lambda r: r["grades"]["speedup"]) if ok else None
+
+
+def plot_pareto(rows: list[dict], stage: str, metric: str, path: Path):
+    """Speed-up vs accuracy delta per trial against the reference (at 1x, 0), the Pareto front joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r.get("grades")]
+    points = [(r["grades"]["speedup"], r["grades"]["accuracy_delta"]) for r in done]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.scatter([s for s, _ in points], [d for _, d in points], color="tab:blue", label="trial")
+    front = sorted(points[i] for i in pareto_front(points))
+    if front:
+        ax.plot(*zip(*front, strict=True), color="tab:blue", lw=1, label="Pareto front")
+    ax.scatter([1.0], [0.0], marker="s", color="black", label="reference (GradES observing)")
+    ax.axhline(-ACCURACY_TOLERANCE, color="red", ls="--", lw=0.8, label=f"delta = -{ACCURACY_TOLERANCE}")
+    pick = grades_pick(done)
+    if pick:
+        ax.scatter([pick["grades"]["speedup"]], [pick["grades"]["accuracy_delta"]], s=120, facecolors="none",
+                   edgecolors="red", label="pick")
+    ax.set_xlabel(f"speed-up of the {stage} stage (reference wall / trial wall)")
+    ax.set_ylabel(f"{metric} - reference")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return fig
 
 
 class TrialFailed(RuntimeError):
@@ -176,6 +248,9 @@ def run_sweep(cfg, pipeline: str, fixed: list[str], space: dict[str, tuple[str, 
     resolved = cfg.model_dump(mode="json")
     # trials run in other processes: pin the tracking store this process resolved (env, cwd)
     resolved["tracking"]["uri"] = cfg.tracking.resolved_uri()
+    stage = grades_stage(space)
+    if stage:  # a sweep of GradES settings runs with GradES on
+        fixed = [*fixed, f"{stage}.grades.enabled=true"]
     base = PipelineConfig.model_validate(merge(resolved, parse_overrides(fixed)))
     for key in space:  # every swept key must exist in the config
         node = base.model_dump()
@@ -207,6 +282,15 @@ def run_sweep(cfg, pipeline: str, fixed: list[str], space: dict[str, tuple[str, 
                                        parent_run_id=parent)["cost_usd_this_run"]
         else:
             shared_cost = 0.0
+        metric = objective.split(":", 1)[1] if objective.startswith("gain_per_usd:") else objective
+        reference = None
+        if stage:  # GradES observing: the speed-up and accuracy delta of every trial are measured against it
+            ref_cfg = PipelineConfig.model_validate(merge(base.model_dump(mode="json"), parse_overrides([
+                f"{stage}.grades.enabled=true", f"{stage}.grades.vision_tau=0", f"{stage}.grades.language_tau=0",
+                f"run_name={sweep_id}-reference"])))
+            ref = run_pipeline(ref_cfg, pipeline, str(root), console=console, parent_run_id=parent)
+            reference = stage_view(ref, stage, metric) | {"run_dir": ref["run_dir"],
+                                                          "cost_usd_this_run": ref["cost_usd_this_run"]}
         grid = all(s == "grid" for s, _ in space.values())
         trainable = tune.with_parameters(trial, resolved=base.model_dump(mode="json"), overrides=[],
                                          pipeline=pipeline, root=str(root), sweep_run_id=parent, objective=objective)
@@ -221,7 +305,7 @@ def run_sweep(cfg, pipeline: str, fixed: list[str], space: dict[str, tuple[str, 
         fits = [have.get("CPU", 1) // (res.workers * res.cpus_per_worker)]
         if res.use_gpu:
             fits.append(have.get("GPU", 0) // (res.workers * res.gpus_per_worker))
-        concurrent = max(1, int(min(fits)))
+        concurrent = 1 if reference else max(1, int(min(fits)))  # timed trials: one at a time
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": 0, "memory": 64 * 1024**2}),
             param_space=to_tune(space),
@@ -242,6 +326,14 @@ def run_sweep(cfg, pipeline: str, fixed: list[str], space: dict[str, tuple[str, 
                          "cost_usd_this_run": metrics.get("cost_usd_this_run", 0.0),
                          "metrics": {k: v for k, v in metrics.items() if k.startswith("eval/")},
                          "run_dir": metrics.get("run_dir")})
+        if reference:
+            for r in rows:
+                done = r["run_dir"] and (Path(r["run_dir"]) / "result.json").is_file()
+                view = done and stage_view(json.loads((Path(r["run_dir"]) / "result.json").read_text()), stage,
+                                            metric)
+                if r["status"] == "TERMINATED" and view and None not in (view["metric"], reference["metric"]):
+                    r["grades"] = view | {"speedup": reference["stage_wall_seconds"] / view["stage_wall_seconds"],
+                                          "accuracy_delta": view["metric"] - reference["metric"]}
         ok = [r for r in rows if r["status"] == "TERMINATED" and r["objective"] is not None]
         ok.sort(key=lambda r: r["objective"], reverse=(mode == "max"))
         best = ok[0] if ok else None
@@ -251,11 +343,23 @@ def run_sweep(cfg, pipeline: str, fixed: list[str], space: dict[str, tuple[str, 
                  "space": {k: {"sampler": s, "args": v} for k, (s, v) in space.items()}, "shared_stages": prefix,
                  "trials": rows, "best": best,
                  # what the sweep spent: the shared stages once, plus each trial's own stages
-                 "cost_usd": shared_cost + sum(r["cost_usd_this_run"] or 0.0 for r in rows),
+                 "cost_usd": shared_cost + sum(r["cost_usd_this_run"] or 0.0 for r in rows)
+                 + (reference["cost_usd_this_run"] if reference else 0.0),
                  "mlflow_run_id": parent}
+        if reference:
+            graded = [r for r in rows if r.get("grades")]
+            front = pareto_front([(r["grades"]["speedup"], r["grades"]["accuracy_delta"]) for r in graded])
+            pick = grades_pick(graded)
+            sweep["grades"] = {"stage": stage, "metric": metric, "reference": reference,
+                               "accuracy_tolerance": ACCURACY_TOLERANCE,
+                               "pareto": [graded[i]["params"] for i in front],
+                               "pick": pick and {"params": pick["params"], **pick["grades"]},
+                               "pick_overrides": [f"{k}={v}" for k, v in pick["params"].items()] if pick else []}
         atomic_write(sweep_dir / "sweep.json", json.dumps(sweep, indent=2, default=str))
         fig = plot(rows, list(space), objective, sweep_dir / "sweep.png")
         tracker.log_figure(parent, fig, "sweep.png")
+        if reference:
+            tracker.log_figure(parent, plot_pareto(rows, stage, metric, sweep_dir / "pareto.png"), "pareto.png")
         tracker.log_artifact(parent, str(sweep_dir / "sweep.json"))
         if best:
             tracker.log_params(parent, {f"best.{k}": v for k, v in best["params"].items()})

@@ -94,3 +94,40 @@ def test_identical_trials_two_at_a_time_compute_once_and_agree(ray_session, work
     dpo_runs = [r for r in runs if r.data.tags.get("vlmlab.stage") == "dpo"]
     assert len(dpo_runs) == 4 and sum(r.data.tags.get("vlmlab.reused") == "False" for r in dpo_runs) == 1
     assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def test_grades_pareto_and_pick():
+    from harness.sweep import PRESETS, grades_pick, grades_stage, pareto_front
+
+    assert grades_stage({"dpo.grades.vision_tau": 1, "dpo.grades.compute_interval": 1}) == "dpo"
+    assert grades_stage({"dpo.grades.vision_tau": 1, "dpo.beta": 1}) is None
+    assert grades_stage({"sft.grades.alpha": 1, "dpo.grades.alpha": 1}) is None
+    assert all(grades_stage(PRESETS[name][2](4)) == stage for name, stage in (("grades", "sft"), ("grades-dpo", "dpo")))
+    points = [(1.2, 0.0), (1.6, -0.005), (2.0, -0.03), (1.5, -0.02), (1.2, -0.01)]
+    assert pareto_front(points) == [0, 1, 2]
+    rows = [{"params": {"i": i}, "grades": {"speedup": s, "accuracy_delta": d}} for i, (s, d) in enumerate(points)]
+    assert grades_pick(rows)["params"] == {"i": 1}  # the fastest within 0.01 of the reference
+    assert grades_pick(rows, tolerance=0.0)["params"] == {"i": 0}
+    assert grades_pick(rows[2:4]) is None
+
+
+def test_grades_sweep_measures_trials_against_a_reference(ray_session, workdir):
+    """A sweep of GradES settings only: a reference run (taus 0) first, each trial's speed-up and accuracy delta
+    against it, the Pareto front, the pick and pareto.png."""
+    cfg = load_config(None, tiny_overrides(**{"sft.max_steps": 8, "sft.save_steps": 4, "sft.grades.alpha": 0.25,
+                                              "sft.grades.compute_interval": 2, "sft.grades.vision_tau": 1e9}))
+    space = parse_space(["sft.grades.language_tau=grid(0, 1e9)"])  # 1e9: everything frozen at the first check
+    sweep = run_sweep(cfg, "sft", [], space, 2, "eval/mean_accuracy", "max", None)
+
+    on_disk = json.loads((workdir / "runs" / sweep["sweep_id"] / "sweep.json").read_text())
+    grades = on_disk["grades"]
+    assert grades["stage"] == "sft" and grades["metric"] == "eval/mean_accuracy"
+    assert grades["reference"]["steps"] == 8 and grades["reference"]["frozen_fraction"] == 0.0
+    by_tau = {t["params"]["sft.grades.language_tau"]: t["grades"] for t in on_disk["trials"]}
+    assert by_tau[0]["steps"] == 8 and by_tau[1e9]["steps"] == 2 and by_tau[1e9]["frozen_fraction"] == 1.0
+    for view in by_tau.values():
+        assert view["speedup"] == pytest.approx(grades["reference"]["stage_wall_seconds"] / view["stage_wall_seconds"])
+        assert view["accuracy_delta"] == pytest.approx(view["metric"] - grades["reference"]["metric"])
+    assert grades["pareto"] and (workdir / "runs" / sweep["sweep_id"] / "pareto.png").stat().st_size > 0
+    pick = grades["pick"]
+    assert pick is None or (pick["accuracy_delta"] >= -0.01 and grades["pick_overrides"][0].startswith("sft.grades."))
