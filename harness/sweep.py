@@ -85,8 +85,9 @@ PRESETS = {
     # name: (pipeline, fixed overrides, space builder(trials))
     "dpo-beta": ("dpo", [], lambda n: {"dpo.beta": ("grid", log_grid(0.01, 1.0, n))}),
     "grades": ("sft", ["sft.grades.enabled=true"], grades_space("sft", 1.0, 100.0)),
-    # DPO's learning rate is lower than SFT's: smaller changes per check
-    "grades-dpo": ("dpo", ["dpo.grades.enabled=true"], grades_space("dpo", 0.3, 100.0)),
+    # the default DPO's per-check L1 changes run from ~0.1-7 (smallest matrix) to ~1-120 (largest) as its learning
+    # rate decays: the range spans freezing nothing early to freezing everything at the end of the grace period
+    "grades-dpo": ("dpo", ["dpo.grades.enabled=true"], grades_space("dpo", 3.0, 150.0)),
 }
 ACCURACY_TOLERANCE = 0.01  # the GradES pick: the fastest trial whose accuracy is at most this much below the reference
 

@@ -125,4 +125,5 @@ def test_summary_and_report(tmp_path):
     assert index["setting"] == "dpo" and index["speedup"] == pytest.approx(1.8)  # the setting that met the target
     assert index["accuracy_delta"] == 0.0 and index["accuracy_delta_interval"] == [0.0, 0.0] and index["runs"]
     assert set(index["settings"]) == {"dpo", "shift"} and index["settings"]["shift"]["target_met"] is False
-    assert "| dpo | dpo | 1.80x |" in (tmp_path / "grades.md").read_text()
+    md = (tmp_path / "grades.md").read_text()
+    assert "| dpo | dpo | 1.80x |" in md and "- shift: GradES stopped at step" in md and "- dpo:" not in md
