@@ -47,6 +47,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from harness import report  # noqa: E402  (after the path: run as a script from anywhere)
+from harness.report import stage_record  # noqa: E402
+
 SETTINGS = {"scratch": "sft", "dpo": "dpo", "shift": "sft"}  # setting -> the pipeline, and the stage GradES runs in
 SOURCE_TASKS = ["vqa", "chartqa", "textvqa"]
 TARGET_TASKS = ["docvqa", "scienceqa"]
@@ -93,13 +96,9 @@ def source_sft_overrides(seed: int, extra: list[str], source_extra: list[str], t
 
 
 # -- reading a run -----------------------------------------------------------------------------------------------
-def stage_record(result: dict, name: str) -> dict:
-    return next(s for s in result["stages"] if s["name"] == name)
-
-
 def stage_dir(result: dict, name: str) -> Path:
     """Where the stage's files are (the run that computed it, when this run reused it from the cache)."""
-    return Path(stage_record(result, name).get("reused_from") or Path(result["run_dir"]) / name)
+    return report.stage_dir(stage_record(result, name), result["run_dir"])
 
 
 def calibrate(history: dict, at_step: float) -> dict[str, float]:
@@ -113,16 +112,12 @@ def calibrate(history: dict, at_step: float) -> dict[str, float]:
 
 
 def frozen_over_time(history: dict) -> list[list[float]]:
-    """[step, frozen fraction, vision's, language's] at every check of a grades_history.json."""
-    steps = sorted({s for e in history.values() for s, _ in e["changes"]})
-
-    def frac(entries, step):
-        return sum(e["frozen_at"] is not None and e["frozen_at"] <= step for e in entries) / len(entries) \
-            if entries else 0.0
-
-    groups = [list(history.values())] + [[e for e in history.values() if e["group"] == g] for g in ("vision",
-                                                                                                  "language")]
-    return [[step, *(frac(g, step) for g in groups)] for step in steps]
+    """[step, frozen fraction, vision's, language's] at every check of a grades_history.json (0 for a group with no
+    matrices)."""
+    curves = report.frozen_fractions(history)
+    steps = curves["all"][0] if curves else []
+    return [[step, *(curves[g][1][i] if g in curves else 0.0 for g in ("all", "vision", "language"))]
+            for i, step in enumerate(steps)]
 
 
 def arm_row(result: dict, stage: str, seed: int, arm: str, grades: list[str]) -> dict:

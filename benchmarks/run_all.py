@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from harness.cache import StageCache
+from harness.report import stage_dir, stage_record
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -50,10 +51,6 @@ def sh(argv: list[str], log: Path) -> float:
 def newest_result(out: Path) -> dict:
     path = max(out.glob("*/result.json"), key=lambda p: p.stat().st_mtime)
     return {**json.loads(path.read_text()), "run_dir": str(path.parent)}
-
-
-def stage(result: dict, name: str) -> dict:
-    return next(s for s in result["stages"] if s["name"] == name)
 
 
 def last_json(log: Path) -> dict:
@@ -79,12 +76,13 @@ def overhead(work: Path, reps: int, extra: list[str]) -> dict:
                            f"--output-dir={out_h}", f"tracking.uri=sqlite:///{out_h}/mlflow.db", *extra],
                           work / f"harness{rep}.log")
                 result = newest_result(out_h)
+                sft = stage_record(result, "sft")
                 timings["harness"] = {
                     "wall": wall, "first_step": result["metrics"]["sft/first_step_unix"] - launched,
-                    "sft_stage": stage(result, "sft")["wall_seconds"], "busy": result["metrics"]["sft/step_seconds"],
+                    "sft_stage": sft["wall_seconds"], "busy": result["metrics"]["sft/step_seconds"],
                     "stages_sum": sum(s["wall_seconds"] for s in result["stages"]),
                     "samples_per_second": result["metrics"]["sft/train_samples_per_second"],
-                    "utilization": stage(result, "sft")["cost"]["cost/utilization"], "run_dir": result["run_dir"]}
+                    "utilization": sft["cost"]["cost/utilization"], "run_dir": result["run_dir"]}
             else:
                 wall = sh([sys.executable, str(ROOT / "benchmarks" / "bare_sft.py"), f"--out={out_b}", *extra],
                           work / f"bare{rep}.log")
@@ -130,9 +128,9 @@ def sweep(work: Path, trials: int, extra: list[str]) -> dict:
         wall = sh([str(BIN / "harness"), "run", "dpo", *common, f"dpo.beta={beta}"], work / f"dpo_{beta}.log")
         result = newest_result(out)
         assert result["reused_stages"] == ["data", "model", "sft"], result["reused_stages"]
-        standalone.append({"wall": wall, "dpo_stage": stage(result, "dpo")["wall_seconds"],
-                           "eval_stage": stage(result, "eval")["wall_seconds"],
-                           "utilization": stage(result, "dpo")["cost"]["cost/utilization"],
+        standalone.append({"wall": wall, "dpo_stage": stage_record(result, "dpo")["wall_seconds"],
+                           "eval_stage": stage_record(result, "eval")["wall_seconds"],
+                           "utilization": stage_record(result, "dpo")["cost"]["cost/utilization"],
                            "samples_per_second": result["metrics"]["dpo/train_samples_per_second"]})
         print(f"standalone dpo beta={beta}: {wall:.1f} s (dpo stage {standalone[-1]['dpo_stage']:.1f} s, "
               f"eval {standalone[-1]['eval_stage']:.1f} s)", flush=True)
@@ -160,8 +158,7 @@ def eval_speed(work: Path, reps: int) -> dict:
     """The eval stage's lm-eval model (batched) vs stock hf-multimodal at batch size 1: same tasks and items."""
     run_dir = overhead_run_dir(work)
     result = json.loads((run_dir / "result.json").read_text())
-    model_dir = str(Path(stage(result, "sft")["reused_from"] if "reused_from" in stage(result, "sft")
-                         else run_dir / "sft") / "model")
+    model_dir = str(stage_dir(stage_record(result, "sft"), run_dir) / "model")
     tasks = {k: {"test": str(run_dir / "data" / k / "test.parquet")} for k in data_tasks(run_dir)}
     rows = []
     for rep in range(reps):
@@ -256,7 +253,7 @@ def grpo_run(work: Path, extra: list[str]) -> dict:
     wall = sh([str(BIN / "harness"), "run", "grpo", f"--output-dir={out}", f"tracking.uri=sqlite:///{out}/mlflow.db",
                *extra], work / "grpo.log")
     result = newest_result(out)
-    grpo = stage(result, "grpo")
+    grpo = stage_record(result, "grpo")
     print(f"grpo (default preset): {wall:.1f} s, stage {grpo['wall_seconds']:.1f} s, utilization "
           f"{grpo['cost']['cost/utilization']:.3f}", flush=True)
     return {"wall_seconds": wall, "stage_seconds": grpo["wall_seconds"],
@@ -269,7 +266,7 @@ def utilization(report: dict) -> dict:
     """busy/held per training stage on the default preset (dpo: the recorded reference run)."""
     reference = json.loads((ROOT / "results" / "reference" / "dpo.json").read_text())
     per_stage = {"sft": report.get("overhead", {}).get("sft_utilization"),
-                 "dpo": stage(reference, "dpo")["cost"]["cost/utilization"],
+                 "dpo": stage_record(reference, "dpo")["cost"]["cost/utilization"],
                  "grpo": report.get("grpo", {}).get("utilization")}
     known = [v for v in per_stage.values() if v is not None]
     return {"per_stage": per_stage, "min_train_utilization": min(known) if known else None,

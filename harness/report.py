@@ -207,17 +207,27 @@ def grades_curves(run: Run, stage_curves: dict) -> dict[str, dict[str, tuple[lis
         logged = {k.split("frozen_fraction", 1)[1].lstrip("_") or "all": v
                   for k, v in stage_curves.get(name, {}).items() if k.startswith("grades/frozen_fraction")}
         if not logged:
-            stage_dir = Path(record.get("reused_from") or run.run_dir / name)
-            logged = _grades_file(stage_dir / "grades_history.json")
+            path = stage_dir(record, run.run_dir) / "grades_history.json"
+            logged = frozen_fractions(json.loads(path.read_text())) if path.is_file() else {}
         if logged:
             out[name] = logged
     return out
 
 
-def _grades_file(path: Path) -> dict[str, tuple[list, list]]:
-    if not path.is_file():
-        return {}
-    matrices = json.loads(path.read_text()).values()
+def stage_record(result: dict, name: str) -> dict:
+    """A result.json's record of stage ``name``."""
+    return next(s for s in result["stages"] if s["name"] == name)
+
+
+def stage_dir(record: dict, run_dir: str | Path) -> Path:
+    """Where a stage's files are: under its run, or in the run that computed it when this one reused it."""
+    return Path(record.get("reused_from") or Path(run_dir) / record["name"])
+
+
+def frozen_fractions(history: dict) -> dict[str, tuple[list, list]]:
+    """From a grades_history.json: per group (all, vision, language) the checks' steps and the fraction of the
+    group's matrices frozen by each."""
+    matrices = history.values()
     steps = sorted({step for m in matrices for step, _ in m["changes"]})
     out = {}
     for group in ("all", "vision", "language"):
