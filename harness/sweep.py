@@ -105,10 +105,15 @@ def shared_prefix(stage_names: list[str], swept: list[str]) -> list[str]:
     return prefix
 
 
+def objective_metric(objective: str) -> str:
+    """The eval metric an objective is made of (`gain_per_usd:<metric>`: that metric)."""
+    return objective.removeprefix("gain_per_usd:")
+
+
 def objective_value(metrics: dict, cost: float, objective: str) -> float:
     """An eval metric, or `gain_per_usd:<metric>` = (metric - base metric) / USD."""
     if objective.startswith("gain_per_usd:"):
-        metric = objective.split(":", 1)[1]
+        metric = objective_metric(objective)
         base = metrics.get(metric.replace("eval/", "eval/base_"), 0.0)
         return (metrics[metric] - base) / cost if cost > 0 else math.inf
     return metrics[objective]
@@ -124,8 +129,9 @@ def grades_stage(space: dict) -> str | None:
 
 def stage_view(result: dict, stage: str, metric: str) -> dict:
     """From a pipeline result: the stage's wall time, optimizer steps and final frozen fraction, and ``metric``."""
-    record = next(s for s in result["stages"] if s["name"] == stage)
-    m = result["metrics"]
+    from harness.report import stage_record
+
+    record, m = stage_record(result, stage), result["metrics"]
     return {"stage_wall_seconds": record["wall_seconds"], "steps": m.get(f"{stage}/steps"),
             "frozen_fraction": m.get(f"{stage}/grades/frozen_fraction", 0.0), "metric": m.get(metric)}
 
@@ -283,7 +289,7 @@ def run_sweep(cfg, pipeline: str, fixed: list[str], space: dict[str, tuple[str, 
                                        parent_run_id=parent)["cost_usd_this_run"]
         else:
             shared_cost = 0.0
-        metric = objective.split(":", 1)[1] if objective.startswith("gain_per_usd:") else objective
+        metric = objective_metric(objective)
         reference = None
         if stage:  # GradES observing: the speed-up and accuracy delta of every trial are measured against it
             ref_cfg = PipelineConfig.model_validate(merge(base.model_dump(mode="json"), parse_overrides([
