@@ -283,8 +283,9 @@ def sweep(
                                               "uniform, randint, choice, grid. Repeatable."),
     pipeline: str = typer.Option(None, "--pipeline", "-p", help="Pipeline each trial runs (presets set it)."),
     trials: int = typer.Option(4, "--trials", "-n", min=1, help="Trials (grid: the number of grid points)."),
-    objective: str = typer.Option("eval/mean_accuracy", "--objective", help="An eval metric, or "
-                                  "gain_per_usd:<metric> (accuracy gained over the base model per dollar)."),
+    objective: str | None = typer.Option(None, "--objective", help="An eval metric, or gain_per_usd:<metric> "
+                                         "(accuracy gained over the base model per dollar). Default: the preset's "
+                                         "(GradES presets: gain_per_usd:eval/mean_accuracy), else eval/mean_accuracy."),
     mode: str = typer.Option("max", "--mode", help="max | min"),
     scheduler: str | None = typer.Option(None, "--scheduler", help="asha: stop trials whose training loss "
                                          "lags (reported at each checkpoint)."),
@@ -306,14 +307,16 @@ def sweep(
         if preset is not None:
             if preset not in PRESETS:
                 raise UserError(f"unknown sweep preset '{preset}' (known: {', '.join(PRESETS)})")
-            preset_pipeline, preset_fixed, builder = PRESETS[preset]
-            fixed = preset_fixed + fixed
-            pipeline = pipeline or preset_pipeline
-            swept = builder(trials) | parse_space(space or [])
+            chosen = PRESETS[preset]
+            fixed = chosen.fixed + fixed
+            pipeline = pipeline or chosen.pipeline
+            objective = objective or chosen.objective
+            swept = chosen.space(trials) | parse_space(space or [])
         else:
             if not space:
                 raise UserError("give a preset (dpo-beta, grades) or at least one --space")
             swept = parse_space(space)
+        objective = objective or "eval/mean_accuracy"
         if scheduler not in (None, "asha"):
             raise UserError(f"--scheduler must be asha (got {scheduler!r})")
         if mode not in ("max", "min"):

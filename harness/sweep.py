@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from harness.errors import UserError
 
@@ -81,13 +83,22 @@ def grades_space(stage: str, low: float, high: float):
                       f"{stage}.grades.compute_interval": ("choice", [10, 20, 40])}
 
 
+class Preset(NamedTuple):
+    pipeline: str
+    fixed: list[str]  # overrides every trial runs with
+    space: Callable[[int], dict]  # the number of trials -> the search space
+    objective: str = "eval/mean_accuracy"  # unless --objective is given
+
+
+# A GradES sweep trades accuracy against what the stage costs: its trials are scored by accuracy gained per dollar
+# (the pick, in sweep.json's grades block, is the cheapest trial within ACCURACY_TOLERANCE of the reference).
+COST_AWARE = "gain_per_usd:eval/mean_accuracy"
 PRESETS = {
-    # name: (pipeline, fixed overrides, space builder(trials))
-    "dpo-beta": ("dpo", [], lambda n: {"dpo.beta": ("grid", log_grid(0.01, 1.0, n))}),
-    "grades": ("sft", ["sft.grades.enabled=true"], grades_space("sft", 1.0, 100.0)),
+    "dpo-beta": Preset("dpo", [], lambda n: {"dpo.beta": ("grid", log_grid(0.01, 1.0, n))}),
+    "grades": Preset("sft", ["sft.grades.enabled=true"], grades_space("sft", 1.0, 100.0), COST_AWARE),
     # the default DPO's per-check L1 changes run from ~0.1-7 (smallest matrix) to ~1-120 (largest) as its learning
     # rate decays: the range spans freezing nothing early to freezing everything at the end of the grace period
-    "grades-dpo": ("dpo", ["dpo.grades.enabled=true"], grades_space("dpo", 3.0, 150.0)),
+    "grades-dpo": Preset("dpo", ["dpo.grades.enabled=true"], grades_space("dpo", 3.0, 150.0), COST_AWARE),
 }
 ACCURACY_TOLERANCE = 0.01  # the GradES pick: the fastest trial whose accuracy is at most this much below the reference
 

@@ -127,3 +127,8 @@ def test_summary_and_report(tmp_path):
     assert set(index["settings"]) == {"dpo", "shift"} and index["settings"]["shift"]["target_met"] is False
     md = (tmp_path / "grades.md").read_text()
     assert "| dpo | dpo | 1.80x |" in md and "- shift: GradES stopped at step" in md and "- dpo:" not in md
+    lossy = _summary("dpo-long", [100.0, 125.0], [0.60, 0.50])  # 1.8x, -0.05: fast enough, accuracy lost
+    assert not lossy["target_met"]
+    assert gb.shortfall("dpo-long", lossy).endswith("per seed pair +0.0000, -0.1000 (seed t-interval of the mean: "
+                                                    "[-0.6853, +0.5853]); the largest loss: scienceqa_accuracy -0.2000 "
+                                                    "in seed 1.")

@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from harness.config import load_config
 from harness.errors import UserError
-from harness.sweep import log_grid, parse_space, run_sweep, shared_prefix
+from harness.sweep import COST_AWARE, log_grid, parse_space, run_sweep, shared_prefix
 
 PREF = {"dpo.max_steps": 2, "dpo.batch_size": 4, "dpo.save_steps": 2, "dpo.logging_steps": 1, "dpo.warmup_steps": 0,
         "eval.limit": 8}
@@ -97,12 +97,13 @@ def test_identical_trials_two_at_a_time_compute_once_and_agree(ray_session, work
 
 
 def test_grades_pareto_and_pick():
-    from harness.sweep import PRESETS, grades_pick, grades_stage, pareto_front
+    from harness.sweep import COST_AWARE, PRESETS, grades_pick, grades_stage, pareto_front
 
     assert grades_stage({"dpo.grades.vision_tau": 1, "dpo.grades.compute_interval": 1}) == "dpo"
     assert grades_stage({"dpo.grades.vision_tau": 1, "dpo.beta": 1}) is None
     assert grades_stage({"sft.grades.alpha": 1, "dpo.grades.alpha": 1}) is None
-    assert all(grades_stage(PRESETS[name][2](4)) == stage for name, stage in (("grades", "sft"), ("grades-dpo", "dpo")))
+    for name, stage in (("grades", "sft"), ("grades-dpo", "dpo")):
+        assert grades_stage(PRESETS[name].space(4)) == stage and PRESETS[name].objective == COST_AWARE
     points = [(1.2, 0.0), (1.6, -0.005), (2.0, -0.03), (1.5, -0.02), (1.2, -0.01)]
     assert pareto_front(points) == [0, 1, 2]
     rows = [{"params": {"i": i}, "grades": {"speedup": s, "accuracy_delta": d}} for i, (s, d) in enumerate(points)]
@@ -117,11 +118,14 @@ def test_grades_sweep_measures_trials_against_a_reference(ray_session, workdir):
     cfg = load_config(None, tiny_overrides(**{"sft.max_steps": 8, "sft.save_steps": 4, "sft.grades.alpha": 0.25,
                                               "sft.grades.compute_interval": 2, "sft.grades.vision_tau": 1e9}))
     space = parse_space(["sft.grades.language_tau=grid(0, 1e9)"])  # 1e9: everything frozen at the first check
-    sweep = run_sweep(cfg, "sft", [], space, 2, "eval/mean_accuracy", "max", None)
+    sweep = run_sweep(cfg, "sft", [], space, 2, COST_AWARE, "max", None)  # the GradES presets' objective
 
     on_disk = json.loads((workdir / "runs" / sweep["sweep_id"] / "sweep.json").read_text())
     grades = on_disk["grades"]
-    assert grades["stage"] == "sft" and grades["metric"] == "eval/mean_accuracy"
+    assert grades["stage"] == "sft" and grades["metric"] == "eval/mean_accuracy"  # the objective's metric
+    for t in on_disk["trials"]:  # scored by accuracy gained over the base model per dollar
+        assert t["cost_usd"] > 0 and t["objective"] == pytest.approx(
+            (t["metrics"]["eval/mean_accuracy"] - t["metrics"]["eval/base_mean_accuracy"]) / t["cost_usd"])
     assert grades["reference"]["steps"] == 8 and grades["reference"]["frozen_fraction"] == 0.0
     by_tau = {t["params"]["sft.grades.language_tau"]: t["grades"] for t in on_disk["trials"]}
     assert by_tau[0]["steps"] == 8 and by_tau[1e9]["steps"] == 2 and by_tau[1e9]["frozen_fraction"] == 1.0
