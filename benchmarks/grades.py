@@ -245,6 +245,11 @@ def summarize(setting: str, stage: str, off: list[dict], on: list[dict], items: 
 
 
 # -- report ------------------------------------------------------------------------------------------------------
+def fmt_interval(bounds, missing: str = "n/a") -> str:
+    """'[-0.0028, +0.0024]' for a (low, high) pair of deltas; ``missing`` when there is none."""
+    return f"[{bounds[0]:+.4f}, {bounds[1]:+.4f}]" if bounds and bounds[0] is not None else missing
+
+
 def mean_sd(values: list[float], fmt: str = ".3f") -> str:
     if len(values) > 1:
         return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
@@ -286,8 +291,7 @@ def markdown(summary: dict, plot: str | None) -> str:
     s, off = summary, [r for r in summary["runs"] if r["arm"] == "baseline"]
     on = [r for r in summary["runs"] if r["arm"] == "grades"]
     tasks = list(s["task_deltas"])
-    low, high = s["accuracy_delta_interval"]
-    ci = f"[{low:+.4f}, {high:+.4f}]" if low is not None else "n/a (one pair)"
+    ci = fmt_interval(s["accuracy_delta_interval"], "n/a (one pair)")
     lines = [f"# GradES benchmark: {s['setting']} ({s['stage']} stage)", "", s["description"], "",
              f"Command: `{s['command']}`", "",
              f"GradES: `{' '.join(s['grades_settings'])}` ({s['tau_origin']}); baseline: the same with both taus 0 "
@@ -314,7 +318,7 @@ def markdown(summary: dict, plot: str | None) -> str:
     lines += ["", f"**Speed-up of the {s['stage']} stage** (baseline wall / GradES wall, mean over pairs): "
               f"**{s['speedup']:.2f}x**; backward time {s['speedup_backward']:.2f}x.",
               f"**Mean accuracy delta**: **{s['accuracy_delta']:+.4f}**, 95 % interval {ci} ({s['interval_method']})"
-              + (f"; over the seed pairs (t): [{seeds_ci[0]:+.4f}, {seeds_ci[1]:+.4f}]."
+              + (f"; over the seed pairs (t): {fmt_interval(seeds_ci)}."
                  if seeds_ci and not s["interval_method"].startswith("t-") else "."),
               f"Target (>= {TARGET['speedup']}x at a mean delta >= {TARGET['accuracy_delta']}): "
               f"**{'met' if s['target_met'] else 'not met'}**.", ""]
@@ -364,9 +368,8 @@ def shortfall(name: str, summary: dict) -> str | None:
         seed, task, worst = min(((p["seed"], t, p["deltas"][t]) for p in pairs for t in summary["task_deltas"]
                                  if t != "eval/mean_accuracy"), key=lambda x: x[2])
         return (f"{head}; per seed pair {per_seed} (seed t-interval of the mean: "
-                + ("[{:+.4f}, {:+.4f}]".format(*summary["accuracy_delta_interval_seeds"])
-                   if summary.get("accuracy_delta_interval_seeds") else "n/a")
-                + f"); the largest loss: {task.removeprefix('eval/')} {worst:+.4f} in seed {seed}.")
+                f"{fmt_interval(summary.get('accuracy_delta_interval_seeds'))}); the largest loss: "
+                f"{task.removeprefix('eval/')} {worst:+.4f} in seed {seed}.")
     wall = statistics.mean(r["stage_wall_seconds"] for r in off)
     fixed = statistics.mean(r["outside_steps_seconds"] for r in off) / wall
     return (f"{head}; {fixed:.0%} of the baseline stage is outside optimizer steps, so {TARGET['speedup']}x needs "
@@ -397,11 +400,9 @@ def write_index(out: Path) -> dict:
              "| setting | stage | speed-up | backward | accuracy delta | 95 % interval | target | details |",
              "|---|---|---|---|---|---|---|---|"]
     for n, d in found.items():
-        low, high = d["accuracy_delta_interval"]
-        ci = f"[{low:+.4f}, {high:+.4f}]" if low is not None else "n/a"
         lines.append(f"| {n} | {d['stage']} | {d['speedup']:.2f}x | {d['speedup_backward']:.2f}x | "
-                     f"{d['accuracy_delta']:+.4f} | {ci} | {'met' if d['target_met'] else 'not met'} | "
-                     f"[grades_{n}.md](grades_{n}.md) |")
+                     f"{d['accuracy_delta']:+.4f} | {fmt_interval(d['accuracy_delta_interval'])} | "
+                     f"{'met' if d['target_met'] else 'not met'} | [grades_{n}.md](grades_{n}.md) |")
     why = [line for n, d in found.items() if not d["target_met"] and (line := shortfall(n, d))]
     if why:
         lines += ["", "Where a setting misses the target (measured; details and curves in its own file):", "", *why]

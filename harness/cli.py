@@ -296,7 +296,7 @@ def sweep(
 ):
     """Sweep hyperparameters with Ray Tune; every trial is scored by the eval stage."""
     from harness.output import VERBOSE_ENV
-    from harness.sweep import PRESETS, parse_space, run_sweep
+    from harness.sweep import DEFAULT_OBJECTIVE, PRESETS, parse_space, run_sweep
 
     if verbose:
         os.environ[VERBOSE_ENV] = "1"  # inherited by the trials (Ray workers of a Ray this process starts)
@@ -310,13 +310,12 @@ def sweep(
             chosen = PRESETS[preset]
             fixed = chosen.fixed + fixed
             pipeline = pipeline or chosen.pipeline
-            objective = objective or chosen.objective
             swept = chosen.space(trials) | parse_space(space or [])
         else:
             if not space:
                 raise UserError("give a preset (dpo-beta, grades) or at least one --space")
             swept = parse_space(space)
-        objective = objective or "eval/mean_accuracy"
+        objective = objective or (PRESETS[preset].objective if preset else DEFAULT_OBJECTIVE)
         if scheduler not in (None, "asha"):
             raise UserError(f"--scheduler must be asha (got {scheduler!r})")
         if mode not in ("max", "min"):

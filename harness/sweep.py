@@ -83,11 +83,14 @@ def grades_space(stage: str, low: float, high: float):
                       f"{stage}.grades.compute_interval": ("choice", [10, 20, 40])}
 
 
+DEFAULT_OBJECTIVE = "eval/mean_accuracy"
+
+
 class Preset(NamedTuple):
     pipeline: str
     fixed: list[str]  # overrides every trial runs with
     space: Callable[[int], dict]  # the number of trials -> the search space
-    objective: str = "eval/mean_accuracy"  # unless --objective is given
+    objective: str = DEFAULT_OBJECTIVE  # unless --objective is given
 
 
 # A GradES sweep trades accuracy against what the stage costs: its trials are scored by accuracy gained per dollar

@@ -97,7 +97,7 @@ def test_identical_trials_two_at_a_time_compute_once_and_agree(ray_session, work
 
 
 def test_grades_pareto_and_pick():
-    from harness.sweep import COST_AWARE, PRESETS, grades_pick, grades_stage, pareto_front
+    from harness.sweep import PRESETS, grades_pick, grades_stage, pareto_front
 
     assert grades_stage({"dpo.grades.vision_tau": 1, "dpo.grades.compute_interval": 1}) == "dpo"
     assert grades_stage({"dpo.grades.vision_tau": 1, "dpo.beta": 1}) is None
