@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,31 @@ def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     return tmp_path
+
+
+def stop_session(proc: subprocess.Popen, sig: int = signal.SIGKILL, timeout: float = 60) -> None:
+    """Stop a process we started with ``start_new_session=True`` and everything it started, and wait until all of
+    it is gone. Its session, not its process group: Ray gives each worker its own group, so a group kill leaves the
+    Ray Train controller alive long enough to register one more checkpoint after the test has looked."""
+    import psutil
+
+    ours = []
+    for candidate in psutil.process_iter():
+        try:
+            if candidate.pid != proc.pid and os.getsid(candidate.pid) == proc.pid:
+                ours.append(candidate)
+        except (ProcessLookupError, PermissionError):
+            pass
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    for member in ours:
+        try:
+            member.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=timeout)  # through Popen, which keeps its exit code
+    _, alive = psutil.wait_procs(ours, timeout=timeout)
+    assert not alive, f"still running after signal {sig}: {alive}"
 
 
 def tiny_overrides(**extra) -> list[str]:

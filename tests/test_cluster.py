@@ -17,9 +17,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
-from conftest import ROOT, loopback_only, tiny_overrides
+from conftest import ROOT, loopback_only, stop_session, tiny_overrides
 from mlflow.tracking import MlflowClient
 
 BIN = Path(sys.executable).parent
@@ -41,25 +40,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    """Stop what we started, by PID: each `ray start --block` and everything below it (raylet, GCS, workers)."""
-    started = []
-    for proc in procs:
-        if proc.poll() is None:
-            started += psutil.Process(proc.pid).children(recursive=True)
-            proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    for child in started:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: float = 180) -> None:
@@ -126,7 +106,8 @@ def cluster():
                "tracking": f"http://127.0.0.1:{mlflow_port}",
                "head": {n["id"] for n in alive if n["cpus"] == 0}, "workers": {n["id"] for n in alive if n["cpus"]}}
     finally:
-        _stop(procs)
+        for proc in procs:  # SIGKILL: `ray start --block` takes ~30 s to stop its node on SIGTERM
+            stop_session(proc)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

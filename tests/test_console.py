@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, stop_session
 
 from harness import output
 
@@ -136,8 +135,7 @@ def run_without_tty(argv: list[str], cwd, env: dict, timeout: float = 3600) -> t
     except subprocess.TimeoutExpired:
         code = None
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)  # this call's own process group
+        stop_session(proc)
     reader.join(timeout=30)
     if code is None:
         pytest.fail(f"{' '.join(argv)} still running after {timeout:.0f} s; its output so far:\n"

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 
-from conftest import tiny_overrides
+from conftest import stop_session, tiny_overrides
 from test_faults import SLOW_SFT, _checkpoints, _client, _registered_checkpoint, _wait_for
 
 
@@ -19,14 +19,6 @@ def _harness(root, *args: str) -> subprocess.Popen:
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}")
     return subprocess.Popen([sys.executable, "-m", "harness.cli", *args], cwd=root, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """Stop what the harness process we started left behind (its own Ray), by its process group."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _kill_when(root, args: list[str], ready, what: str) -> None:
@@ -38,7 +30,7 @@ def _kill_when(root, args: list[str], ready, what: str) -> None:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
-        _stop_group(proc)
+        stop_session(proc)  # its Ray too, and only then may the test read what Ray left on disk
 
 
 def _finish(root, args: list[str]) -> tuple[int, str, str]:
@@ -46,7 +38,7 @@ def _finish(root, args: list[str]) -> tuple[int, str, str]:
     try:
         out, err = proc.communicate(timeout=600)
     finally:
-        _stop_group(proc)
+        stop_session(proc)
     return proc.returncode, out, err
 
 
@@ -100,7 +92,7 @@ def test_sigterm_marks_runs_killed_and_says_how_to_resume(workdir):
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:
-        _stop_group(proc)
+        stop_session(proc)
     assert proc.returncode == 130
     assert "rerun the same command to resume" in " ".join(err.split())
     _, runs = _client(workdir)
@@ -154,12 +146,11 @@ def test_tracking_server_lost_mid_run_then_synced(workdir):
                             stderr=subprocess.PIPE, start_new_session=True)
     try:
         _wait_for(lambda: _checkpoints(workdir) or proc.poll() is not None, 300, "training to start")
-        _stop_group(server)  # the tracking server goes away mid-stage
-        server.wait(timeout=30)
+        stop_session(server)  # the tracking server goes away mid-stage
         out, err = proc.communicate(timeout=600)
     finally:
-        _stop_group(proc)
-        _stop_group(server)
+        stop_session(proc)
+        stop_session(server)
     assert proc.returncode == 0, err[-3000:]
     run_dir = next((workdir / "runs").glob("*/result.json")).parent
     assert "harness sync" in out and (run_dir / "mlflow_outbox.jsonl").exists()
@@ -184,7 +175,7 @@ def test_tracking_server_lost_mid_run_then_synced(workdir):
         losses = client.get_metric_history(children["sft"].info.run_id, "sft/loss")
         assert len(losses) == 40  # logging_steps=1: every step arrived, before and after the outage
     finally:
-        _stop_group(server)
+        stop_session(server)
 
 
 DISK_FULL_SCRIPT = r"""

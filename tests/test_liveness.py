@@ -15,6 +15,7 @@ import threading
 import time
 
 import pytest
+from conftest import stop_session
 from mlflow.tracking import MlflowClient
 from test_faults import _wait_for
 from test_sync import Partition, server  # noqa: F401 - the module's MLflow server fixture
@@ -79,11 +80,7 @@ class OtherHost:
         return self.next_line()
 
     def stop(self, sig=signal.SIGKILL) -> None:
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=30)
+        stop_session(self.proc, sig)
 
 
 def statuses(client: MlflowClient, run_ids: list[str]) -> list[str]:
@@ -189,11 +186,7 @@ def test_harness_run_and_sweep_mark_a_silent_run_of_another_host_killed(workdir,
         if command == "run":
             assert proc.wait(timeout=300) == 0, "".join(said)[-3000:]
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the sweep, and its Ray
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=60)
+        stop_session(proc)  # the sweep, and its Ray
     flat = " ".join("".join(said).split())
     assert all(e in flat for e in expected), flat[-3000:]
     assert statuses(client, other.runs) == ["KILLED", "KILLED"]

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import loopback_only, tiny_overrides
+from conftest import loopback_only, stop_session, tiny_overrides
 from test_faults import SLOW_SFT, _wait_for
 
 BUCKET, PREFIX = "vlmlab-runs", "team/exp"
@@ -92,21 +91,12 @@ def _harness(root: Path, env: dict, mirrors: Path, *args: str) -> subprocess.Pop
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the harness process we started and what it started (its own Ray), by its process group."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=60)
-
-
 def _finish(root: Path, env: dict, mirrors: Path, args: list[str]) -> tuple[int, str, str]:
     proc = _harness(root, env, mirrors, *args)
     try:
         out, err = proc.communicate(timeout=900)
     finally:
-        _kill_group(proc)
+        stop_session(proc)
     return proc.returncode, out, err
 
 
@@ -122,7 +112,7 @@ def test_run_to_s3_killed_then_resumed_from_the_bucket(workdir, s3):
         _wait_for(lambda: _registered_checkpoint(client) or proc.poll() is not None, 600, "a checkpoint in the bucket")
         assert proc.poll() is None, proc.communicate()[1][-3000:]
     finally:
-        _kill_group(proc)
+        stop_session(proc)
     # Ray wrote the checkpoints to the bucket, not to the mirror; the finished stages' entries went up too
     assert not list(first.glob("*/.cache/ray"))
     assert {k.rsplit("/", 1)[1].split("-")[0] for k in _keys(client, f"{PREFIX}/.cache/") if k.endswith(".json")

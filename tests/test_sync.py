@@ -12,9 +12,10 @@ import threading
 import time
 
 import pytest
+from conftest import stop_session
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from test_kill import _free_port, _stop_group
+from test_kill import _free_port
 from test_kill import _mlflow_server as mlflow_server
 from typer.testing import CliRunner
 
@@ -74,8 +75,7 @@ def server(tmp_path_factory):
     port = _free_port()
     proc = mlflow_server(root, port)
     yield port
-    _stop_group(proc)
-    proc.wait(timeout=30)
+    stop_session(proc)
 
 
 @pytest.fixture
