@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -67,8 +68,16 @@ def stop_session(proc: subprocess.Popen, sig: int = signal.SIGKILL, timeout: flo
         except psutil.NoSuchProcess:
             pass
     proc.wait(timeout=timeout)  # through Popen, which keeps its exit code
-    _, alive = psutil.wait_procs(ours, timeout=timeout)
-    assert not alive, f"still running after signal {sig}: {alive}"
+
+    def running(member) -> bool:  # a zombie has stopped writing; whoever adopted it reaps it, not us
+        try:
+            return member.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+    deadline = time.monotonic() + timeout
+    while alive := [m for m in ours if running(m)]:
+        assert time.monotonic() < deadline, f"still running {timeout} s after signal {sig}: {alive}"
+        time.sleep(0.1)
 
 
 def tiny_overrides(**extra) -> list[str]:
