@@ -4,10 +4,10 @@ Deployment starts it."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import yaml
+from conftest import stop_session
 
 ROOT = Path(__file__).resolve().parent.parent
 HADOLINT = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
@@ -177,11 +178,6 @@ def _serve(command: list[str], log: Path, port: int) -> subprocess.Popen:
             time.sleep(1)
 
 
-def _stop(server: subprocess.Popen) -> None:
-    os.killpg(server.pid, 15)  # the server and its uvicorn workers: our own process group only
-    server.wait(timeout=60)
-
-
 def test_mlflow_server_as_deployed_takes_the_rayjobs_writes_and_keeps_them(tmp_path):
     """The Deployment's own command, with its volume at tmp_path and 127.0.0.1 for 0.0.0.0: requests addressed to
     the RayJob's tracking URI are served (a foreign Host header is refused), and the run, its metric and an artifact
@@ -218,7 +214,7 @@ def test_mlflow_server_as_deployed_takes_the_rayjobs_writes_and_keeps_them(tmp_p
         status, body = _request(f"{base}/get-artifact?path=result.json&run_uuid={run.info.run_id}", job_host)
         assert status == 200 and body == b'{"ok": true}'
     finally:
-        _stop(server)
+        stop_session(server, signal.SIGTERM)  # the server and its uvicorn workers
     # what a new server on the same volume would read: the database and the artifact files
     assert run.info.artifact_uri.startswith("mlflow-artifacts:/")  # clients upload through the server
     stored = list((tmp_path / "artifacts").rglob("result.json"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import socket
 import string
 import subprocess
@@ -14,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import loopback_only, tiny_overrides
+from conftest import loopback_only, stop_session, tiny_overrides
 from typer.testing import CliRunner
 
 from harness.cli import app
@@ -164,8 +165,7 @@ def mlflow_server(tmp_path_factory):
                 time.sleep(1)
         yield root, port
     finally:
-        os.killpg(server.pid, 15)  # the server and its workers: our own process group only
-        server.wait(timeout=30)
+        stop_session(server, signal.SIGTERM)  # the server and its workers
 
 
 def _vqa_parquet(directory: Path) -> None:
