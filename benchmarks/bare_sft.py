@@ -50,7 +50,7 @@ def main() -> None:
     import torch
     from trl import SFTConfig, SFTTrainer
 
-    from harness.config import load_config
+    from runtime.config import load_config
     from stages.sft import to_prompt_completion
     from stages.support import callbacks, tinyvlm, training
     from stages.support.settings import TrainSettings

@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides for both commands")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from harness.config import load_config
+    from runtime.config import load_config
 
     cfg = load_config(None, args.overrides)
     work = Path(tempfile.mkdtemp(prefix="vlmlab-bench-estimate-"))

@@ -26,7 +26,7 @@ def evaluate(which: str, model_dir: str, tasks: dict) -> dict:
 
     from evals.lm_model import TimedHFMultimodalLM
     from evals.registry import TASKS
-    from harness.config import load_config
+    from runtime.config import load_config
     from stages.eval import write_task_configs
 
     torch.set_num_threads(2)

@@ -416,8 +416,8 @@ def write_index(out: Path) -> dict:
 
 # -- running -----------------------------------------------------------------------------------------------------
 def run(config: str | None, overrides: list[str], pipeline: str, out: Path) -> dict:
-    from harness.config import load_config
     from harness.pipeline import run_pipeline
+    from runtime.config import load_config
 
     return run_pipeline(load_config(config, overrides), pipeline, str(out))
 
@@ -478,7 +478,7 @@ def main() -> None:
     if args.source and (args.setting != "shift" or not (Path(args.source) / "config.json").is_file()):
         ap.error("--source: a model directory (with config.json), for --setting shift")
     start = time.time()
-    from harness.config import load_config
+    from runtime.config import load_config
 
     pipeline = stage = SETTINGS[args.setting]
     preset = load_config(args.config, args.extra)

@@ -35,8 +35,8 @@ def main() -> None:
     ap.add_argument("--config", default="tiny", help="the preset (a file with the same content, to pin it)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from harness.config import load_config
     from harness.pipeline import run_pipeline
+    from runtime.config import load_config
 
     out = ROOT / "results" / "reference"
     out.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,9 @@ import json
 import shutil
 from pathlib import Path
 
-from harness.lease import Lease, atomic_write
-from harness.manifest import sha256_file
+from runtime.atomic import atomic_write
+from runtime.lease import Lease
+from runtime.manifest import sha256_file
 
 CACHE_VERSION = 2  # 2: keys cover code, packages and local sources' content
 SKIP_DIRS = {"ray", "trainer"}  # Ray's own storage and TRL's scratch dir are not stage outputs

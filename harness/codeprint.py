@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("harness", "stages", "evals")
+PACKAGES = ("evals", "runtime", "stages", "harness")
 
 
 def _module_file(name: str) -> Path | None:
@@ -45,7 +45,7 @@ def _type_checking_only(node: ast.If) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def _imports(path: Path) -> set[str]:
+def imports(path: Path) -> set[str]:
     """Project modules ``path`` imports anywhere (functions included; `if TYPE_CHECKING:` blocks skipped)."""
     tree = ast.parse(path.read_text(), str(path))
     package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
@@ -80,7 +80,7 @@ def code_files(module: str, data_files: tuple[str, ...] = ()) -> list[Path]:
             continue
         seen.add(path)
         if path.suffix == ".py":
-            todo += [_module_file(name) for name in _imports(path)]
+            todo += [_module_file(name) for name in imports(path)]
     return sorted(seen)
 
 

@@ -51,7 +51,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.errors import ConfigError, UserError
+from runtime.errors import ConfigError, UserError
 
 # calibration steps per training stage: with 20, the first steps' warm-up and a log every 5 steps made the default
 # sft step 40 % slower than in the real run (results/estimate.md)
@@ -160,7 +160,7 @@ def calibration_overrides(cfg, pipeline: str, steps: int) -> tuple[list[str], di
 
 
 def _timed_display(console):
-    from harness.output import Display
+    from harness.console import Display
 
     class TimedDisplay(Display):
         """The run's console, also noting when each stage began (Unix seconds)."""
@@ -296,10 +296,10 @@ def calibrate(cfg, pipeline: str, steps: int = DEFAULT_STEPS, console=None) -> d
     import yaml
     from mlflow.tracking import MlflowClient
 
-    from harness import raytrain
-    from harness.config import load_config
     from harness.pipeline import run_pipeline
-    from harness.tracking import Tracker
+    from runtime import raytrain
+    from runtime.config import load_config
+    from runtime.tracking import Tracker
 
     overrides, cut = calibration_overrides(cfg, pipeline, steps)
     ray_was_up = ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
@@ -401,7 +401,7 @@ def _model_dir_of(result: dict) -> str | None:
 
 
 def _local_kind(cfg) -> str:
-    from harness.cost import device_kind
+    from runtime.cost import device_kind
 
     kind = device_kind(cfg.resources.use_gpu)  # a price-table name: CPU, T4, A100-80GB...
     return ALIASES.get(kind.lower(), kind)
@@ -628,7 +628,7 @@ def assumptions(cfg, pipeline: str, calib: dict, devices: list[str]) -> list[str
         peaks = ", ".join(f"{d} {DEVICES[d].peak_tflops:g}" for d in devices if DEVICES[d].peak_tflops)
         lines.append(f"peak TFLOP/s ({'bf16; T4 fp16' if 'T4' in devices else 'bf16'}, dense): {peaks} "
                      "(datasheets: harness/estimate.py DEVICES)")
-    lines.append("$ = predicted wall x devices held x cost.prices (harness/cost.py PRICE_TABLE): a device rented for "
+    lines.append("$ = predicted wall x devices held x cost.prices (runtime/cost.py PRICE_TABLE): a device rented for "
                  "the whole run; the harness's own cost/* counts only the time stages hold devices")
     if cfg.cost.price_per_hour is not None:
         lines.append(f"cost.price_per_hour ({cfg.cost.price_per_hour}) is not used: it prices the device a run "
@@ -661,7 +661,7 @@ def estimate(cfg, pipeline: str, devices: list[str], steps: int = DEFAULT_STEPS,
 def render(result: dict, console) -> None:
     from rich.table import Table
 
-    from harness.output import duration
+    from harness.console import duration
 
     devices = result["devices"]
     table = Table(title=f"estimate · pipeline {result['pipeline']}")

@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.lease import Lease
+from runtime.lease import Lease
 
 
 @dataclass

@@ -2,8 +2,8 @@
 has a price, the local data sources are readable in their layout, and secrets Ray itself would store are flagged."""
 from __future__ import annotations
 
-from harness.cost import check_priced
-from harness.secrets import is_secret_key, redact_text
+from runtime.cost import check_priced
+from runtime.secrets import is_secret_key, redact_text
 
 TRAINING_STAGES = ("align", "sft", "dpo", "grpo")
 
@@ -52,7 +52,7 @@ def check_placement(cfg) -> None:
 
     if not (os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
         return
-    from harness.raytrain import ensure_ray, require_resources
+    from runtime.raytrain import ensure_ray, require_resources
 
     ensure_ray(cfg.ray.dashboard)
     require_resources(cfg.resources, "this run")

@@ -8,7 +8,8 @@ import math
 from fnmatch import fnmatchcase
 
 from evals.registry import TASKS
-from harness.errors import UserError
+from runtime.errors import UserError
+from runtime.secrets import redact_text
 
 DEFAULT_METRIC = "eval/mean_accuracy"
 # `--sort` names (the table's short headers, task names, or the row keys of --format json): row key, best first
@@ -170,3 +171,13 @@ def plot(rows: list[dict], path: str, metric: str):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return fig
+
+
+def ui_hint(uri: str, experiment_id: str) -> str:
+    """Where to see these runs with their cost columns in MLflow's own UI."""
+    from runtime.tracking import cost_view_url
+
+    view = cost_view_url(experiment_id)
+    if uri.startswith(("http://", "https://")):
+        return f"MLflow UI with these columns: {redact_text(uri.rstrip('/'))}/{view}"
+    return f"MLflow UI with these columns: run `harness ui`, then open http://127.0.0.1:5000/{view}"

@@ -17,16 +17,18 @@ import yaml
 from harness import codeprint
 from harness.cache import StageCache, stage_key
 from harness.codeprint import TreeHasher
-from harness.config import SCHEMA_VERSION, PipelineConfig, TrainStageConfig
-from harness.cost import Meter
-from harness.errors import UserError
+from harness.console import Display, finished_note
 from harness.inputs import check_inputs
-from harness.lease import Lease, atomic_write
-from harness.manifest import build_manifest
-from harness.output import Display, active_stage, finished_note
-from harness.secrets import redact
 from harness.storage import OutputDir
-from harness.tracking import Tracker, latest_step
+from runtime.atomic import atomic_write
+from runtime.config import SCHEMA_VERSION, PipelineConfig, TrainStageConfig
+from runtime.cost import Meter
+from runtime.errors import UserError
+from runtime.lease import Lease
+from runtime.manifest import build_manifest
+from runtime.output import active_stage
+from runtime.secrets import redact
+from runtime.tracking import Tracker, latest_step
 from stages import STAGES, StageContext, StageOutput
 
 NOT_PATHS = {"tiny", "compose", "synthetic", "tasks"}  # source values that name a generator, not a directory
@@ -264,7 +266,7 @@ def run_pipeline(cfg: PipelineConfig, pipeline: str, output_dir: str | None = No
 
     ``cost_usd`` is what the result cost to produce (reused stages count at their original cost);
     ``cost_usd_this_run`` is what this invocation spent. ``parent_run_id`` nests the pipeline's MLflow run
-    (e.g. under a sweep). ``display`` (harness/output.py) is the console of `harness run`: live progress, logs.
+    (e.g. under a sweep). ``display`` (harness/console.py) is the console of `harness run`: live progress, logs.
     """
     for name in cfg.stages_of(pipeline):
         STAGES[name].check(cfg)

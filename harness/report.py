@@ -18,8 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from evals import registry
-from harness.errors import UserError
-from harness.secrets import redact_text
+from runtime.errors import UserError
+from runtime.secrets import redact_text
 
 TASKS = {t.metric: f"{t.title} ({t.metric})" for t in registry.TASKS.values()}  # metric -> its title in figures
 
@@ -72,6 +72,10 @@ def _pipeline_of(run_id: str) -> str:
     return found.group(1) if found else "?"
 
 
+RUNS_FOOTER = ("mean acc: eval/mean_accuracy, the mean of the tasks' metrics, ± half its 95 % interval; USD: what the "
+               "run cost. `harness report RUN` draws a run's figures.")
+
+
 def runs_table(rows: list[dict]):
     """The `harness runs` table: fits 80 columns."""
     from rich import box
@@ -110,7 +114,7 @@ class Run:
 def resolve(target: str, tracking_uri: str | None, experiment: str | None, output_dir: str) -> Run:
     """A run directory (or its result.json), a run id under ``output_dir``, or a run id/name in MLflow. The store
     and experiment default to the run's own (its config's tracking section)."""
-    from harness.config import TrackingConfig
+    from runtime.config import TrackingConfig
 
     dirs = [p.parent if p.name == "result.json" else p for p in (Path(target), Path(output_dir) / target)]
     run_dir = next((p for p in dirs if (p / "result.json").is_file()), None)
@@ -480,7 +484,7 @@ def serve_ui(uri: str, host: str, port: int, experiment: str, say=print) -> None
     import time
     import urllib.request
 
-    from harness.tracking import cost_view_url, publish_cost_view
+    from runtime.tracking import cost_view_url, publish_cost_view
 
     if uri.startswith(("http://", "https://")):
         exp = _client(uri).get_experiment_by_name(experiment)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from harness.errors import ConfigError, UserError
+from runtime.errors import ConfigError, UserError
 
 # Metrics that measure the machine, not the result: never compared.
 TIMING_MARKERS = ("per_second", "runtime", "wall", "seconds", "cost/", "_unix")
@@ -41,7 +41,7 @@ def load_result(target: str) -> tuple[dict, Path]:
     if not isinstance(recorded, dict):
         raise UserError(f"{path}: not a vlmlab result (the top level is a {type(recorded).__name__}, not an object); "
                         f"{hint}")
-    from harness.config import SCHEMA_VERSION
+    from runtime.config import SCHEMA_VERSION
 
     version = recorded.get("schema_version", 1)
     if not isinstance(version, int) or version > SCHEMA_VERSION:
@@ -74,8 +74,8 @@ def untrusted(config: dict) -> list[str]:
 
 def recorded_config(recorded: dict, path: Path, trust: bool):
     """The recorded run's config, ready to rerun: user code only with ``trust``, secrets back from the environment."""
-    from harness.config import PipelineConfig, format_errors
-    from harness.secrets import placeholders, restore
+    from runtime.config import PipelineConfig, format_errors
+    from runtime.secrets import placeholders, restore
 
     risky = untrusted(recorded["config"])
     if risky and not trust:

@@ -33,7 +33,7 @@ class OutputDir:
             return
         import pyarrow.fs
 
-        from harness.errors import UserError
+        from runtime.errors import UserError
 
         self.uri = output_dir.rstrip("/")
         if "@" in self.uri.split("://", 1)[1].split("/", 1)[0]:  # Ray and MLflow would store the URI as it is
@@ -116,7 +116,7 @@ class OutputDir:
         for file in json.loads(text).get("files", {}):
             with contextlib.suppress(ValueError):  # a path outside the mirror: the lookup names it as missing
                 self.pull(Path(file))
-        from harness.lease import atomic_write
+        from runtime.atomic import atomic_write
 
         entry.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(entry, text)

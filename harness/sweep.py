@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from harness.errors import UserError
+from runtime.errors import UserError
 
 _TERM = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*=\s*(\w+)\((.*)\)\s*$")
 SAMPLERS = {"loguniform": 2, "uniform": 2, "randint": 2, "choice": None, "grid": None}
@@ -104,6 +104,36 @@ PRESETS = {
     "grades-dpo": Preset("dpo", ["dpo.grades.enabled=true"], grades_space("dpo", 3.0, 150.0), COST_AWARE),
 }
 ACCURACY_TOLERANCE = 0.01  # the GradES pick: the fastest trial whose accuracy is at most this much below the reference
+
+
+class SweepRequest(NamedTuple):
+    """What `harness sweep` was asked for, with its preset resolved."""
+    pipeline: str
+    fixed: list[str]  # overrides every trial runs with
+    space: dict[str, tuple[str, list]]
+    objective: str
+
+
+def request(preset: str | None, overrides: list[str], space: list[str], pipeline: str | None, trials: int,
+            objective: str | None, mode: str, scheduler: str | None) -> SweepRequest:
+    """The sweep a command line asks for: the preset's pipeline, fixed overrides, space and objective, with
+    ``--space`` terms laid over the preset's (raises UserError)."""
+    fixed = list(overrides)
+    if preset is not None and "=" in preset:  # no preset: the first word is already an override
+        fixed, preset = [preset, *fixed], None
+    if scheduler not in (None, "asha"):
+        raise UserError(f"--scheduler must be asha (got {scheduler!r})")
+    if mode not in ("max", "min"):
+        raise UserError(f"--mode must be max or min (got {mode!r})")
+    if preset is None:
+        if not space:
+            raise UserError(f"give a preset ({', '.join(PRESETS)}) or at least one --space")
+        return SweepRequest(pipeline or "sft", fixed, parse_space(space), objective or DEFAULT_OBJECTIVE)
+    if preset not in PRESETS:
+        raise UserError(f"unknown sweep preset '{preset}' (known: {', '.join(PRESETS)})")
+    chosen = PRESETS[preset]
+    return SweepRequest(pipeline or chosen.pipeline, chosen.fixed + fixed, chosen.space(trials) | parse_space(space),
+                        objective or chosen.objective)
 
 
 def shared_prefix(stage_names: list[str], swept: list[str]) -> list[str]:
@@ -210,8 +240,8 @@ def trial(params: dict, *, resolved: dict, overrides: list[str], pipeline: str, 
     from pydantic import ValidationError
     from ray import tune
 
-    from harness.config import PipelineConfig, format_errors, merge, parse_overrides
     from harness.pipeline import run_pipeline
+    from runtime.config import PipelineConfig, format_errors, merge, parse_overrides
 
     trial_overrides = overrides + [f"{k}={v}" for k, v in params.items()]
     tree = merge(resolved, parse_overrides(trial_overrides))
@@ -259,12 +289,12 @@ def run_sweep(cfg, pipeline: str, fixed: list[str], space: dict[str, tuple[str, 
     """Run the sweep; write and return sweep.json's content."""
     from ray import tune
 
-    from harness.config import PipelineConfig, merge, parse_overrides
-    from harness.lease import atomic_write
     from harness.pipeline import new_run_id, run_pipeline
-    from harness.raytrain import ensure_ray
     from harness.storage import is_remote
-    from harness.tracking import Tracker
+    from runtime.atomic import atomic_write
+    from runtime.config import PipelineConfig, merge, parse_overrides
+    from runtime.raytrain import ensure_ray
+    from runtime.tracking import Tracker
 
     resolved = cfg.model_dump(mode="json")
     # trials run in other processes: pin the tracking store this process resolved (env, cwd)

@@ -11,7 +11,7 @@ and optionally ``SOURCE_KEYS`` (config fields naming local directories, keyed by
 it (``harness/codeprint.py``).
 
 The harness (``harness/pipeline.py``) does the rest: timing, accelerator accounting, MLflow child runs,
-``result.json``. Training stages hand their loop to Ray Train through ``harness.raytrain``.
+``result.json``. Training stages hand their loop to Ray Train through ``runtime.raytrain``.
 """
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from harness.config import STAGE_NAMES  # a stage is declared by its section in PipelineConfig (and this package's file)
+from runtime.config import STAGE_NAMES  # a stage is declared by its section in PipelineConfig (and this package's file)
 
 if TYPE_CHECKING:
-    from harness.config import PipelineConfig
-    from harness.cost import Meter
-    from harness.tracking import Tracker
+    from runtime.config import PipelineConfig
+    from runtime.cost import Meter
+    from runtime.tracking import Tracker
 
 
 class _Registry(dict):

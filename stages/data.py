@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 
 from evals.registry import TASKS
-from harness.errors import DataError
-from harness.manifest import fingerprint_files
+from runtime.errors import DataError
+from runtime.manifest import fingerprint_files
 from stages import StageContext, StageOutput
 from stages.support import datasets as dsets
 from stages.support import synthetic

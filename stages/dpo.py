@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from evals.metrics import normalize_vqa_answer
-from harness.errors import ConfigError, DataError
+from runtime.errors import ConfigError, DataError
 from stages import StageContext, StageOutput
 from stages.support import datasets as dsets
 from stages.support import launch, training
@@ -130,7 +130,7 @@ def generate_shard(job: dict, device: str) -> list[str]:
 def on_policy_wrong_answers(ctx: StageContext, tasks: dict, size: int | None) -> tuple[dict[int, str], list[dict]]:
     """Greedy generations of the incoming checkpoint on the training questions (row index -> answer), sharded over
     `resources.workers` Ray tasks; also returns where each shard ran."""
-    from harness import raytrain
+    from runtime import raytrain
     from stages.support.generate import shard_batches
 
     cfg = ctx.cfg

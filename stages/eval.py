@@ -17,7 +17,7 @@ import yaml
 
 from evals.metrics import bootstrap_metric, interval, question_prior
 from evals.registry import TASKS
-from harness.manifest import sha256_file
+from runtime.manifest import sha256_file
 from stages import StageContext, StageOutput
 
 CONFIG_KEYS = ("seed", "eval", "resources")
@@ -161,8 +161,8 @@ def write_predictions(items: list[dict], path: Path, key: str) -> None:
 
 def run(ctx: StageContext) -> StageOutput:
     """Shards every checkpoint's scoring over `resources.workers` Ray tasks; the driver only merges and averages."""
-    from harness import raytrain
-    from harness.cost import gpu_alias
+    from runtime import raytrain
+    from runtime.cost import gpu_alias
 
     cfg = ctx.cfg
     tasks = ctx.latest("tasks")

@@ -7,7 +7,7 @@ all resolved before any work starts.
 from __future__ import annotations
 
 from evals import rewards
-from harness.errors import ConfigError
+from runtime.errors import ConfigError
 from stages import StageContext, StageOutput
 from stages.support import launch, training
 

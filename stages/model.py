@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from harness.errors import ConfigError, UserError
-from harness.manifest import sha256_file
+from runtime.errors import ConfigError, UserError
+from runtime.manifest import sha256_file
 from stages import StageContext, StageOutput
 
 CONFIG_KEYS = ("seed", "model", "data.image_size")

@@ -31,7 +31,7 @@ def ray_session():
         pytest.fail("Ray tests must run inside a loopback-only network namespace: use scripts/test")
     import ray
 
-    from harness.raytrain import ensure_ray, reap_hung_actors
+    from runtime.raytrain import ensure_ray, reap_hung_actors
 
     ensure_ray()
     yield

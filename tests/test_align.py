@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 from conftest import tiny_overrides
 
-from harness.config import ComposeConfig, load_config
-from harness.errors import ConfigError
 from harness.pipeline import run_pipeline
+from runtime.config import ComposeConfig, load_config
+from runtime.errors import ConfigError
 from stages.support import compose
 
 LM_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<end_of_utterance>\n"

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from evals.registry import TASKS
 from harness.cli import app
-from harness.config import load_config
+from runtime.config import load_config
 
 
 def _png() -> bytes:

@@ -136,7 +136,7 @@ def test_dpo_job_trains_across_nodes_and_scores_on_the_workers(cluster):
 
     (result_path,) = out.glob("*/result.json")
     result, run_dir = json.loads(result_path.read_text()), result_path.parent
-    # Ray's own lines go to the run's logs (harness/output.py), and so does each worker's output, from every node
+    # Ray's own lines go to the run's logs (runtime/output.py), and so does each worker's output, from every node
     logs = "".join(p.read_text(errors="replace") for p in (run_dir / "logs").glob("*.log"))
     assert "Connecting to existing Ray cluster" in logs  # attached, no Ray of its own
     assert "(RayTrainWorker pid=" not in submit.stdout  # no worker output forwarded to the job's log

@@ -7,8 +7,8 @@ import sys
 import pytest
 import yaml
 
-from harness.config import CONFIG_DIR, load_config, parse_overrides
-from harness.errors import ConfigError
+from runtime.config import CONFIG_DIR, load_config, parse_overrides
+from runtime.errors import ConfigError
 
 HARNESS = [sys.executable, "-m", "harness.cli"]
 
@@ -77,7 +77,7 @@ def test_cli_validate_and_env(workdir):
 
 
 def test_stage_runtime_env_reaches_the_ray_workers():
-    from harness.raytrain import worker_runtime_env
+    from runtime.raytrain import worker_runtime_env
 
     cfg = load_config(None, ["sft.runtime_env.env_vars.MALLOC_ARENA_MAX=64", "sft.runtime_env.env_vars.X=true"])
     assert worker_runtime_env(cfg.sft) == {"env_vars": {"MALLOC_ARENA_MAX": "64", "X": "true"}}

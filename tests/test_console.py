@@ -13,7 +13,7 @@ import time
 import pytest
 from conftest import ROOT, stop_session
 
-from harness import output
+from harness import console as output
 
 # What reached the console before: Ray workers' forwarded lines, progress bars, Ray's and lm-eval's warnings, git's
 # complaint outside a checkout, the summary's missing base score
@@ -59,7 +59,8 @@ WORKER = textwrap.dedent("""
     import logging, os, sys, warnings
     from pathlib import Path
     from rich.console import Console
-    from harness.output import Display, worker_output, write_progress
+    from harness.console import Display
+    from runtime.output import worker_output, write_progress
 
     display = Display(Console(force_terminal=False, width=120))
     display.logs = Path(sys.argv[1]) / "logs"  # as open_run() sets it, without the thread that polls twice a second
@@ -98,7 +99,7 @@ def test_worker_output_goes_to_its_log_and_warnings_once_to_the_console(tmp_path
 def test_progress_from_the_mlflow_stream_where_rank0s_file_is_out_of_sight(tmp_path):
     """Rank 0 on another node without shared storage writes its progress file there: the driver then reads the step
     metrics rank 0 streams to the stage's MLflow run (a real SQLite store here), at most every STREAM_POLL_S."""
-    from harness.tracking import Tracker, latest_step, log_step_metrics
+    from runtime.tracking import Tracker, latest_step, log_step_metrics
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(uri, "vlmlab")
@@ -148,7 +149,7 @@ def check_default_sft_run(workdir, lines: list[tuple[float, str]], code: int, sh
     none of them a library's; the run's logs hold one file per stage and what the workers printed. Takes the run's
     (arrival time, non-empty line) pairs, its exit code, its workdir and that workdir's path as the run saw it (in a
     container: the volume's mount point). test_docker runs it on the README's container."""
-    from harness.config import load_config
+    from runtime.config import load_config
 
     steps = load_config(None).sft.max_steps
     text = "\n".join(ln for _, ln in lines)

@@ -105,7 +105,7 @@ def test_rayjob_entrypoint_is_a_run_the_cli_accepts_logging_to_the_mlflow_servic
     import typer
 
     from harness.cli import app
-    from harness.config import load_config
+    from runtime.config import load_config
 
     argv = _rayjob_argv()
     assert argv[:2] == ["harness", "run"]

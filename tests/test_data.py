@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import REALDATA
 
-from harness.config import TaskDataConfig
-from harness.errors import DataError
+from runtime.config import TaskDataConfig
+from runtime.errors import DataError
 from stages.support import datasets as dsets
 from stages.support import synthetic
 

@@ -24,7 +24,7 @@ from conftest import ROOT, loopback_only
 from test_console import check_default_sft_run, run_without_tty
 
 from evals.registry import TASKS
-from harness.config import load_config
+from runtime.config import load_config
 
 HOST_NETNS_FD = 9
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlmlab" / "docker"

@@ -11,8 +11,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from harness.cli import app
-from harness.config import load_config
 from harness.estimate import DEVICES, render
+from runtime.config import load_config
 
 DEVICES_ASKED = ["cpu", "T4", "H100"]
 

@@ -14,9 +14,9 @@ import pytest
 from conftest import tiny_overrides
 from mlflow.tracking import MlflowClient
 
-from harness.config import load_config
-from harness.errors import UserError
 from harness.pipeline import run_pipeline
+from runtime.config import load_config
+from runtime.errors import UserError
 
 SLOW_SFT = {"sft.max_steps": 40, "sft.save_steps": 10, "sft.batch_size": 8}
 
@@ -104,7 +104,7 @@ def test_unreachable_tracking_server_fails_before_any_work(workdir):
 
 
 def test_truncated_and_missing_checkpoints_are_named(tmp_path):
-    from harness.config import TinyModelConfig
+    from runtime.config import TinyModelConfig
     from stages import model as model_stage
     from stages.support import tinyvlm
 
@@ -134,7 +134,7 @@ def test_eight_concurrent_writers_lose_nothing(ray_session, workdir):
     """8 processes (Ray tasks, as sweep trials are) log to one SQLite store at once: every metric arrives."""
     import ray
 
-    from harness.tracking import Tracker, log_step_metrics
+    from runtime.tracking import Tracker, log_step_metrics
 
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     tracker = Tracker(uri, "vlmlab")  # creates the DB and experiment first, in this process
@@ -159,7 +159,7 @@ def test_actor_hung_on_its_way_out_is_reaped(ray_session):
     import psutil
     import ray
 
-    from harness.raytrain import reap_hung_actors
+    from runtime.raytrain import reap_hung_actors
 
     @ray.remote(num_cpus=0)
     class HangsOnExit:
@@ -197,7 +197,7 @@ def test_background_step_logger_keeps_order_and_falls_back_to_the_outbox(tmp_pat
 
     from mlflow.exceptions import MlflowException
 
-    from harness.tracking import BackgroundStepLogger, Tracker, sync_outbox
+    from runtime.tracking import BackgroundStepLogger, Tracker, sync_outbox
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(uri, "vlmlab")
@@ -241,7 +241,7 @@ def test_background_step_logger_keeps_order_and_falls_back_to_the_outbox(tmp_pat
 def test_redaction_survives_another_thread_changing_the_environment(monkeypatch):
     """MLflow's telemetry thread sets and deletes environment variables while a run logs its params; reading
     os.environ for secrets must not then fail with KeyError (it once failed a run this way)."""
-    from harness.secrets import redact_text
+    from runtime.secrets import redact_text
 
     monkeypatch.setenv("VLMLAB_TEST_TOKEN", "s3cr3t-value")
     stop = threading.Event()

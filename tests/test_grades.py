@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import TrainerControl, TrainerState
 
-from harness.config import load_config
-from harness.errors import ConfigError
+from runtime.config import load_config
+from runtime.errors import ConfigError
 from stages.support.grades import GradESCallback, trackable
 
 
@@ -150,7 +150,7 @@ def test_default_patterns_cover_the_supported_architectures(name, group):
 def test_per_component_learning_rates_and_freezing():
     from types import SimpleNamespace
 
-    from harness.config import load_config
+    from runtime.config import load_config
     from stages.support.training import component_optimizer, freeze_components
 
     class Composed(torch.nn.Module):

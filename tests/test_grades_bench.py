@@ -63,7 +63,7 @@ def test_item_deltas_need_the_same_items():
 
 
 def test_every_run_of_a_setting_has_a_valid_config(tmp_path):
-    from harness.config import load_config
+    from runtime.config import load_config
 
     extra = [f"data.tasks.{t}.train_size=64" for t in ("vqa", "chartqa", "textvqa", "docvqa", "scienceqa")]
     dpo = load_config(None, gb.arm_overrides("dpo", 1, extra, ["vqa", "chartqa", "textvqa", "docvqa", "scienceqa"],

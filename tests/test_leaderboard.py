@@ -24,9 +24,9 @@ from conftest import tiny_overrides
 from typer.testing import CliRunner
 
 from harness.cli import app
-from harness.config import DEFAULT_PRICES, load_config
 from harness.leaderboard import pareto_front
 from harness.pipeline import run_pipeline
+from runtime.config import DEFAULT_PRICES, load_config
 
 
 def test_pareto_front_known_points():

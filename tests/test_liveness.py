@@ -21,12 +21,12 @@ from test_faults import _wait_for
 from test_sync import Partition, server  # noqa: F401 - the module's MLflow server fixture
 
 from evals.registry import TASKS
-from harness.tracking import HEARTBEAT_TAG, OUTBOX, REAPED_TAG, Tracker, sync_outbox
+from runtime.tracking import HEARTBEAT_TAG, OUTBOX, REAPED_TAG, Tracker, sync_outbox
 
 OTHER_HOST = r"""
 import json, socket, sys
 from pathlib import Path
-from harness.tracking import Tracker
+from runtime.tracking import Tracker
 
 uri, experiment, run_dir = sys.argv[1:4]
 tracker = Tracker(uri, experiment)

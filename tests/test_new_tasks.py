@@ -14,7 +14,7 @@ import pytest
 
 from evals.metrics import anls, vqa_accuracy
 from evals.registry import TASKS
-from harness.config import TaskDataConfig
+from runtime.config import TaskDataConfig
 from stages.data import check_overlap, task_splits
 from stages.support import synthetic
 

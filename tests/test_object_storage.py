@@ -151,8 +151,8 @@ def test_run_to_s3_killed_then_resumed_from_the_bucket(workdir, s3):
 def test_unusable_output_uri_is_one_clear_error(s3, monkeypatch, tmp_path):
     """A missing bucket, an unreachable endpoint, credentials in the URI, an unknown scheme: a UserError naming
     --output-dir (exit 2 from the CLI) before any work, never a traceback from the first upload."""
-    from harness.errors import UserError
     from harness.storage import OutputDir
+    from runtime.errors import UserError
 
     _, env = s3
     for name, value in env.items():

@@ -9,9 +9,9 @@ import pytest
 from conftest import tiny_overrides
 from mlflow.tracking import MlflowClient
 
-from harness.config import load_config
-from harness.errors import DataError
 from harness.pipeline import run_pipeline
+from runtime.config import load_config
+from runtime.errors import DataError
 
 
 def _runs(workdir):

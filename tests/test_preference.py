@@ -5,9 +5,9 @@ import pytest
 from conftest import tiny_overrides
 from mlflow.tracking import MlflowClient
 
-from harness.config import load_config
-from harness.errors import ConfigError
 from harness.pipeline import run_pipeline
+from runtime.config import load_config
+from runtime.errors import ConfigError
 from stages import dpo
 
 PREF = {"dpo.max_steps": 4, "dpo.batch_size": 4, "dpo.save_steps": 2, "dpo.logging_steps": 1,
@@ -84,7 +84,7 @@ def test_preference_dataset_missing_chosen(workdir):
 def test_pairs_from_tasks_reject_a_wrong_answer_of_the_same_type(tmp_path):
     from datasets import Dataset
 
-    from harness.config import PreferenceDataConfig
+    from runtime.config import PreferenceDataConfig
     from stages.support import datasets as dsets
     from stages.support.synthetic import generate
 

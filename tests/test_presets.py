@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from evals.registry import TASKS
-from harness.config import load_config
-from harness.errors import DataError
+from runtime.config import load_config
+from runtime.errors import DataError
 from stages.data import check_overlap, item_key, task_splits
 from stages.support import synthetic
 

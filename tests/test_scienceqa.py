@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from evals.registry import TASKS
-from harness.config import TaskDataConfig
-from harness.errors import DataError
+from runtime.config import TaskDataConfig
+from runtime.errors import DataError
 from stages.data import check_overlap, task_splits
 from stages.support import synthetic
 

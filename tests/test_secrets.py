@@ -19,9 +19,9 @@ from conftest import loopback_only, stop_session, tiny_overrides
 from typer.testing import CliRunner
 
 from harness.cli import app
-from harness.cost import cluster_gpus, gpu_alias
-from harness.errors import UserError
-from harness.secrets import placeholders, redact, redact_text, restore
+from runtime.cost import cluster_gpus, gpu_alias
+from runtime.errors import UserError
+from runtime.secrets import placeholders, redact, redact_text, restore
 
 ALNUM = string.ascii_letters + string.digits
 
@@ -106,8 +106,8 @@ def test_validate_reads_reward_functions_without_running_them(workdir):
 
 
 def test_trusted_reproduce_takes_secrets_from_the_environment(tmp_path, monkeypatch):
-    from harness.config import load_config
     from harness.reproduce import recorded_config
+    from runtime.config import load_config
 
     config = redact(load_config("tiny", [f"grpo.rewards=[{tmp_path}/r.py:f]",
                                          "tracking.uri=http://carol:pw@127.0.0.1:9/"]).model_dump(mode="json"))
@@ -137,7 +137,7 @@ def test_cli_messages_pass_the_redactor(workdir, monkeypatch):
 
 
 def test_the_sqlite_store_is_private(workdir):
-    from harness.tracking import Tracker
+    from runtime.tracking import Tracker
 
     Tracker(f"sqlite:///{workdir / 'mlflow.db'}", "vlmlab")
     assert (workdir / "mlflow.db").stat().st_mode & 0o077 == 0

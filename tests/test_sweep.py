@@ -7,9 +7,9 @@ import pytest
 from conftest import tiny_overrides
 from mlflow.tracking import MlflowClient
 
-from harness.config import load_config
-from harness.errors import UserError
 from harness.sweep import COST_AWARE, log_grid, parse_space, run_sweep, shared_prefix
+from runtime.config import load_config
+from runtime.errors import UserError
 
 PREF = {"dpo.max_steps": 2, "dpo.batch_size": 4, "dpo.save_steps": 2, "dpo.logging_steps": 1, "dpo.warmup_steps": 0,
         "eval.limit": 8}

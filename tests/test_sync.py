@@ -19,8 +19,8 @@ from test_kill import _free_port
 from test_kill import _mlflow_server as mlflow_server
 from typer.testing import CliRunner
 
-from harness.errors import UserError
-from harness.tracking import OUTBOX, PENDING_TAG, SYNC_PROGRESS, Tracker, log_step_metrics, sync_outbox
+from runtime.errors import UserError
+from runtime.tracking import OUTBOX, PENDING_TAG, SYNC_PROGRESS, Tracker, log_step_metrics, sync_outbox
 
 
 class Partition:

@@ -54,7 +54,7 @@ class MlflowStepLogger(TrainerCallback):
     """
 
     def __init__(self, uri: str, run_id: str, prefix: str, outbox: str | None = None):
-        from harness.tracking import BackgroundStepLogger
+        from runtime.tracking import BackgroundStepLogger
 
         self.prefix = prefix
         self.history: list[dict] = []
@@ -77,7 +77,7 @@ class MlflowStepLogger(TrainerCallback):
 
 
 class ProgressReporter(TrainerCallback):
-    """Rank 0's progress for the driver's console (harness/output.py): step, total, the last loss (GRPO: reward) and
+    """Rank 0's progress for the driver's console (harness/console.py): step, total, the last loss (GRPO: reward) and
     the global batch, rewritten at most once a second to ``path``."""
 
     def __init__(self, path: str, label: str, every_s: float = 1.0):
@@ -102,7 +102,7 @@ class ProgressReporter(TrainerCallback):
             self.write(args, state)
 
     def write(self, args, state) -> None:
-        from harness.output import write_progress
+        from runtime.output import write_progress
 
         batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
         write_progress(self.path, {"label": self.label, "step": state.global_step, "total": state.max_steps,

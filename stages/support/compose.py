@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.errors import ConfigError
+from runtime.errors import ConfigError
 
 VISION_TYPES = {"siglip_vision_model", "siglip", "clip_vision_model", "clip"}
 PIXEL_SHUFFLE_TEXT = {"llama"}  # Idefics3's text model is a Llama

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from evals.registry import REQUIRED, TASKS
-from harness.errors import DataError
+from runtime.errors import DataError
 
 
 def _is_number(text: str) -> bool:

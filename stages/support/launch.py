@@ -9,7 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
-from harness.lease import atomic_write
+from runtime.atomic import atomic_write
 
 
 def check_grades(cfg, stage: str) -> None:
@@ -17,7 +17,7 @@ def check_grades(cfg, stage: str) -> None:
     settings = getattr(cfg, stage).grades
     if not settings.enabled:
         return
-    from harness.errors import ConfigError
+    from runtime.errors import ConfigError
     from stages.support.grades import DEFAULT_PATTERNS, group_of  # imports the Trainer stack (~1.5 s)
 
     names = parameter_names(cfg)
@@ -51,7 +51,7 @@ def parameter_names(cfg) -> list[str] | None:
 
 def _intact(checkpoint: Path) -> str | None:
     """Why a Ray checkpoint cannot be resumed from (missing, unreadable weights or trainer state), or None."""
-    from harness.errors import UserError
+    from runtime.errors import UserError
     from stages.model import check_weights
 
     hf = checkpoint / "checkpoint" if (checkpoint / "checkpoint").is_dir() else checkpoint
@@ -100,8 +100,8 @@ def usable_checkpoints(storage: Path, say) -> None:
 
 def run_stage(ctx, loop, stage_cfg, inputs: dict[str, str] | None = None):
     """Shared driver side of every TRL stage: launch the Ray job, account for devices, return the model."""
-    from harness import raytrain
-    from harness.cost import device_kind, gpu_alias
+    from runtime import raytrain
+    from runtime.cost import device_kind, gpu_alias
     from stages import StageOutput
     from stages.support.settings import TrainSettings
 

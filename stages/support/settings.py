@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.config import ResourcesConfig, TrainStageConfig
+from runtime.config import ResourcesConfig, TrainStageConfig
 
 
 @dataclass(frozen=True)

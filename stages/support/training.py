@@ -224,8 +224,8 @@ def train_and_save(trainer, processor, settings, scratch: Path, summarize=None) 
     from ray.train import Checkpoint
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
-    from harness.manifest import hardware
-    from harness.output import PROGRESS_ENV
+    from runtime.manifest import hardware
+    from runtime.output import PROGRESS_ENV
     from stages.support.callbacks import MlflowStepLogger, ProgressReporter, StepTimer
 
     assert Path(trainer.args.output_dir) == scratch, "a rank's HF output_dir must be its own scratch directory"

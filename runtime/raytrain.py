@@ -27,11 +27,11 @@ def ensure_ray(dashboard: bool = False) -> None:
 
     import ray
 
-    from harness.output import forward_worker_output
+    from runtime.output import forward_worker_output
 
     if ray.is_initialized():
         return
-    # under `harness run` the workers write their output to the run's logs (harness/output.py); -v prints it here
+    # under `harness run` the workers write their output to the run's logs (runtime/output.py); -v prints it here
     log_to_driver = forward_worker_output()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray Train's controller polls its workers every 2 s by default, and a finished stage waits several polls
@@ -138,7 +138,7 @@ def require_resources(resources, what: str) -> None:
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from harness.errors import UserError
+    from runtime.errors import UserError
 
     bundle = worker_bundle(resources)
     shape = (resources.workers, *sorted(bundle.items()))
@@ -172,12 +172,12 @@ def require_resources(resources, what: str) -> None:
 
 def _on_worker(fn: Callable, shard, use_gpu: bool, threads: int, log=None) -> dict:
     """One shard of work inside a Ray task: ``fn(shard, device)``, and where it ran. ``log``: where the task's
-    output goes (a harness.output.WorkerLog; None: Ray's own worker log, forwarded to the driver)."""
+    output goes (a runtime.output.WorkerLog; None: Ray's own worker log, forwarded to the driver)."""
     import ray
     import torch
 
-    from harness.manifest import hardware
-    from harness.output import worker_output
+    from runtime.manifest import hardware
+    from runtime.output import worker_output
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
@@ -205,7 +205,7 @@ def run_shards(fn: Callable, shards: list, resources, stage: str, max_retries: i
         options["num_gpus"] = resources.gpus_per_worker
     task = ray.remote(_on_worker).options(**options)
     threads = max(1, int(resources.cpus_per_worker))
-    from harness.output import active_stage
+    from runtime.output import active_stage
 
     live = active_stage()  # the running stage: where its workers log, and its progress on the console
     logs = [live.worker_log(f"shard{i}", label=stage) if live else None for i in range(len(shards))]
@@ -271,13 +271,13 @@ def _trainer_class():
 
 def _logged(loop: Callable[[dict], None], live, stage: str, ranks: int) -> Callable[[dict], None]:
     """``loop`` with each rank's output in the run's logs (``ray/<stage>.rank<k>.log``); rank 0 also reports its
-    progress to the driver's console (harness/output.py)."""
+    progress to the driver's console (harness/console.py)."""
     logs = [live.worker_log(f"rank{rank}", progress=rank == 0, label=stage) for rank in range(ranks)]
 
     def train_loop_with_logs(config: dict) -> None:
         import ray.train
 
-        from harness.output import worker_output
+        from runtime.output import worker_output
 
         with worker_output(logs[ray.train.get_context().get_world_rank()]):
             loop(config)
@@ -292,7 +292,7 @@ def fit(loop: Callable[[dict], None], settings, storage: Path | str, name: str, 
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
-    from harness.output import active_stage
+    from runtime.output import active_stage
 
     ensure_ray()  # normally already started by the stage, with its config
     require_resources(settings.resources, f"stage '{settings.prefix}'")

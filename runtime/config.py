@@ -17,8 +17,8 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evals.registry import PROTOCOLS, TASKS
-from harness.cost import DEFAULT_PRICES
-from harness.errors import ConfigError
+from runtime.cost import DEFAULT_PRICES
+from runtime.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # The layout of config.yaml / result.json this vlmlab writes. 1: before schema_version existed (read as is: 2 only
@@ -335,7 +335,7 @@ class CostConfig(Section):
     price_per_hour: float | None = Field(None, ge=0, description="override the detected device's price")
     prices: dict[str, Annotated[float, Field(ge=0)]] = Field(
         default_factory=lambda: dict(DEFAULT_PRICES), min_length=1,
-        description="USD per device-hour by device model (harness/cost.py PRICE_TABLE)")
+        description="USD per device-hour by device model (runtime/cost.py PRICE_TABLE)")
 
 
 class FailureConfig(Section):
@@ -435,7 +435,7 @@ class PipelineConfig(Section):
 
     def config_hash(self) -> str:
         """sha256 of the config as written to config.yaml: secrets replaced by their placeholders."""
-        from harness.secrets import redact
+        from runtime.secrets import redact
 
         return hashlib.sha256(json.dumps(redact(self.model_dump(mode="json")), sort_keys=True).encode()).hexdigest()
 

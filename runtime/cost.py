@@ -7,7 +7,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from harness.errors import ConfigError
+from runtime.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def planned_devices(cfg) -> set[str]:
     import ray
 
     if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
-        from harness.raytrain import ensure_ray
+        from runtime.raytrain import ensure_ray
 
         ensure_ray(cfg.ray.dashboard)
         return cluster_gpus(ray.nodes())

@@ -1,4 +1,4 @@
-"""Files several runs may write at once: atomic writes, and leases (one live owner per stage key or run directory).
+"""Leases: one live owner per stage key or run directory, among runs that may start at once.
 
 A lease is a small JSON file naming its owner (pid, host, process start time). It is taken over only from an owner
 that is gone: on the same host, a process that no longer exists (or is another process with a recycled pid); on
@@ -11,34 +11,15 @@ import contextlib
 import fcntl
 import json
 import os
-import secrets
 import socket
 import threading
 import time
 from pathlib import Path
 
+from runtime.atomic import atomic_write
+
 REFRESH_S = 15.0
 STALE_AFTER_S = 120.0  # an owner on another host that has not refreshed for this long is gone
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a unique temporary file, fsync'd, then renamed over it: readers see the
-    old or the new content, never a mix, however many writers race."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # the rename itself is durable once the directory is synced
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _me() -> dict:

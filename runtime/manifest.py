@@ -9,7 +9,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from harness.secrets import redact_text
+from runtime.secrets import redact_text
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("vlmlab", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "ray", "mlflow",

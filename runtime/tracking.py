@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from evals.registry import TASKS
-from harness.errors import UserError
-from harness.secrets import redact_text
+from runtime.errors import UserError
+from runtime.secrets import redact_text
 
 MAX_PARAM_LEN = 6000
 PENDING = "pending-"  # prefix of run ids created while the store was unreachable
@@ -306,7 +306,7 @@ def sync_outbox(uri: str, run_dir: Path, warn=print) -> int:
     is moved to `<outbox>.corrupt` with a warning. The outboxes are removed once fully replayed."""
     from mlflow.tracking import MlflowClient
 
-    from harness.lease import atomic_write
+    from runtime.atomic import atomic_write
 
     run_dir = Path(run_dir).resolve()
     files = outbox_files(run_dir)

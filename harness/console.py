@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
 import re
@@ -29,19 +28,24 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-VERBOSE_ENV = "VLMLAB_VERBOSE"
-PROGRESS_ENV = "VLMLAB_PROGRESS_FILE"  # set inside a training stage's rank 0 only
+from runtime.output import (
+    Watcher,
+    WorkerLog,
+    active_stage,
+    collecting,
+    first_line,
+    redact_file,
+    set_active_stage,
+    set_capturing,
+    verbose,
+)
+
 PLAIN_EVERY_S = 30.0  # without a TTY: at most one progress line per stage every 30 s ...
 PLAIN_EVERY_FRACTION = 0.1  # ... and one per 10 % of its steps
 POLL_S = 0.5
 STREAM_POLL_S = 5.0  # where rank 0's progress file is out of sight: ask the MLflow store at most this often
-# library loggers that keep their records to themselves (propagate=False): warnings are collected from each
-LIBRARY_LOGGERS = ("ray", "mlflow", "transformers", "datasets", "trl", "lm-eval", "lm_eval", "accelerate", "peft",
-                   "torch", "py.warnings")
 # Warnings that say nothing a vlmlab user can act on: kept in the logs, not shown. (pattern, reason)
 QUIET = [re.compile(p) for p in (
     r"Token authentication is enabled",  # the local Ray vlmlab starts, or the cluster's own setting
@@ -51,23 +55,6 @@ QUIET = [re.compile(p) for p in (
     r"hostname of the client socket cannot be retrieved",  # torch c10d in a loopback-only network
     r"`is_gradient_checkpointing` is deprecated",  # TRL's DPO trainer calling transformers' old name
 )]
-
-_ACTIVE: _Stage | None = None  # the stage the driver is running now (raytrain asks it where workers log)
-_CAPTURING = False  # a Display sends this process's output to the logs: Ray must not forward its workers' output
-
-
-def forward_worker_output() -> bool:
-    """Whether a Ray this process starts or attaches to should print its workers' output here (``log_to_driver``):
-    not under `harness run` without -v, whose workers write to the run's logs."""
-    return not _CAPTURING
-
-
-def verbose() -> bool:
-    return os.environ.get(VERBOSE_ENV) == "1"
-
-
-def active_stage() -> _Stage | None:
-    return _ACTIVE
 
 
 def duration(seconds: float) -> str:
@@ -83,157 +70,10 @@ def usd(value: float) -> str:
     return f"${value:.4f}" if value < 1 else f"${value:.2f}"
 
 
-def redact_file(path: Path) -> None:
-    """Redact a log file in place (same inode: processes may still hold it open)."""
-    from harness.secrets import redact_text
-
-    try:
-        with open(path, "r+", encoding="utf-8", errors="replace", newline="") as f:
-            text = f.read()
-            clean = redact_text(text)
-            if clean != text:
-                f.seek(0)
-                f.write(clean)
-                f.truncate()
-    except OSError:
-        pass
-
-
-def _first_line(text: str, limit: int = 200) -> str:
-    line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
-    return " ".join(line.split())[:limit]
-
-
 def _quiet(message: str) -> bool:
     return any(p.search(message) for p in QUIET)
 
 
-# ----------------------------------------------------------------------------------------------- worker side
-
-@dataclass(frozen=True)
-class WorkerLog:
-    """Where one Ray worker's output goes (picklable: it travels with the task)."""
-    path: str  # the worker's log file
-    warnings: str  # where it appends the warnings it logs (one JSON line each)
-    progress: str | None = None  # a training stage's rank 0: the progress file it rewrites
-
-
-class _Watcher(logging.Handler):
-    """Sees every WARNING+ record of the process (on the root and the library loggers); a record no other handler
-    takes is written to stderr (the log) as Python's last-resort handler would have."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if getattr(record, "_vlmlab_seen", False):  # attached to a logger and to its parent: one record, once
-            return
-        record._vlmlab_seen = True
-        with contextlib.suppress(Exception):
-            message = record.getMessage()
-            if not self._handled_elsewhere(record.name):
-                sys.stderr.write(f"{record.levelname} {record.name}: {message}\n")
-            self.seen_record(record.name.split(".")[0], record.levelname, message)
-
-    def seen_record(self, source: str, level: str, message: str) -> None:
-        raise NotImplementedError
-
-    def _handled_elsewhere(self, name: str) -> bool:
-        lg = logging.getLogger(name)
-        while lg is not None:
-            if any(h is not self for h in lg.handlers):
-                return True
-            if not lg.propagate:
-                return False
-            lg = lg.parent
-        return False
-
-
-class _Collector(_Watcher):
-    """In a worker: appends each distinct warning of this process to a JSON-lines file, for the driver to show."""
-
-    def __init__(self, path: str):
-        super().__init__()
-        self.path, self.seen = path, set()
-
-    def seen_record(self, source: str, level: str, message: str) -> None:
-        self.note(source, level, message)
-
-    def note(self, source: str, level: str, message: str) -> None:
-        line = _first_line(message)
-        if not line or line in self.seen:
-            return
-        self.seen.add(line)
-        with contextlib.suppress(OSError), open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"source": source, "level": level, "message": line}) + "\n")
-
-
-@contextlib.contextmanager
-def _collecting(collector: logging.Handler, surface_warning):
-    """Attach ``collector`` to the root and library loggers, and see Python warnings; undone on exit."""
-    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in LIBRARY_LOGGERS]
-    for lg in loggers:
-        lg.addHandler(collector)
-    shown = warnings.showwarning
-
-    def showwarning(message, category, filename, lineno, file=None, line=None):
-        shown(message, category, filename, lineno, file, line)  # into the log, as before
-        with contextlib.suppress(Exception):
-            surface_warning(category.__name__, str(message))
-
-    warnings.showwarning = showwarning
-    try:
-        yield
-    finally:
-        warnings.showwarning = shown
-        for lg in loggers:
-            lg.removeHandler(collector)
-
-
-@contextlib.contextmanager
-def worker_output(log: WorkerLog | None):
-    """Inside a Ray worker: this process's stdout and stderr (file descriptors: C++ and tqdm too) go to the
-    worker's log file, its warnings to the driver; everything is restored (and the file redacted) on exit."""
-    if log is None:
-        yield
-        return
-    Path(log.path).parent.mkdir(parents=True, exist_ok=True)
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    saved = [os.dup(1), os.dup(2)]
-    fd = os.open(log.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    collector = _Collector(log.warnings)
-    if log.progress:
-        os.environ[PROGRESS_ENV] = log.progress
-    try:
-        with _collecting(collector, lambda kind, text: collector.note(kind, "WARNING", text)):
-            yield
-    finally:
-        os.environ.pop(PROGRESS_ENV, None)
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in saved:
-            os.close(fd)
-        redact_file(Path(log.path))
-
-
-def write_progress(path: str, state: dict) -> None:
-    """Rank 0 of a training stage: the stage's progress, replaced atomically."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with contextlib.suppress(OSError):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(state, f)
-        os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------- driver side
 
 class _Stage:
     """A stage the driver is running: its log files and its progress as last seen."""
@@ -350,7 +190,7 @@ class _Stage:
                         self.display.warn(w.get("message", ""), w.get("source"), w.get("level", "WARNING"))
 
 
-class _Surface(_Watcher):
+class _Surface(Watcher):
     """In the driver: the libraries' warnings, shown once each."""
 
     def __init__(self, display: Display):
@@ -395,7 +235,7 @@ class Display:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None and self.failed_stage and self.logs is not None:
-            from harness.errors import UserError
+            from runtime.errors import UserError
 
             if not issubclass(exc_type, (UserError, KeyboardInterrupt)):  # a crash: where its full story is
                 self.say(f"stage {self.failed_stage} failed: its output is in {self.logs / self.failed_stage}.log, "
@@ -405,10 +245,9 @@ class Display:
     def _start_capture(self) -> None:
         from rich.console import Console
 
-        from harness.secrets import RedactingStream
+        from runtime.secrets import RedactingStream
 
-        global _CAPTURING
-        _CAPTURING = True
+        set_capturing(True)
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # the logs need no progress bars either
         sys.stdout.flush()
         sys.stderr.flush()
@@ -422,7 +261,7 @@ class Display:
         self._file = tempfile.TemporaryFile()  # until the run directory is known
         self._point(self._file.fileno())
         self._surface = _Surface(self)
-        self._collect = _collecting(self._surface, lambda kind, text: self.warn(text, kind))
+        self._collect = collecting(self._surface, lambda kind, text: self.warn(text, kind))
         self._collect.__enter__()
 
     @staticmethod
@@ -472,9 +311,8 @@ class Display:
             self._thread.start()
 
     def close(self) -> None:
-        global _ACTIVE, _CAPTURING
-        _ACTIVE = None
-        _CAPTURING = False
+        set_active_stage(None)
+        set_capturing(False)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -520,7 +358,7 @@ class Display:
 
     def warn(self, message: str, source: str | None = None, level: str = "WARNING") -> None:
         """A library's warning or error, shown once, as one vlmlab line (the full text is in the logs)."""
-        line = _first_line(message)
+        line = first_line(message)
         if not line or _quiet(line) or line in self.shown:
             return
         self.shown.add(line)
@@ -532,19 +370,18 @@ class Display:
         """Stage ``name`` starts: its driver output goes to logs/<stage>.log, its progress to the console.
         ``progress_from()``, where given, returns the stage's progress from elsewhere than rank 0's file (see
         ``_Stage._progress_state``)."""
-        global _ACTIVE
         if self.logs is not None:
             self._log_to(self.logs / f"{name}.log")
         stage = _Stage(self, name, self.logs, progress_from=progress_from)
         if self._progress is not None:
             self._task = self._progress.add_task(name, total=None, info="")
-        _ACTIVE = stage
+        set_active_stage(stage)
         return stage
 
     def end_stage(self, name: str) -> None:
         """Stage ``name`` ended (done, reused or failed): its last warnings, its logs redacted, back to run.log."""
-        global _ACTIVE
-        stage, _ACTIVE = _ACTIVE, None
+        stage = active_stage()
+        set_active_stage(None)
         if sys.exc_info()[1] is not None:  # called from a `finally` while the stage's exception propagates
             self.failed_stage = name
         if stage is not None:
@@ -569,7 +406,7 @@ class Display:
 
     def _poll(self) -> None:
         while not self._stop.wait(POLL_S):
-            stage = _ACTIVE
+            stage = active_stage()
             if stage is None:
                 continue
             try:
