@@ -61,7 +61,8 @@ def actual_parts(result: dict, uri: str, experiment_name: str, calibrated: dict)
     its MLflow store (the stage's start: its child run's start time): what each part measured in both runs."""
     from mlflow.tracking import MlflowClient
 
-    from harness.estimate import TRAINING, _step_times, training_timeline
+    from harness.estimate import _step_times, training_timeline
+    from stages import TRAINING
 
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(experiment_name)

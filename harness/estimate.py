@@ -52,12 +52,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import ConfigError, UserError
+from stages import STAGES, TRAINING
 
 # calibration steps per training stage: with 20, the first steps' warm-up and a log every 5 steps made the default
 # sft step 40 % slower than in the real run (results/estimate.md)
 DEFAULT_STEPS = 40
 DATA_CAP = 2048  # training rows per task in the calibration
-TRAINING = ("align", "sft", "dpo", "grpo")
 
 
 @dataclass(frozen=True)
@@ -111,8 +111,6 @@ def parse_devices(values: list[str] | None) -> list[str]:
 
 def check(cfg, pipeline: str, devices: list[str]) -> None:
     """Everything that can fail before the calibration starts (raises UserError)."""
-    from stages import STAGES
-
     for name in cfg.stages_of(pipeline):
         STAGES[name].check(cfg)
     for device in devices:
@@ -343,9 +341,7 @@ def calibrate(cfg, pipeline: str, steps: int = DEFAULT_STEPS, console=None) -> d
             if name in TRAINING:
                 logs = _step_times(client, children[name], name)
                 entry |= training_timeline(record, display.began[name], logs, max(1, cut["steps"][name] // 2))
-                if name == "dpo":
-                    entry["pairs"] = record["metrics"].get("dpo/pairs", 0.0)
-                    entry["generated"] = sum(s["items"] for s in record["outputs"].get("generation_shards", []))
+                entry["generated"] = sum(s["items"] for s in record["outputs"].get("generation_shards", []))
             elif name == "eval":
                 busy = record["cost"].get("cost/busy_hours", 0.0) * 3600 / max(record["devices"], 1e-9)
                 entry |= {"busy_s": busy, "items": sum(s["items"] for s in record["outputs"]["shards"]),
@@ -421,14 +417,11 @@ def forward_flops(shape: dict, text_tokens: float) -> float:
 
 
 def step_flops(name: str, stage_cfg, shape: dict) -> float:
-    """Model FLOPs of one optimizer step of training stage ``name`` on one worker."""
-    samples = stage_cfg.batch_size * stage_cfg.gradient_accumulation_steps
-    if name == "dpo":  # chosen + rejected, each forward + backward (3) and the reference model's forward (1)
-        return 2 * 4 * forward_flops(shape, shape["tokens"]) * samples
-    if name == "grpo":  # per completion: generation (~1 forward over prompt + completion), the update (3) [+ ref]
-        passes = 4 + (1 if stage_cfg.beta > 0 else 0)
-        return passes * forward_flops(shape, shape["prompt_tokens"] + stage_cfg.max_completion_length) * samples
-    return 3 * forward_flops(shape, shape["tokens"]) * samples
+    """Model FLOPs of one optimizer step of training stage ``name`` on one worker: the forward passes its module
+    declares per sample (``step_cost``), over the tokens they read."""
+    cost = STAGES[name].step_cost(stage_cfg)
+    tokens = shape["tokens"] if cost.tokens == "sample" else shape["prompt_tokens"] + cost.new_tokens
+    return cost.passes * forward_flops(shape, tokens) * stage_cfg.batch_size * stage_cfg.gradient_accumulation_steps
 
 
 def item_flops(shape: dict, new_tokens: int) -> float:
@@ -498,15 +491,15 @@ def predict_stage(name: str, cfg, calib: dict, rates: Rates | None) -> dict:
         stage_cfg = getattr(cfg, name)
         steps = stage_cfg.max_steps
         start = stage["start_s"]
-        if name == "dpo" and cfg.dpo.preference.source == "tasks" and cfg.dpo.preference.rejected == "on_policy":
-            start += dpo_generation_extra(cfg, calib, rates)
+        start += generation_extra(name, cfg, calib, rates)
         if rates is None:
             per_step, warm, cuda = stage["step_s"], stage["warm_s"], 0.0
             device = steps * stage["busy_step_s"]
         else:
             busy = rates.floor_s + step_flops(name, stage_cfg, shape) / rates.flops_per_s
-            if name == "grpo":  # generation: one forward floor per new token
-                busy += (stage_cfg.max_completion_length + 1) * rates.floor_s * FORWARD_FLOOR_FRACTION
+            new_tokens = STAGES[name].step_cost(stage_cfg).new_tokens
+            if new_tokens:  # generating inside the step (GRPO): one forward floor per new token
+                busy += (new_tokens + 1) * rates.floor_s * FORWARD_FLOOR_FRACTION
             per_step, warm, cuda = stage["host_step_s"] + busy, 0.0, rates.cuda_start_s
             device = steps * busy
         wall = (start + cuda + warm + steps * per_step + _saves_between(steps, stage_cfg.save_steps) * stage["save_s"]
@@ -533,12 +526,16 @@ def generation_seconds(items: int, eval_cfg, shape: dict, rates: Rates, workers:
     return (floor + items * item_flops(shape, eval_cfg.max_new_tokens) / rates.flops_per_s) / workers
 
 
-def dpo_generation_extra(cfg, calib: dict, rates: Rates | None) -> float:
-    """DPO's on-policy generation of the full preference set, minus what its calibration already generated."""
-    stage = calib["stages"]["dpo"]
-    done = stage.get("generated", 0)
-    rows = sum(train_rows(calib).values())
-    full = min(cfg.dpo.preference.size or rows, rows) if rows else (cfg.dpo.preference.size or 0)
+def generation_extra(name: str, cfg, calib: dict, rates: Rates | None) -> float:
+    """A stage's generation before training (DPO's on-policy answers: ``generated_items`` of its module) at full
+    size, minus what its calibration already generated."""
+    declared = getattr(STAGES[name], "generated_items", None)
+    if declared is None:
+        return 0.0
+    full = declared(cfg, sum(train_rows(calib).values()))
+    if not full:
+        return 0.0
+    done = calib["stages"][name].get("generated", 0)
     ev = calib["stages"].get("eval")
     workers = cfg.resources.workers
     if rates is None:

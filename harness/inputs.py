@@ -2,10 +2,10 @@
 has a price, the local data sources are readable in their layout, and secrets Ray itself would store are flagged."""
 from __future__ import annotations
 
+from runtime.config import TRAINING_STAGES
 from runtime.cost import check_priced
 from runtime.secrets import is_secret_key, redact_text
 
-TRAINING_STAGES = ("align", "sft", "dpo", "grpo")
 
 
 def check_data_sources(cfg) -> None:

@@ -442,6 +442,9 @@ class PipelineConfig(Section):
 
 STAGE_NAMES = tuple(name for name, f in PipelineConfig.model_fields.items()
                     if isinstance(f.annotation, type) and issubclass(f.annotation, StageSection))
+# a training stage is one whose section is a TrainStageConfig: listed once, here
+TRAINING_STAGES = tuple(name for name in STAGE_NAMES
+                        if issubclass(PipelineConfig.model_fields[name].annotation, TrainStageConfig))
 
 
 def eval_overrides(model: str, config: str | None, tasks: str | None, protocol: str | None,

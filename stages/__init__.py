@@ -16,13 +16,13 @@ The harness (``harness/pipeline.py``) does the rest: timing, accelerator account
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from runtime.config import STAGE_NAMES  # a stage is declared by its section in PipelineConfig (and this package's file)
+from runtime.config import STAGE_NAMES, TRAINING_STAGES
 
 if TYPE_CHECKING:
     from runtime.config import PipelineConfig
@@ -30,20 +30,34 @@ if TYPE_CHECKING:
     from runtime.tracking import Tracker
 
 
-class _Registry(dict):
-    """Stage name -> module, imported lazily so `import stages` stays cheap."""
+class _Registry(Mapping[str, ModuleType]):
+    """Stage name -> its module (``stages/<name>.py``), imported on first use."""
 
     def __getitem__(self, name: str) -> ModuleType:
+        if name not in STAGE_NAMES:
+            raise KeyError(f"unknown stage '{name}' (known: {', '.join(STAGE_NAMES)})")
         return importlib.import_module(f"stages.{name}")
 
-    def __contains__(self, name: object) -> bool:
-        return name in STAGE_NAMES
-
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(STAGE_NAMES)
+
+    def __len__(self) -> int:
+        return len(STAGE_NAMES)
 
 
 STAGES = _Registry()
+TRAINING = TRAINING_STAGES  # the stages whose config section is a TrainStageConfig (align, sft, dpo, grpo)
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """What one optimizer step of a training stage costs per sample (a DPO pair, a GRPO completion), in forward
+    passes of the model over the sample: a backward pass is two, so a trained sample is 3. ``tokens`` says what a
+    pass reads: the whole sample (prompt and answer), or the prompt and ``new_tokens`` generated tokens (each of
+    which is one more small forward while generating)."""
+    passes: float
+    tokens: Literal["sample", "prompt"] = "sample"
+    new_tokens: int = 0
 
 
 @dataclass

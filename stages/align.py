@@ -3,11 +3,17 @@ stage 1), with the SFT objective on the task data. Typically follows a composed 
 """
 from __future__ import annotations
 
-from stages import StageContext, StageOutput
+from stages import StageContext, StageOutput, StepCost
 from stages.sft import train_loop
 from stages.support import launch
 
 CONFIG_KEYS = ("seed", "align", "resources")
+
+
+def step_cost(section) -> StepCost:
+    """SFT's objective: counted as a trained sample (3), an upper bound, since the frozen towers' weights get no
+    gradient (their activations' gradients are still computed, back to the connector)."""
+    return StepCost(passes=3)
 
 
 def check(cfg) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from evals.metrics import normalize_vqa_answer
 from runtime.errors import ConfigError, DataError
-from stages import StageContext, StageOutput
+from stages import StageContext, StageOutput, StepCost
 from stages.support import datasets as dsets
 from stages.support import launch, training
 
@@ -21,6 +21,19 @@ PREFERENCE_COLUMNS = ("question", "chosen", "rejected", "image")
 
 CONFIG_KEYS = ("seed", "dpo", "resources", "eval.batch_size", "eval.max_new_tokens")
 SOURCE_KEYS = ("dpo.preference.source",)
+
+
+def step_cost(section) -> StepCost:
+    """A pair: chosen and rejected, each trained (3 forwards' work) and scored by the reference model (1)."""
+    return StepCost(passes=2 * (3 + 1))
+
+
+def generated_items(cfg, train_rows: int) -> int:
+    """Answers generated before training: the checkpoint's own answers to the pairs' questions (on-policy)."""
+    pref = cfg.dpo.preference
+    if pref.source != "tasks" or pref.rejected != "on_policy":
+        return 0
+    return min(pref.size or train_rows, train_rows) if train_rows else (pref.size or 0)
 
 
 def check(cfg) -> None:

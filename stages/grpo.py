@@ -8,10 +8,17 @@ from __future__ import annotations
 
 from evals import rewards
 from runtime.errors import ConfigError
-from stages import StageContext, StageOutput
+from stages import StageContext, StageOutput, StepCost
 from stages.support import launch, training
 
 CONFIG_KEYS = ("seed", "grpo", "resources")
+
+
+def step_cost(section) -> StepCost:
+    """A completion: generated (about one forward over prompt and completion), then trained (3), and scored by the
+    reference model when the KL term is on (1); each of its new tokens is one more small forward."""
+    return StepCost(passes=4 + (1 if section.beta > 0 else 0), tokens="prompt",
+                    new_tokens=section.max_completion_length)
 
 
 def check(cfg) -> None:

@@ -5,10 +5,15 @@ turn the short answer.
 """
 from __future__ import annotations
 
-from stages import StageContext, StageOutput
+from stages import StageContext, StageOutput, StepCost
 from stages.support import launch, training
 
 CONFIG_KEYS = ("seed", "sft", "resources")
+
+
+def step_cost(section) -> StepCost:
+    """A trained sample: one forward and its backward (two forwards' work) over prompt and answer."""
+    return StepCost(passes=3)
 
 
 def check(cfg) -> None:

@@ -47,3 +47,33 @@ if __name__ == "__main__":  # print the graph (the closing note of the house iss
     for floor, imported in import_graph().items():
         print(f"{floor:8} imports {', '.join(f for f in FLOORS if f in imported)}")
     print("violations:", violations() or "none")
+
+
+def test_the_stage_registry_is_a_whole_mapping():
+    from runtime.config import STAGE_NAMES
+    from stages import STAGES
+
+    assert len(STAGES) == len(STAGE_NAMES) and list(STAGES) == list(STAGE_NAMES)
+    assert dict(STAGES)["sft"].__name__ == "stages.sft" and STAGES.get("nope") is None
+    try:
+        STAGES["nope"]
+    except KeyError as exc:
+        assert "known: data, model" in str(exc)
+    else:
+        raise AssertionError("an unknown stage must raise KeyError")
+
+
+def test_every_training_stage_declares_its_step_cost():
+    """A training stage (its section is a TrainStageConfig) that forgets `step_cost` would be estimated as free."""
+    from runtime.config import PipelineConfig, TrainStageConfig
+    from stages import STAGES, TRAINING, StepCost
+
+    sections = {name: f.annotation for name, f in PipelineConfig.model_fields.items()}
+    assert set(TRAINING) == {n for n, t in sections.items() if isinstance(t, type) and issubclass(t, TrainStageConfig)}
+    assert {"sft", "dpo", "grpo", "align"} <= set(TRAINING)
+    defaults = PipelineConfig()
+    for name in TRAINING:
+        cost = getattr(STAGES[name], "step_cost", None)
+        assert callable(cost), f"stages/{name}.py declares no step_cost(section) -> StepCost"
+        declared = cost(getattr(defaults, name))
+        assert isinstance(declared, StepCost) and declared.passes >= 3, (name, declared)
