@@ -1,8 +1,10 @@
 """The benchmark tasks: one entry each, read by the config, the data and eval stages, the CLI, leaderboard, reports,
 the MLflow cost view and the GRPO accuracy reward.
 
-Adding a task = one ``Task`` entry here + its lm-eval YAMLs (``evals/tasks/<name>_<protocol>.yaml``, one per
-protocol) + its synthetic generator (``stages/support/synthetic.py``). Nothing else names a task.
+Adding a task = one ``Task`` entry here + its folder ``evals/tasks/<name>/`` (one lm-eval YAML per protocol,
+``short.yaml`` and/or ``lmms.yaml``, each including ``evals/tasks/_template.yaml``, and the hooks they name in its
+``utils.py``, as lmms-eval keeps a task) + its synthetic generator (``stages/support/synthetic.py``). Nothing else
+names a task.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
+TEMPLATE = "_template.yaml"  # in TASK_DIR: what every task YAML includes
 PROTOCOLS = ("short", "lmms")  # short: terse prompts for tiny models; lmms: lmms-eval's published task protocol
 CANONICAL = ("image", "question", "answers", "answer", "question_type", "subset")
 REQUIRED = ("image", "question", "answers")
@@ -50,7 +53,11 @@ class Task:
         return tuple(p for p in PROTOCOLS if self.task_file(p).is_file())
 
     def task_file(self, protocol: str) -> Path:
-        return TASK_DIR / f"{self.name}_{protocol}.yaml"
+        return TASK_DIR / self.name / f"{protocol}.yaml"
+
+    def files(self, protocol: str) -> list[Path]:
+        """What scoring under ``protocol`` reads: the task's YAML, the shared template it includes, its hooks."""
+        return [self.task_file(protocol), TASK_DIR / TEMPLATE, TASK_DIR / self.name / "utils.py"]
 
     def lm_eval_name(self, protocol: str) -> str:
         return f"vlmlab_{self.name}_{protocol}"

@@ -2,7 +2,7 @@
 
 Checkpoints scored: the base model (metrics ``eval/base_*``), every earlier training stage's model
 (``eval/<stage>_*``) and, under the plain names ``eval/*``, the pipeline's final model. Each task's prompts,
-generation and post-processing follow ``eval.protocol`` (its lm-eval YAML, ``evals/tasks/<task>_<protocol>.yaml``);
+generation and post-processing follow ``eval.protocol`` (its lm-eval YAML, ``evals/tasks/<task>/<protocol>.yaml``);
 per-question-type scores come from lm-eval's samples, and every metric gets a seeded bootstrap 95 % interval
 (``<metric>_ci_low`` / ``_ci_high``). Scoring runs on Ray workers, `resources.workers` shards per checkpoint; the
 driver merges the items' scores.
@@ -17,7 +17,7 @@ import yaml
 
 from evals.metrics import bootstrap_metric, interval, question_prior
 from evals.registry import TASKS
-from runtime.manifest import sha256_file
+from runtime.manifest import fingerprint_files
 from stages import StageContext, StageOutput
 
 CONFIG_KEYS = ("seed", "eval", "resources")
@@ -44,8 +44,9 @@ def write_task_configs(tasks: dict, out_dir: Path, protocol: str, max_new_tokens
 
 
 def task_files(kinds: list[str], protocol: str) -> dict[str, str]:
-    """sha256 of each task's protocol file (recorded beside the scores)."""
-    return {TASKS[k].task_file(protocol).name: sha256_file(TASKS[k].task_file(protocol)) for k in kinds}
+    """Each task's protocol file (``<task>/<protocol>.yaml``) -> one sha256 over it, the template it includes and its
+    hooks (recorded beside the scores)."""
+    return {f"{k}/{protocol}.yaml": fingerprint_files(TASKS[k].files(protocol)) for k in kinds}
 
 
 def checkpoints(ctx: StageContext) -> list[tuple[str, str]]:

@@ -96,8 +96,9 @@ def test_a_protocol_a_task_lacks_names_the_task(monkeypatch, tmp_path):
 
     from evals import registry
 
-    monkeypatch.setattr(registry, "TASK_DIR", tmp_path)  # where only toy_short.yaml exists
-    (tmp_path / "toy_short.yaml").write_text("task: vlmlab_toy_short\n")
+    monkeypatch.setattr(registry, "TASK_DIR", tmp_path)  # where only toy/short.yaml exists
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy" / "short.yaml").write_text("task: vlmlab_toy_short\n")
     toy = dataclasses.replace(registry.TASKS["vqa"], name="toy")
     monkeypatch.setitem(registry.TASKS, "toy", toy)
     only_toy = "data.tasks={" + ", ".join(f"{name}: null" for name in registry.TASKS if name != "toy") + ", toy: {}}"

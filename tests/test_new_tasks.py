@@ -6,11 +6,11 @@ of lmms-lab/textvqa and lmms-lab/DocVQA, config `DocVQA`), and go through the da
 """
 from __future__ import annotations
 
-import importlib.util
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import task_hooks
 
 from evals.metrics import anls, vqa_accuracy
 from evals.registry import TASKS
@@ -18,7 +18,6 @@ from runtime.config import TaskDataConfig
 from stages.data import check_overlap, task_splits
 from stages.support import synthetic
 
-TASK_DIR = Path(__file__).resolve().parent.parent / "evals" / "tasks"
 # the hub's columns (dataset cards: lmms-lab/textvqa; lmms-lab/DocVQA, config DocVQA)
 TEXTVQA_COLUMNS = {"image_id", "question_id", "question", "question_tokens", "image", "image_width", "image_height",
                    "flickr_original_url", "flickr_300k_url", "answers", "image_classes", "set_name", "ocr_tokens"}
@@ -35,13 +34,6 @@ configs:
 ---
 """
 
-
-def _utils():
-    """evals/tasks/utils.py, loaded by path as lm-eval's `!function utils.<name>` loads it."""
-    spec = importlib.util.spec_from_file_location("vlmlab_task_utils", TASK_DIR / "utils.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _write(rows: list[dict], path: Path) -> None:
@@ -165,14 +157,14 @@ def test_anls_cases():
 
 
 def test_short_protocol_hooks_score_with_the_tasks_metrics():
-    utils = _utils()
+    textvqa, docvqa = task_hooks("textvqa"), task_hooks("docvqa")
     sign = {"answers": ["stop"] * 8 + ["STOP", "open"]}
-    assert utils.process_textvqa(sign, ["The answer is STOP."]) == {"textvqa_accuracy": 1.0}
-    assert utils.process_textvqa(sign, ["open"]) == {"textvqa_accuracy": pytest.approx(0.3)}
+    assert textvqa.process_textvqa(sign, ["The answer is STOP."]) == {"textvqa_accuracy": 1.0}
+    assert textvqa.process_textvqa(sign, ["open"]) == {"textvqa_accuracy": pytest.approx(0.3)}
     doc = {"answers": ["JIM", "Jim"]}
-    assert utils.process_docvqa(doc, ["jim."]) == {"docvqa_anls": 1.0}
-    assert utils.process_docvqa(doc, ["JIMM"]) == {"docvqa_anls": pytest.approx(0.75)}
-    assert utils.process_docvqa(doc, ["EVE"]) == {"docvqa_anls": 0.0}
+    assert docvqa.process_docvqa(doc, ["jim."]) == {"docvqa_anls": 1.0}
+    assert docvqa.process_docvqa(doc, ["JIMM"]) == {"docvqa_anls": pytest.approx(0.75)}
+    assert docvqa.process_docvqa(doc, ["EVE"]) == {"docvqa_anls": 0.0}
     for kind in ("textvqa", "docvqa"):
         assert TASKS[kind].protocols() == ("short", "lmms")
         text = TASKS[kind].task_file("short").read_text()

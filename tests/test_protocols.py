@@ -7,15 +7,14 @@ scores, and its task YAMLs, loaded by lm-eval, the same prompts and generation s
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import TASK_DIR, task_hooks, task_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-TASK_DIR = ROOT / "evals" / "tasks"
 FIXTURE = json.loads((ROOT / "tests" / "fixtures" / "lmms_scores.json").read_text())
 TASKS = ("vqa", "chartqa", "textvqa", "docvqa", "scienceqa")
 # lmms-eval's metric names -> vlmlab's
@@ -30,23 +29,9 @@ METRICS = {
 }
 
 
-def _utils():
-    """evals/tasks/utils.py, loaded by path as lm-eval's `!function utils.<name>` loads it."""
-    spec = importlib.util.spec_from_file_location("vlmlab_task_utils", TASK_DIR / "utils.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-UTILS = _utils()
-
 
 def _yaml(task: str) -> dict:
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
-    return yaml.load((TASK_DIR / f"{task}_lmms.yaml").read_text(), Loader=Loader)
+    return task_yaml(task, "lmms")
 
 
 def _cases():
@@ -59,7 +44,7 @@ def _cases():
 def test_scores_match_lmms_eval(task, item):
     """Per item, the same metrics with exactly the same values (including ChartQA's human/augmented split)."""
     expected = {METRICS[task][k]: v for k, v in item["lmms_result"].items() if k in METRICS[task]}
-    hook = getattr(UTILS, f"process_{task}_lmms")
+    hook = getattr(task_hooks(task), f"process_{task}_lmms")
     got = hook(dict(item["doc"]), [item["prediction"]])
     assert got == expected, (item["prediction"], item["doc"]["answers"])
 
@@ -68,7 +53,7 @@ def test_fixture_is_the_followed_lmms_eval_commit():
     commit = FIXTURE["lmms_eval"]["commit"]
     assert len(commit) == 40
     for task in TASKS:
-        assert commit in (TASK_DIR / f"{task}_lmms.yaml").read_text(), task
+        assert commit in (TASK_DIR / task / "lmms.yaml").read_text(), task
         assert len(FIXTURE["tasks"][task]["items"]) >= 30
     assert commit in (ROOT / "docs" / "protocols.md").read_text()
 
@@ -79,8 +64,9 @@ def test_single_reference_vqa_is_exact_match():
     case = FIXTURE["single_answer_vqa"]
     assert case["lmms_result"]["exact_match"] == 0
     doc = {"question": "What color?", "answers": ["red"], "answer": "red", "question_type": "all", "subset": "all"}
-    assert UTILS.process_vqa_lmms(doc, ["Red."]) == {"vqa_accuracy": 1.0}
-    assert UTILS.process_vqa_lmms(doc, ["blue"]) == {"vqa_accuracy": 0.0}
+    vqa = task_hooks("vqa")
+    assert vqa.process_vqa_lmms(doc, ["Red."]) == {"vqa_accuracy": 1.0}
+    assert vqa.process_vqa_lmms(doc, ["blue"]) == {"vqa_accuracy": 0.0}
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -116,7 +102,7 @@ def loaded_tasks(tmp_path_factory):
         rows = [{**item["doc"], "image": picture} for item in FIXTURE["tasks"][task]["items"]]
         parquet = base / f"{task}.parquet"
         Dataset.from_list(rows).cast_column("image", Image()).to_parquet(str(parquet))
-        spec = {"include": str(TASK_DIR / f"{task}_lmms.yaml"), "task": f"vlmlab_{task}_lmms",
+        spec = {"include": str(TASK_DIR / task / "lmms.yaml"), "task": f"vlmlab_{task}_lmms",
                 "dataset_kwargs": {"data_files": {"test": str(parquet)}}}
         (base / f"vlmlab_{task}_lmms.yaml").write_text(yaml.safe_dump(spec))
     manager = TaskManager(include_path=str(base), include_defaults=False)

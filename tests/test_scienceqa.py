@@ -7,12 +7,12 @@ lmms-lab/ScienceQA (config `ScienceQA-IMG`), and goes through the data stage's o
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import task_hooks
 
 from evals.registry import TASKS
 from runtime.config import TaskDataConfig
@@ -21,7 +21,6 @@ from stages.data import check_overlap, task_splits
 from stages.support import synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
-TASK_DIR = ROOT / "evals" / "tasks"
 FIXTURE = json.loads((ROOT / "tests" / "fixtures" / "lmms_scores.json").read_text())["tasks"]["scienceqa"]
 POST_PROMPT = FIXTURE["prompt_kwargs"]["post_prompt"]
 # the hub's columns (dataset card of lmms-lab/ScienceQA, config ScienceQA-IMG)
@@ -40,13 +39,6 @@ configs:
 ---
 """
 
-
-def _utils():
-    """evals/tasks/utils.py, loaded by path as lm-eval's `!function utils.<name>` loads it."""
-    spec = importlib.util.spec_from_file_location("vlmlab_task_utils", TASK_DIR / "utils.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _write(rows: list[dict], path: Path) -> None:
@@ -136,7 +128,7 @@ def test_a_source_without_choices_is_named(tmp_path):
 
 
 def test_scoring_accepts_the_letter_and_under_short_the_text():
-    utils = _utils()
+    utils = task_hooks("scienceqa")
     doc = {"question": "Which color is the arrow?\nA. red\nB. blue", "answers": ["B", "blue"], "answer": "B"}
     for prediction, short, lmms in (("B", 1.0, 1.0), ("b", 1.0, 1.0), ("B. blue", 1.0, 1.0), ("B.", 1.0, 1.0),
                                     ("blue", 1.0, 0.0), ("Blue.", 1.0, 0.0), ("The answer is B.", 1.0, 0.0),
@@ -198,7 +190,7 @@ def test_synthetic_source_goes_through_the_same_layout(tmp_path):
 
 
 def test_short_yaml_loads_in_lm_eval(tmp_path):
-    """As the eval stage runs it: a per-run YAML that includes scienceqa_short.yaml and points data_files at a
+    """As the eval stage runs it: a per-run YAML that includes scienceqa/short.yaml and points data_files at a
     canonical parquet; the prompt is `<image>` + the canonical question, the hook scores letter and text."""
     import yaml
     from datasets import Dataset, Image
