@@ -5,8 +5,11 @@ Both follow the reference definitions (VQA: GT-Vision-Lab/VQA `vqaEval.py`; Char
 from __future__ import annotations
 
 import re
+import statistics
 from collections import Counter
 from collections.abc import Sequence
+
+import numpy as np
 
 _CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
@@ -148,7 +151,6 @@ def bootstrap_metric(scores: Sequence[float], groups: Sequence[str] | None = Non
                      seed: int = 0):
     """The metric of ``samples`` resamples of the items (with replacement, seeded): the mean score, or with
     ``groups`` of two or more values the mean of the groups' means (ChartQA's human/augmented). A numpy array."""
-    import numpy as np
 
     values = np.asarray(scores, dtype=float)
     picks = np.random.default_rng(seed).integers(0, len(values), size=(samples, len(values)))
@@ -166,8 +168,6 @@ def bootstrap_metric(scores: Sequence[float], groups: Sequence[str] | None = Non
 
 def interval(resampled, level: float = 0.95) -> tuple[float, float]:
     """The percentile interval of bootstrap resamples."""
-    import numpy as np
-
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(resampled, [tail, 100 - tail])
     return float(low), float(high)
@@ -206,7 +206,6 @@ def lmms_vqa_accuracy(prediction: str, answers: Sequence[str], *, tokenize: bool
     ``statistics.mean`` (exactly rounded, as lmms-eval). The prediction is used as given (strip it first, as lmms-eval's
     task does). One reference answer: exact match after normalisation (lmms-eval would score every item 0 there, as
     the subset left after removing the only answer is empty; its datasets always have 10)."""
-    import statistics
 
     if not answers:
         raise ValueError("lmms_vqa_accuracy needs at least one reference answer")

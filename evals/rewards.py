@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import re
 from collections.abc import Callable
+from importlib.machinery import PathFinder
 from pathlib import Path
 
 from evals.metrics import extract_short_answer
@@ -32,8 +33,8 @@ def completion_text(completion) -> str:
 def accuracy_reward(completions, answer, task, **_) -> list[float]:
     """The task's own metric of the short answer against the training target (VQA: exact match after
     normalisation, ChartQA: relaxed (5%) match)."""
-    return [TASKS[kind].score(extract_short_answer(completion_text(completion)), [target])
-            for completion, target, kind in zip(completions, answer, task, strict=True)]
+    return [TASKS[task].score(extract_short_answer(completion_text(completion)), [target])
+            for completion, target, task in zip(completions, answer, task, strict=True)]
 
 
 def format_reward(completions, **_) -> list[float]:
@@ -55,7 +56,6 @@ def _split(spec: str) -> tuple[str, str]:
 def _module_file(module: str) -> Path:
     """The source file of ``module`` (dotted), found on sys.path the way import would, without importing it or its
     parent packages."""
-    from importlib.machinery import PathFinder
 
     parts, spec, search = module.split("."), None, None
     for i in range(len(parts)):

@@ -13,18 +13,12 @@ import shutil
 from pathlib import Path
 
 from runtime.atomic import atomic_write
+from runtime.config import config_values
 from runtime.lease import Lease
 from runtime.manifest import sha256_file
 
 CACHE_VERSION = 2  # 2: keys cover code, packages and local sources' content
 SKIP_DIRS = {"ray", "trainer"}  # Ray's own storage and TRL's scratch dir are not stage outputs
-
-
-def _select(tree: dict, dotted: str):
-    node = tree
-    for part in dotted.split("."):
-        node = node[part]
-    return node
 
 
 # Fields a stage reads that never change what it computes: how long to wait for a cluster to have room
@@ -42,7 +36,7 @@ def stage_key(name: str, config_keys: tuple[str, ...], resolved: dict, upstream:
     """sha256 over the stage name, the config fields it reads, its upstream stages' keys and what else its result
     ``depends`` on (code and package fingerprints, local sources' content: harness/codeprint.py)."""
     payload = {"version": CACHE_VERSION, "stage": name,
-               "config": {k: _key_fields(k, _select(resolved, k)) for k in config_keys}, "upstream": upstream,
+               "config": {k: _key_fields(k, config_values(resolved, k)[k]) for k in config_keys}, "upstream": upstream,
                "depends": depends or {}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

@@ -30,6 +30,11 @@ import threading
 import time
 from pathlib import Path
 
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
+
+from runtime.errors import UserError
 from runtime.output import (
     Watcher,
     WorkerLog,
@@ -41,6 +46,7 @@ from runtime.output import (
     set_capturing,
     verbose,
 )
+from runtime.secrets import RedactingStream
 
 PLAIN_EVERY_S = 30.0  # without a TTY: at most one progress line per stage every 30 s ...
 PLAIN_EVERY_FRACTION = 0.1  # ... and one per 10 % of its steps
@@ -77,7 +83,6 @@ def _quiet(message: str) -> bool:
 
 class _Stage:
     """A stage the driver is running: its log files and its progress as last seen."""
-
     def __init__(self, display: Display, name: str, logs: Path | None, cost=None, progress_from=None):
         self.display, self.name, self.logs, self.cost = display, name, logs, cost
         self.progress_from, self._asked = progress_from, 0.0
@@ -192,7 +197,6 @@ class _Stage:
 
 class _Surface(Watcher):
     """In the driver: the libraries' warnings, shown once each."""
-
     def __init__(self, display: Display):
         super().__init__()
         self.display = display
@@ -235,7 +239,6 @@ class Display:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None and self.failed_stage and self.logs is not None:
-            from runtime.errors import UserError
 
             if not issubclass(exc_type, (UserError, KeyboardInterrupt)):  # a crash: where its full story is
                 self.say(f"stage {self.failed_stage} failed: its output is in {self.logs / self.failed_stage}.log, "
@@ -243,10 +246,6 @@ class Display:
         self.close()
 
     def _start_capture(self) -> None:
-        from rich.console import Console
-
-        from runtime.secrets import RedactingStream
-
         set_capturing(True)
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # the logs need no progress bars either
         sys.stdout.flush()
@@ -300,7 +299,6 @@ class Display:
         self.logs = run_dir / "logs"
         self._log_to(self.logs / "run.log")
         if self.live and self.console is not None and self._progress is None:
-            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 
             self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=24),
                                       TextColumn("{task.fields[info]}"), console=self.console, transient=True,
@@ -450,6 +448,4 @@ def finished_note(metrics: dict, name: str, cost: float) -> str:
 
 
 def _escape(text: str) -> str:
-    from rich.markup import escape
-
     return escape(text)

@@ -2,9 +2,10 @@
 
 **Calibration (measured).** The pipeline runs for real on this machine, in a temporary output directory with its
 own SQLite MLflow store (the user's stage cache and run store are not touched), shortened: every training stage
-runs ``--steps`` steps (a checkpoint halfway; its own step logging, but at least 4 logs), each task's training
-split is capped at ``DATA_CAP`` rows, eval scores one batch per task and checkpoint, DPO generates one batch of
-on-policy answers. Per stage it measures, from timestamps the harness already records:
+runs ``--steps`` steps (default 40, harness/commands/estimate.py; a checkpoint halfway; its own step logging, but
+at least 4 logs), each task's training split is capped at ``DATA_CAP`` rows, eval scores one batch per task and
+checkpoint, DPO generates one batch of on-policy answers. Per stage it measures, from timestamps the harness
+already records:
 
 * training (align, sft, dpo, grpo): ``start`` (stage start to the first step: Ray Train start, model and data
   load, on-policy generation for DPO), the steady ``step`` wall time (slope of the step metrics' MLflow timestamps
@@ -51,12 +52,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.errors import ConfigError, UserError
-from stages import STAGES, TRAINING
+import yaml
 
-# calibration steps per training stage: with 20, the first steps' warm-up and a log every 5 steps made the default
-# sft step 40 % slower than in the real run (results/estimate.md)
-DEFAULT_STEPS = 40
+from harness.console import Display, duration
+from harness.pipeline import run_pipeline
+from runtime import raytrain
+from runtime.config import load_config
+from runtime.cost import device_model
+from runtime.errors import ConfigError, UserError
+from runtime.tracking import Tracker
+from stages import STAGES, TRAINING
+from stages.data import SYNTHETIC_SIZES
+from stages.support.training import assistant_turn, component_of, user_turn
+
 DATA_CAP = 2048  # training rows per task in the calibration
 
 
@@ -126,8 +134,6 @@ def calibration_overrides(cfg, pipeline: str, steps: int) -> tuple[list[str], di
     """key=value overrides that shorten ``pipeline``; and what was cut (for the extrapolation)."""
     import torch
 
-    from stages.data import SYNTHETIC_SIZES
-
     stages = cfg.stages_of(pipeline)
     out, cut = [], {"steps": {}, "train_rows": {}}
     if cfg.resources.use_gpu and not torch.cuda.is_available():
@@ -143,11 +149,11 @@ def calibration_overrides(cfg, pipeline: str, steps: int) -> tuple[list[str], di
             if cut.get("gpu_config_on_cpu"):
                 out.append(f"{name}.precision=auto")
     if "data" in stages:
-        for kind, spec in cfg.data.tasks.items():
+        for task, spec in cfg.data.tasks.items():
             size = spec.train_size or (SYNTHETIC_SIZES["train"] if spec.source == "synthetic" else None)
             if size is not None and size > DATA_CAP:
-                out.append(f"data.tasks.{kind}.train_size={DATA_CAP}")
-                cut["train_rows"][kind] = size
+                out.append(f"data.tasks.{task}.train_size={DATA_CAP}")
+                cut["train_rows"][task] = size
     if "eval" in stages:
         limit = min(cfg.eval.limit or cfg.eval.batch_size, cfg.eval.batch_size)
         out.append(f"eval.limit={limit}")
@@ -158,8 +164,6 @@ def calibration_overrides(cfg, pipeline: str, steps: int) -> tuple[list[str], di
 
 
 def _timed_display(console):
-    from harness.console import Display
-
     class TimedDisplay(Display):
         """The run's console, also noting when each stage began (Unix seconds)."""
 
@@ -243,8 +247,6 @@ def model_shape(model_dir: str, tasks: dict, trust_remote_code: bool, rows: int 
     from PIL import Image
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    from stages.support.training import assistant_turn, component_of, user_turn
-
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     vision_cfg = getattr(config, "vision_config", None)
     text_cfg = getattr(config, "text_config", config)
@@ -287,72 +289,22 @@ def model_shape(model_dir: str, tasks: dict, trust_remote_code: bool, rows: int 
             "patches": image_tokens * scale * scale, "rows_counted": len(full)}
 
 
-def calibrate(cfg, pipeline: str, steps: int = DEFAULT_STEPS, console=None) -> dict:
+def calibrate(cfg, pipeline: str, steps: int, console=None) -> dict:
     """Run the shortened pipeline here; return what was measured (see the module doc)."""
-    import psutil
+    import psutil  # the calibration's own imports: Ray, MLflow's client (only when estimating)
     import ray
-    import yaml
     from mlflow.tracking import MlflowClient
-
-    from harness.pipeline import run_pipeline
-    from runtime import raytrain
-    from runtime.config import load_config
-    from runtime.tracking import Tracker
 
     overrides, cut = calibration_overrides(cfg, pipeline, steps)
     ray_was_up = ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
     imports = time.time() - psutil.Process().create_time()
     tmp = tempfile.mkdtemp(prefix="vlmlab-estimate-")  # kept when the calibration fails: its logs are there
     try:
-        raw = cfg.model_dump(mode="json")
-        raw["run_name"] = None
-        raw["output_dir"] = str(Path(tmp) / "runs")
-        raw["tracking"] = {**raw["tracking"], "uri": f"sqlite:///{Path(tmp) / 'mlflow.db'}"}
-        config_file = Path(tmp) / "config.yaml"
-        config_file.write_text(yaml.safe_dump(raw, sort_keys=False))
-        short = load_config(str(config_file), overrides)
-        saved_cache = os.environ.get("HF_DATASETS_CACHE")
-        if not ray_was_up:  # Ray's workers start in here: their datasets cache is the temporary one
-            os.environ["HF_DATASETS_CACHE"] = str(Path(tmp) / "hf-datasets")
-        display = _timed_display(console)
-        try:
-            with display:  # library output to the calibration run's logs
-                # a first run creates its MLflow store (schema migrations: seconds): timed apart, counted only
-                # when the user's store does not exist yet
-                t = time.perf_counter()
-                Tracker(short.tracking.resolved_uri(), short.tracking.experiment)
-                store_s = time.perf_counter() - t
-                start = time.perf_counter()
-                result = run_pipeline(short, pipeline, str(Path(tmp) / "runs"), console=console, display=display)
-                pipeline_s = time.perf_counter() - start
-        finally:
-            if saved_cache is None:
-                os.environ.pop("HF_DATASETS_CACHE", None)
-            else:
-                os.environ["HF_DATASETS_CACHE"] = saved_cache
+        short = shortened_config(cfg, overrides, Path(tmp))
+        result, began, store_s, pipeline_s = run_calibration(short, pipeline, Path(tmp), ray_was_up, console)
         client = MlflowClient(tracking_uri=short.tracking.resolved_uri())
-        experiment = client.get_experiment_by_name(short.tracking.experiment)
-        children = {r.data.tags.get("vlmlab.stage"): r.info.run_id for r in client.search_runs(
-            [experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{result['mlflow_run_id']}'")}
-        stages = {}
-        for record in result["stages"]:
-            name = record["name"]
-            entry = {"wall_s": record["wall_seconds"], "devices": record["devices"], "device": record["device"]}
-            if name in TRAINING:
-                logs = _step_times(client, children[name], name)
-                entry |= training_timeline(record, display.began[name], logs, max(1, cut["steps"][name] // 2))
-                entry["generated"] = sum(s["items"] for s in record["outputs"].get("generation_shards", []))
-            elif name == "eval":
-                busy = record["cost"].get("cost/busy_hours", 0.0) * 3600 / max(record["devices"], 1e-9)
-                entry |= {"busy_s": busy, "items": sum(s["items"] for s in record["outputs"]["shards"]),
-                          "checkpoints": len(record["outputs"]["scored"])}
-            elif name == "data":
-                m = record["metrics"]
-                entry["rows"] = {k.removeprefix("data/"): v for k, v in m.items() if k.endswith(("_train_size",
-                                                                                                 "_test_size"))}
-            stages[name] = entry
-        tasks = _tasks_of(result)
-        model_dir = _model_dir_of(result)
+        stages = measured_stages(result, client, short.tracking.experiment, began, cut)
+        tasks, model_dir = _tasks_of(result), _model_dir_of(result)
         shape = model_shape(model_dir, tasks, cfg.model.trust_remote_code) if model_dir and tasks else None
     except BaseException:
         if console is not None:
@@ -360,12 +312,7 @@ def calibrate(cfg, pipeline: str, steps: int = DEFAULT_STEPS, console=None) -> d
         raise
     shutil.rmtree(tmp, ignore_errors=True)
     outside = pipeline_s - sum(r["wall_seconds"] for r in result["stages"])
-    shutdown = 0.0
-    if not ray_was_up and ray.is_initialized():  # as `harness run` does at exit
-        t = time.perf_counter()
-        raytrain.reap_hung_actors()
-        ray.shutdown()
-        shutdown = time.perf_counter() - t
+    shutdown = stop_own_ray() if not ray_was_up else 0.0
     threads = max(1, int(cfg.resources.cpus_per_worker))
     return {"overrides": overrides, "cut": cut, "stages": stages, "shape": shape,
             "overhead": {"imports_s": imports, "outside_stages_s": outside, "ray_shutdown_s": shutdown,
@@ -374,6 +321,79 @@ def calibrate(cfg, pipeline: str, steps: int = DEFAULT_STEPS, console=None) -> d
             "ray_was_running": ray_was_up, "local_device": _local_kind(short),
             "cpu_peak_flops": peak_flops(threads), "cpu_threads": threads,
             "calibration_wall_s": pipeline_s}
+
+
+def shortened_config(cfg, overrides: list[str], tmp: Path):
+    """``cfg`` with the calibration's overrides, writing into ``tmp`` (its runs and its own SQLite MLflow store)."""
+    raw = cfg.model_dump(mode="json")
+    raw["run_name"] = None
+    raw["output_dir"] = str(tmp / "runs")
+    raw["tracking"] = {**raw["tracking"], "uri": f"sqlite:///{tmp / 'mlflow.db'}"}
+    config_file = tmp / "config.yaml"
+    config_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return load_config(str(config_file), overrides)
+
+
+def run_calibration(short, pipeline: str, tmp: Path, ray_was_up: bool, console) -> tuple[dict, dict, float, float]:
+    """Run the shortened pipeline; returns its result, when each stage began (Unix seconds), the seconds creating
+    its MLflow store took and the pipeline's wall seconds."""
+    saved_cache = os.environ.get("HF_DATASETS_CACHE")
+    if not ray_was_up:  # Ray's workers start in here: their datasets cache is the temporary one
+        os.environ["HF_DATASETS_CACHE"] = str(tmp / "hf-datasets")
+    display = _timed_display(console)
+    try:
+        with display:  # library output to the calibration run's logs
+            # a first run creates its MLflow store (schema migrations: seconds): timed apart, counted only when the
+            # user's store does not exist yet
+            t = time.perf_counter()
+            Tracker(short.tracking.resolved_uri(), short.tracking.experiment)
+            store_s = time.perf_counter() - t
+            start = time.perf_counter()
+            result = run_pipeline(short, pipeline, str(tmp / "runs"), console=console, display=display)
+            pipeline_s = time.perf_counter() - start
+    finally:
+        if saved_cache is None:
+            os.environ.pop("HF_DATASETS_CACHE", None)
+        else:
+            os.environ["HF_DATASETS_CACHE"] = saved_cache
+    return result, display.began, store_s, pipeline_s
+
+
+def measured_stages(result: dict, client, experiment_name: str, began: dict, cut: dict) -> dict:
+    """What the calibration measured per stage, from its records and its stages' MLflow step metrics."""
+    experiment = client.get_experiment_by_name(experiment_name)
+    children = {r.data.tags.get("vlmlab.stage"): r.info.run_id for r in client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{result['mlflow_run_id']}'")}
+    stages = {}
+    for record in result["stages"]:
+        name = record["name"]
+        entry = {"wall_s": record["wall_seconds"], "devices": record["devices"], "device": record["device"]}
+        if name in TRAINING:
+            logs = _step_times(client, children[name], name)
+            entry |= training_timeline(record, began[name], logs, max(1, cut["steps"][name] // 2))
+            entry["generated"] = sum(s["items"] for s in record["outputs"].get("generation_shards", []))
+        elif name == "eval":
+            busy = record["cost"].get("cost/busy_hours", 0.0) * 3600 / max(record["devices"], 1e-9)
+            entry |= {"busy_s": busy, "items": sum(s["items"] for s in record["outputs"]["shards"]),
+                      "checkpoints": len(record["outputs"]["scored"])}
+        elif name == "data":
+            m = record["metrics"]
+            entry["rows"] = {k.removeprefix("data/"): v for k, v in m.items() if k.endswith(("_train_size",
+                                                                                             "_test_size"))}
+        stages[name] = entry
+    return stages
+
+
+def stop_own_ray() -> float:
+    """Stop the Ray the calibration started, as `harness run` does at exit; the seconds it took."""
+    import ray
+
+    if not ray.is_initialized():
+        return 0.0
+    t = time.perf_counter()
+    raytrain.reap_hung_actors()
+    ray.shutdown()
+    return time.perf_counter() - t
 
 
 def _new_store(cfg) -> bool:
@@ -397,10 +417,8 @@ def _model_dir_of(result: dict) -> str | None:
 
 
 def _local_kind(cfg) -> str:
-    from runtime.cost import device_kind
-
-    kind = device_kind(cfg.resources.use_gpu)  # a price-table name: CPU, T4, A100-80GB...
-    return ALIASES.get(kind.lower(), kind)
+    model = device_model(cfg.resources.use_gpu)  # a price-table name: CPU, T4, A100-80GB...
+    return ALIASES.get(model.lower(), model)
 
 
 # ------------------------------------------------------------------------------------------------- prediction
@@ -457,9 +475,9 @@ def train_rows(calib: dict) -> dict[str, int]:
     out = {}
     for key, n in rows.items():
         if key.endswith("_train_size"):
-            kind = key.removesuffix("_train_size")
-            cut = calib["cut"]["train_rows"].get(kind)
-            out[kind] = int(cut if cut is not None and n >= DATA_CAP else n)
+            task = key.removesuffix("_train_size")
+            cut = calib["cut"]["train_rows"].get(task)
+            out[task] = int(cut if cut is not None and n >= DATA_CAP else n)
     return out
 
 
@@ -512,8 +530,8 @@ def eval_items(cfg, calib: dict) -> int:
     """Items the full eval generates: per task min(test rows, eval.limit), for every checkpoint scored."""
     rows = calib["stages"].get("data", {}).get("rows", {})
     per_checkpoint = 0
-    for kind in cfg.data.tasks:
-        test = int(rows.get(f"{kind}_test_size", cfg.data.tasks[kind].test_size or 0))
+    for task in cfg.data.tasks:
+        test = int(rows.get(f"{task}_test_size", cfg.data.tasks[task].test_size or 0))
         per_checkpoint += min(test, cfg.eval.limit) if cfg.eval.limit else test
     return per_checkpoint * calib["stages"]["eval"]["checkpoints"]
 
@@ -639,7 +657,7 @@ def assumptions(cfg, pipeline: str, calib: dict, devices: list[str]) -> list[str
     return lines
 
 
-def estimate(cfg, pipeline: str, devices: list[str], steps: int = DEFAULT_STEPS, console=None) -> dict:
+def estimate(cfg, pipeline: str, devices: list[str], steps: int, console=None) -> dict:
     """Calibrate ``pipeline`` here, then predict it on each of ``devices``. Raises UserError before any work."""
     check(cfg, pipeline, devices)
     calib = calibrate(cfg, pipeline, steps, console)
@@ -658,7 +676,6 @@ def estimate(cfg, pipeline: str, devices: list[str], steps: int = DEFAULT_STEPS,
 def render(result: dict, console) -> None:
     from rich.table import Table
 
-    from harness.console import duration
 
     devices = result["devices"]
     table = Table(title=f"estimate · pipeline {result['pipeline']}")

@@ -2,20 +2,21 @@
 has a price, the local data sources are readable in their layout, and secrets Ray itself would store are flagged."""
 from __future__ import annotations
 
-from runtime.config import TRAINING_STAGES
-from runtime.cost import check_priced
-from runtime.secrets import is_secret_key, redact_text
+import os
+from pathlib import Path
 
+from runtime.config import TRAINING_STAGES
+from runtime.cost import cluster_gpus, gpu_alias
+from runtime.errors import ConfigError
+from runtime.raytrain import ensure_ray, require_resources
+from runtime.secrets import is_secret_key, redact_text
+from stages.support import datasets as dsets
 
 
 def check_data_sources(cfg) -> None:
     """Every local task source: each split loads and its first row maps onto the canonical columns (image decoded).
     JSON layouts are read whole, so a bad entry anywhere is named by file and row. Raises DataError."""
-    from pathlib import Path
-
-    import datasets
-
-    from stages.support import datasets as dsets
+    import datasets  # Hugging Face datasets (~1 s of imports): only where there is local data to read
 
     def local(src) -> bool:  # synthetic data is generated, hub data checked on fetch
         return src.source != "synthetic" and src.format != "hub" and Path(src.source).expanduser().exists()
@@ -23,11 +24,11 @@ def check_data_sources(cfg) -> None:
     bars_were_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # a check prints nothing but its error
     try:
-        for kind, spec in cfg.data.tasks.items():
+        for task, spec in cfg.data.tasks.items():
             for split_key in ("train", "test"):
                 if local(spec.train_from if split_key == "train" and spec.train_from else spec):
                     rows, origin, layout = dsets.load_split(spec, split_key, None)
-                    dsets.canonicalize(rows, kind, spec.columns, origin, 1, layout)
+                    dsets.canonicalize(rows, task, spec.columns, origin, 1, layout)
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()
@@ -46,16 +47,46 @@ def runtime_env_secrets(cfg, stages: list[str]) -> list[str]:
 def check_placement(cfg) -> None:
     """Attached to a Ray cluster: it has (or, autoscaling, grows within resources.placement_timeout_s) room for the
     stage workers, so the GPU models priced next are the ones the stages will get. A local run starts Ray later."""
-    import os
-
-    import ray
+    import ray  # Ray (~1.5 s of imports): for the pre-flight of a run, not of `harness --help`
 
     if not (os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
         return
-    from runtime.raytrain import ensure_ray, require_resources
-
     ensure_ray(cfg.ray.dashboard)
     require_resources(cfg.resources, "this run")
+
+
+def planned_devices(cfg) -> set[str]:
+    """The device models the run's stages will use, known before the first starts: CPU; the GPUs torch sees here;
+    or, attached to a Ray cluster (RAY_ADDRESS or an initialised Ray), the GPU models of its nodes."""
+    if not cfg.resources.use_gpu:
+        return {"CPU"}
+    import ray  # Ray and torch load only for a GPU run's pre-flight
+    import torch
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        ensure_ray(cfg.ray.dashboard)
+        return cluster_gpus(ray.nodes())
+
+    if not torch.cuda.is_available():
+        raise ConfigError("resources.use_gpu is true but torch sees no CUDA GPU on this machine: install a CUDA build "
+                          "of torch, or set resources.use_gpu=false")
+    return {gpu_alias(torch.cuda.get_device_name(i)) for i in range(torch.cuda.device_count())}
+
+
+def check_priced(cfg) -> set[str]:
+    """Pre-flight, before the first stage: every device the run may use has a price (or cost.price_per_hour is
+    set). Returns the devices. Raises ConfigError."""
+    if cfg.cost.price_per_hour is not None:
+        return set()
+    models = planned_devices(cfg)
+    if not models:
+        raise ConfigError("resources.use_gpu: the Ray cluster has no live GPU node, so the device and its price are "
+                          "unknown: start the GPU nodes first, or set cost.price_per_hour=<USD per device-hour>")
+    missing = sorted(models - set(cfg.cost.prices))
+    if missing:
+        raise ConfigError(f"cost: no price for device {', '.join(missing)} (priced: {', '.join(cfg.cost.prices)}): "
+                          f"set cost.prices.{missing[0]}=<USD per device-hour> or cost.price_per_hour=<USD>")
+    return models
 
 
 def check_inputs(cfg, stages: list[str], say=print) -> None:

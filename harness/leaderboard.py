@@ -10,6 +10,7 @@ from fnmatch import fnmatchcase
 from evals.registry import TASKS
 from runtime.errors import UserError
 from runtime.secrets import redact_text
+from runtime.tracking import cost_view_url
 
 DEFAULT_METRIC = "eval/mean_accuracy"
 # `--sort` names (the table's short headers, task names, or the row keys of --format json): row key, best first
@@ -21,13 +22,9 @@ FILTERS = ("pipeline", "model", "run")
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
-    """For (cost, accuracy) points: True where no other point is both no more costly and no less accurate,
-    and strictly better in one of the two."""
-    flags = []
-    for i, (c, a) in enumerate(points):
-        dominated = any((c2 <= c and a2 >= a) and (c2 < c or a2 > a) for j, (c2, a2) in enumerate(points) if j != i)
-        flags.append(not dominated)
-    return flags
+    """For points (x, y), both the higher the better: True where no other point is at least as good on both and
+    strictly better on one (identical points keep each other on the front). Costs go in negated."""
+    return [not any(x2 >= x and y2 >= y and (x2, y2) != (x, y) for x2, y2 in points) for x, y in points]
 
 
 def collect(uri: str, experiment: str, pipeline: str | None, metric: str, filters: list[str] | None = None,
@@ -64,7 +61,7 @@ def collect(uri: str, experiment: str, pipeline: str | None, metric: str, filter
             "utilization": m.get("cost/utilization"),
         })
     rows = [r for r in rows if all(fnmatchcase(str(r[key]).lower(), glob.lower()) for key, glob in wanted)]
-    for row, front in zip(rows, pareto_front([(r["usd"], r["accuracy"]) for r in rows]), strict=False):
+    for row, front in zip(rows, pareto_front([(-r["usd"], r["accuracy"]) for r in rows]), strict=False):
         row["pareto"] = front
     rows.sort(key=lambda r: (-r["accuracy"], r["usd"]))
     mark_ties(rows)
@@ -175,7 +172,6 @@ def plot(rows: list[dict], path: str, metric: str):
 
 def ui_hint(uri: str, experiment_id: str) -> str:
     """Where to see these runs with their cost columns in MLflow's own UI."""
-    from runtime.tracking import cost_view_url
 
     view = cost_view_url(experiment_id)
     if uri.startswith(("http://", "https://")):

@@ -21,7 +21,7 @@ from harness.console import Display, finished_note
 from harness.inputs import check_inputs
 from harness.storage import OutputDir
 from runtime.atomic import atomic_write
-from runtime.config import SCHEMA_VERSION, PipelineConfig, TrainStageConfig
+from runtime.config import SCHEMA_VERSION, PipelineConfig, TrainStageConfig, config_values
 from runtime.cost import Meter
 from runtime.errors import UserError
 from runtime.lease import Lease
@@ -32,20 +32,6 @@ from runtime.tracking import Tracker, latest_step
 from stages import STAGES, StageContext, StageOutput
 
 NOT_PATHS = {"tiny", "compose", "synthetic", "tasks"}  # source values that name a generator, not a directory
-
-
-def config_values(tree: dict, dotted: str) -> dict[str, object]:
-    """The values at ``dotted`` (``*`` matches every key of a mapping, e.g. ``data.tasks.*.source``) by full key."""
-    head, _, rest = dotted.partition(".")
-    keys = list(tree) if head == "*" and isinstance(tree, dict) else [head]
-    found = {}
-    for key in keys:
-        value = tree.get(key) if isinstance(tree, dict) else None
-        if not rest:
-            found[key] = value
-        elif isinstance(value, dict):
-            found |= {f"{key}.{k}": v for k, v in config_values(value, rest).items()}
-    return found
 
 
 def worker_hardware(records: list[dict]) -> list[dict]:
@@ -73,8 +59,7 @@ class _Runner:
         self.out, root = out, out.local  # a bucket's run directories are worked on in its local mirror
         self.cache = StageCache(root / ".cache", warn=self.say, remote=out if out.uri else None)
         self.tracker = Tracker(cfg.tracking.resolved_uri(), cfg.tracking.experiment)  # fails if unreachable
-        for run_id in self.tracker.reap_stale():
-            self.say(f"mlflow: run {run_id} whose process stopped (no heartbeat) marked KILLED")
+        self.tracker.reap_stale(say=self.say)
         self.run_id = cfg.run_name or new_run_id(pipeline)
         self.run_dir = root / self.run_id
         self.hasher = TreeHasher(self.cache.root / "fingerprints.json")
@@ -214,7 +199,7 @@ class _Runner:
         cost = meter.summary(cfg.cost.prices, cfg.cost.price_per_hour)
         record = {"name": name, "metrics": out.metrics, "wall_seconds": wall,
                   "accelerator_hours": cost["cost/accelerator_hours"], "cost_usd": cost["cost/usd"],
-                  "device": meter.kind, "devices": meter.devices, "cost": cost, "outputs": out.outputs}
+                  "device": meter.device, "devices": meter.devices, "cost": cost, "outputs": out.outputs}
         if out.ran_on:
             record["ran_on"] = out.ran_on
         self.say(f"stage {name} done in {wall:.1f}s{finished_note(out.metrics, name, cost['cost/usd'])}")

@@ -18,10 +18,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from evals import registry
+from runtime.config import TrackingConfig
 from runtime.errors import UserError
 from runtime.secrets import redact_text
+from runtime.tracking import cost_view_url, publish_cost_view
 
-TASKS = {t.metric: f"{t.title} ({t.metric})" for t in registry.TASKS.values()}  # metric -> its title in figures
+METRIC_TITLES = {t.metric: f"{t.title} ({t.metric})" for t in registry.TASKS.values()}  # a task metric -> its title
 
 
 # -- finding runs ----------------------------------------------------------------------------------------------
@@ -114,7 +116,6 @@ class Run:
 def resolve(target: str, tracking_uri: str | None, experiment: str | None, output_dir: str) -> Run:
     """A run directory (or its result.json), a run id under ``output_dir``, or a run id/name in MLflow. The store
     and experiment default to the run's own (its config's tracking section)."""
-    from runtime.config import TrackingConfig
 
     dirs = [p.parent if p.name == "result.json" else p for p in (Path(target), Path(output_dir) / target)]
     run_dir = next((p for p in dirs if (p / "result.json").is_file()), None)
@@ -249,20 +250,20 @@ def accuracy_table(result: dict) -> dict[str, dict[str, dict[str, float]]]:
     eval_record = next((s for s in result["stages"] if s["name"] == "eval"), {})
     labels = eval_record.get("outputs", {}).get("scored") or ["base"]
     out = {}
-    for task in TASKS:
-        if f"eval/{task}" not in metrics:
+    for metric in METRIC_TITLES:
+        if f"eval/{metric}" not in metrics:
             continue
         table = {}
-        if f"eval/prior_{task}" in metrics:
-            table["question-only prior"] = {"all": metrics[f"eval/prior_{task}"]}
+        if f"eval/prior_{metric}" in metrics:
+            table["question-only prior"] = {"all": metrics[f"eval/prior_{metric}"]}
         for i, label in enumerate(labels):
-            prefix = f"eval/{task}" if i == len(labels) - 1 else f"eval/{label}_{task}"
+            prefix = f"eval/{metric}" if i == len(labels) - 1 else f"eval/{label}_{metric}"
             if prefix in metrics:
                 name = f"{label} (final)" if i == len(labels) - 1 and len(labels) > 1 else label
                 table[name] = {"all": metrics[prefix]} | {k[len(prefix) + 1:]: v for k, v in metrics.items()
                                                           if k.startswith(prefix + "/")
                                                           and not k.endswith(("_ci_low", "_ci_high"))}
-        out[task] = table
+        out[metric] = table
     return out
 
 
@@ -365,7 +366,7 @@ def accuracy_figure(tables: dict):
             ax.bar(xs, [scores[q] for q in qtypes if q in scores], width, label=label, color=colors.get(label),
                    edgecolor="black" if label in colors else None, lw=0.5)
         ax.set_xticks(range(len(qtypes)), [q if q != "all" else "all types" for q in qtypes], rotation=20)
-        ax.set(title=TASKS[task], xlabel="question type", ylabel="accuracy", ylim=(0, 1.05))
+        ax.set(title=METRIC_TITLES[task], xlabel="question type", ylabel="accuracy", ylim=(0, 1.05))
         ax.legend(fontsize=8, loc="upper left")
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("Accuracy per question type: base vs question-only prior vs each checkpoint")
@@ -444,7 +445,7 @@ def _page(run: Run, sections: list[str]) -> str:
     m = r["metrics"]
     head = [("run", r["run_id"]), ("pipeline", r["pipeline"]), ("cost", f"${r['cost_usd']:.4g}"),
             ("accelerator-hours", f"{r['accelerator_hours']:.4g}"), ("wall time", f"{r['wall_seconds']:.0f} s")]
-    head += [(TASKS[t], f"{m[f'eval/{t}']:.3f}") for t in TASKS if f"eval/{t}" in m]
+    head += [(METRIC_TITLES[t], f"{m[f'eval/{t}']:.3f}") for t in METRIC_TITLES if f"eval/{t}" in m]
     if "eval/mean_accuracy" in m:
         head.append(("mean accuracy", f"{m['eval/mean_accuracy']:.3f}"))
     rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in head)
@@ -484,7 +485,6 @@ def serve_ui(uri: str, host: str, port: int, experiment: str, say=print) -> None
     import time
     import urllib.request
 
-    from runtime.tracking import cost_view_url, publish_cost_view
 
     if uri.startswith(("http://", "https://")):
         exp = _client(uri).get_experiment_by_name(experiment)

@@ -8,7 +8,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from evals.rewards import BUILTIN
+from harness.codeprint import code_manifest, dependency_versions
+from runtime.config import SCHEMA_VERSION, PipelineConfig, format_errors
 from runtime.errors import ConfigError, UserError
+from runtime.secrets import placeholders, restore
+from stages import STAGES
 
 # Metrics that measure the machine, not the result: never compared.
 TIMING_MARKERS = ("per_second", "runtime", "wall", "seconds", "cost/", "_unix")
@@ -41,7 +46,6 @@ def load_result(target: str) -> tuple[dict, Path]:
     if not isinstance(recorded, dict):
         raise UserError(f"{path}: not a vlmlab result (the top level is a {type(recorded).__name__}, not an object); "
                         f"{hint}")
-    from runtime.config import SCHEMA_VERSION
 
     version = recorded.get("schema_version", 1)
     if not isinstance(version, int) or version > SCHEMA_VERSION:
@@ -58,7 +62,6 @@ def load_result(target: str) -> tuple[dict, Path]:
 def untrusted(config: dict) -> list[str]:
     """What in a recorded config would run code or change the workers' environment: custom GRPO rewards,
     trust_remote_code, a stage's runtime_env (env vars such as LD_PRELOAD, a container image)."""
-    from evals.rewards import BUILTIN
 
     sections = {name: value for name, value in config.items() if isinstance(value, dict)}
     found = [f"grpo.rewards: {spec}" for spec in sections.get("grpo", {}).get("rewards") or []
@@ -74,8 +77,6 @@ def untrusted(config: dict) -> list[str]:
 
 def recorded_config(recorded: dict, path: Path, trust: bool):
     """The recorded run's config, ready to rerun: user code only with ``trust``, secrets back from the environment."""
-    from runtime.config import PipelineConfig, format_errors
-    from runtime.secrets import placeholders, restore
 
     risky = untrusted(recorded["config"])
     if risky and not trust:
@@ -96,8 +97,6 @@ def recorded_config(recorded: dict, path: Path, trust: bool):
 def code_differences(recorded: dict) -> list[str]:
     """How the project code each recorded stage ran differs from the code here, file by file (stage records carry
     their code since schema 2), and which declared packages changed version."""
-    from harness.codeprint import code_manifest, dependency_versions
-    from stages import STAGES
 
     out = []
     for stage in recorded.get("stages", []):

@@ -15,6 +15,9 @@ import os
 import secrets
 from pathlib import Path
 
+from runtime.atomic import atomic_write
+from runtime.errors import UserError
+
 DEFAULT_MIRRORS = "~/.cache/vlmlab/remote"
 
 
@@ -33,7 +36,6 @@ class OutputDir:
             return
         import pyarrow.fs
 
-        from runtime.errors import UserError
 
         self.uri = output_dir.rstrip("/")
         if "@" in self.uri.split("://", 1)[1].split("/", 1)[0]:  # Ray and MLflow would store the URI as it is
@@ -116,7 +118,6 @@ class OutputDir:
         for file in json.loads(text).get("files", {}):
             with contextlib.suppress(ValueError):  # a path outside the mirror: the lookup names it as missing
                 self.pull(Path(file))
-        from runtime.atomic import atomic_write
 
         entry.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(entry, text)

@@ -19,7 +19,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+import yaml
+from pydantic import ValidationError
+
+from harness.leaderboard import pareto_front
+from harness.pipeline import new_run_id, run_pipeline
+from harness.report import stage_record
+from harness.storage import is_remote
+from runtime.atomic import atomic_write
+from runtime.config import PipelineConfig, format_errors, merge, parse_overrides
 from runtime.errors import UserError
+from runtime.raytrain import ensure_ray
+from runtime.tracking import Tracker
+from stages import STAGES
 
 _TERM = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*=\s*(\w+)\((.*)\)\s*$")
 SAMPLERS = {"loguniform": 2, "uniform": 2, "randint": 2, "choice": None, "grid": None}
@@ -27,8 +39,6 @@ SAMPLERS = {"loguniform": 2, "uniform": 2, "randint": 2, "choice": None, "grid":
 
 def _value(text: str):
     """A YAML scalar; also reads '1e-4' as a number (YAML 1.1 would keep it a string)."""
-    import yaml
-
     value = yaml.safe_load(text.strip())
     if isinstance(value, str):
         try:
@@ -138,8 +148,6 @@ def request(preset: str | None, overrides: list[str], space: list[str], pipeline
 
 def shared_prefix(stage_names: list[str], swept: list[str]) -> list[str]:
     """The leading stages whose cache keys no swept key can change."""
-    from stages import STAGES
-
     prefix = []
     for name in stage_names:
         keys = STAGES[name].CONFIG_KEYS
@@ -173,17 +181,9 @@ def grades_stage(space: dict) -> str | None:
 
 def stage_view(result: dict, stage: str, metric: str) -> dict:
     """From a pipeline result: the stage's wall time, optimizer steps and final frozen fraction, and ``metric``."""
-    from harness.report import stage_record
-
     record, m = stage_record(result, stage), result["metrics"]
     return {"stage_wall_seconds": record["wall_seconds"], "steps": m.get(f"{stage}/steps"),
             "frozen_fraction": m.get(f"{stage}/grades/frozen_fraction", 0.0), "metric": m.get(metric)}
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the (speed-up, accuracy delta) points no other point matches or beats on both, one better."""
-    return [i for i, (s, d) in enumerate(points)
-            if not any(s2 >= s and d2 >= d and (s2, d2) != (s, d) for s2, d2 in points)]
 
 
 def grades_pick(rows: list[dict], tolerance: float = ACCURACY_TOLERANCE) -> dict | None:
@@ -203,7 +203,7 @@ def plot_pareto(rows: list[dict], stage: str, metric: str, path: Path):
     points = [(r["grades"]["speedup"], r["grades"]["accuracy_delta"]) for r in done]
     fig, ax = plt.subplots(figsize=(6, 4.2))
     ax.scatter([s for s, _ in points], [d for _, d in points], color="tab:blue", label="trial")
-    front = sorted(points[i] for i in pareto_front(points))
+    front = sorted(p for p, on in zip(points, pareto_front(points), strict=True) if on)
     if front:
         ax.plot(*zip(*front, strict=True), color="tab:blue", lw=1, label="Pareto front")
     ax.scatter([1.0], [0.0], marker="s", color="black", label="reference (GradES observing)")
@@ -237,11 +237,7 @@ def _error_line(error: BaseException) -> str:
 def trial(params: dict, *, resolved: dict, overrides: list[str], pipeline: str, root: str, sweep_run_id: str,
           objective: str) -> None:
     """One Tune trial: the pipeline with this trial's overrides (shared stages come from the cache)."""
-    from pydantic import ValidationError
-    from ray import tune
-
-    from harness.pipeline import run_pipeline
-    from runtime.config import PipelineConfig, format_errors, merge, parse_overrides
+    from ray import tune  # in the trial's own process, started by Tune
 
     trial_overrides = overrides + [f"{k}={v}" for k, v in params.items()]
     tree = merge(resolved, parse_overrides(trial_overrides))
@@ -284,138 +280,169 @@ def plot(trials: list[dict], keys: list[str], objective: str, path: Path):
     return fig
 
 
-def run_sweep(cfg, pipeline: str, fixed: list[str], space: dict[str, tuple[str, list]], trials: int,
-              objective: str, mode: str, output_dir: str | None, console=None, scheduler: str | None = None) -> dict:
-    """Run the sweep; write and return sweep.json's content."""
-    from ray import tune
-
-    from harness.pipeline import new_run_id, run_pipeline
-    from harness.storage import is_remote
-    from runtime.atomic import atomic_write
-    from runtime.config import PipelineConfig, merge, parse_overrides
-    from runtime.raytrain import ensure_ray
-    from runtime.tracking import Tracker
-
+def sweep_base(cfg, fixed: list[str], space: dict[str, tuple[str, list]]) -> tuple[PipelineConfig, str | None]:
+    """The config every trial starts from (``fixed`` laid over ``cfg``; GradES on for a GradES sweep, whose stage is
+    returned too), with the tracking store this process resolved pinned (trials run in other processes, elsewhere).
+    Every swept key must exist in it (raises UserError)."""
     resolved = cfg.model_dump(mode="json")
-    # trials run in other processes: pin the tracking store this process resolved (env, cwd)
     resolved["tracking"]["uri"] = cfg.tracking.resolved_uri()
     stage = grades_stage(space)
-    if stage:  # a sweep of GradES settings runs with GradES on
+    if stage:
         fixed = [*fixed, f"{stage}.grades.enabled=true"]
     base = PipelineConfig.model_validate(merge(resolved, parse_overrides(fixed)))
-    for key in space:  # every swept key must exist in the config
-        node = base.model_dump()
+    tree = base.model_dump()
+    for key in space:
+        node = tree
         for part in key.split("."):
             if not isinstance(node, dict) or part not in node:
                 raise UserError(f"--space: unknown config key '{key}'")
             node = node[part]
-    stage_names = base.stages_of(pipeline)
-    prefix = shared_prefix(stage_names, list(space))
+    return base, stage
+
+
+def sweep_root(output_dir: str | None, cfg) -> Path:
     if is_remote(output_dir or cfg.output_dir):  # Tune's trials and sweep.json are written to local paths
         raise UserError("harness sweep: --output-dir must be a local directory; object storage (s3://, gs://) is "
                         "for `harness run`")
-    root = Path(output_dir or cfg.output_dir).expanduser().resolve()
+    return Path(output_dir or cfg.output_dir).expanduser().resolve()
+
+
+def run_shared(base: PipelineConfig, prefix: list[str], root: Path, console, parent: str) -> float:
+    """The stages no swept key touches, once (the trials reuse them from the cache); what they cost."""
+    if not prefix:
+        return 0.0
+    shared = base.model_copy(update={"pipelines": {**base.pipelines, "_shared": prefix}})
+    return run_pipeline(shared, "_shared", str(root), console=console, parent_run_id=parent)["cost_usd_this_run"]
+
+
+def run_reference(base: PipelineConfig, stage: str, pipeline: str, metric: str, root: Path, console, parent: str,
+                  sweep_id: str) -> dict:
+    """A GradES sweep's reference: the pipeline with GradES observing (both taus 0), against which every trial's
+    speed-up and accuracy delta are measured."""
+    ref_cfg = PipelineConfig.model_validate(merge(base.model_dump(mode="json"), parse_overrides([
+        f"{stage}.grades.enabled=true", f"{stage}.grades.vision_tau=0", f"{stage}.grades.language_tau=0",
+        f"run_name={sweep_id}-reference"])))
+    ref = run_pipeline(ref_cfg, pipeline, str(root), console=console, parent_run_id=parent)
+    return stage_view(ref, stage, metric) | {"run_dir": ref["run_dir"], "cost_usd_this_run": ref["cost_usd_this_run"]}
+
+
+def run_trials(base: PipelineConfig, pipeline: str, space: dict, trials: int, objective: str, scheduler: str | None,
+               root: Path, parent: str, sweep_id: str, timed: bool) -> list[dict]:
+    """The trials through Ray Tune; one row each (params, status, error, objective, cost, eval metrics, run dir).
+    ``timed`` trials (their stage walls are compared) run one at a time."""
+    import ray  # Ray Tune (~2 s of imports): when trials run, not for the CLI's parsing of a space
+    from ray import tune
+
+    grid = all(sampler == "grid" for sampler, _ in space.values())
+    trainable = tune.with_parameters(trial, resolved=base.model_dump(mode="json"), overrides=[], pipeline=pipeline,
+                                     root=str(root), sweep_run_id=parent, objective=objective)
+    sched = None
+    if scheduler == "asha":  # fed by the training loss each trial reports at every checkpoint
+        from ray.tune.schedulers import ASHAScheduler
+
+        sched = ASHAScheduler(metric="loss", mode="min", time_attr="training_iteration", grace_period=1)
+    # A trial's driver holds no CPU (its training workers ask Ray for theirs); a non-empty request is still needed,
+    # so it asks for a little memory. Trials at once: as many as training can run side by side.
+    res, have = base.resources, ray.cluster_resources()
+    fits = [have.get("CPU", 1) // (res.workers * res.cpus_per_worker)]
+    if res.use_gpu:
+        fits.append(have.get("GPU", 0) // (res.workers * res.gpus_per_worker))
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": 0, "memory": 64 * 1024**2}),
+        param_space=to_tune(space),
+        # the best trial is chosen below from the final eval reports; the scheduler has its own metric
+        tune_config=tune.TuneConfig(num_samples=1 if grid else trials, scheduler=sched,
+                                    max_concurrent_trials=1 if timed else max(1, int(min(fits)))),
+        run_config=tune.RunConfig(name=sweep_id, storage_path=str(root / ".tune"), verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+    rows = []
+    for result in tuner.fit():
+        metrics = result.metrics or {}
+        status = "ERROR" if result.error else ("TERMINATED" if "objective" in metrics else "STOPPED")
+        rows.append({"params": {k: result.config.get(k) for k in space}, "status": status,
+                     "error": _error_line(result.error) if result.error else None,
+                     "objective": metrics.get("objective"), "cost_usd": metrics.get("cost_usd", 0.0),
+                     "cost_usd_this_run": metrics.get("cost_usd_this_run", 0.0),
+                     "metrics": {k: v for k, v in metrics.items() if k.startswith("eval/")},
+                     "run_dir": metrics.get("run_dir")})
+    return rows
+
+
+def compare_with_reference(rows: list[dict], reference: dict, stage: str, metric: str) -> None:
+    """Each finished trial's GradES view: its stage wall, steps and frozen fraction, speed-up and accuracy delta."""
+    for r in rows:
+        done = r["run_dir"] and (Path(r["run_dir"]) / "result.json").is_file()
+        view = done and stage_view(json.loads((Path(r["run_dir"]) / "result.json").read_text()), stage, metric)
+        if r["status"] == "TERMINATED" and view and None not in (view["metric"], reference["metric"]):
+            r["grades"] = view | {"speedup": reference["stage_wall_seconds"] / view["stage_wall_seconds"],
+                                  "accuracy_delta": view["metric"] - reference["metric"]}
+
+
+def grades_record(rows: list[dict], reference: dict, stage: str, metric: str) -> dict:
+    """sweep.json's GradES block: the reference, the Pareto front of (speed-up, accuracy delta), the pick."""
+    graded = [r for r in rows if r.get("grades")]
+    front = pareto_front([(r["grades"]["speedup"], r["grades"]["accuracy_delta"]) for r in graded])
+    pick = grades_pick(graded)
+    return {"stage": stage, "metric": metric, "reference": reference, "accuracy_tolerance": ACCURACY_TOLERANCE,
+            "pareto": [r["params"] for r, on in zip(graded, front, strict=True) if on],
+            "pick": pick and {"params": pick["params"], **pick["grades"]},
+            "pick_overrides": [f"{k}={v}" for k, v in pick["params"].items()] if pick else []}
+
+
+def log_sweep(tracker: Tracker, parent: str, sweep: dict, sweep_dir: Path, space: dict, ok: int) -> None:
+    """sweep.json, its plots, and the best trial into the sweep's MLflow run."""
+    rows, best = sweep["trials"], sweep["best"]
+    atomic_write(sweep_dir / "sweep.json", json.dumps(sweep, indent=2, default=str))
+    tracker.log_figure(parent, plot(rows, list(space), sweep["objective"], sweep_dir / "sweep.png"), "sweep.png")
+    if "grades" in sweep:
+        grades = sweep["grades"]
+        fig = plot_pareto(rows, grades["stage"], grades["metric"], sweep_dir / "pareto.png")
+        tracker.log_figure(parent, fig, "pareto.png")
+    tracker.log_artifact(parent, str(sweep_dir / "sweep.json"))
+    if best:
+        tracker.log_params(parent, {f"best.{k}": v for k, v in best["params"].items()})
+        tracker.log_metrics(parent, {"best/objective": best["objective"],
+                                     **{f"best/{k}": v for k, v in best["metrics"].items()}})
+    tracker.log_metrics(parent, {"cost/usd": sweep["cost_usd"], "trials/failed": float(len(rows) - ok)})
+
+
+def run_sweep(cfg, pipeline: str, fixed: list[str], space: dict[str, tuple[str, list]], trials: int,
+              objective: str, mode: str, output_dir: str | None, console=None, scheduler: str | None = None) -> dict:
+    """Run the sweep; write and return sweep.json's content."""
+    base, stage = sweep_base(cfg, fixed, space)
+    prefix = shared_prefix(base.stages_of(pipeline), list(space))
+    root = sweep_root(output_dir, cfg)
     sweep_id = new_run_id(f"sweep-{pipeline}")
     sweep_dir = root / sweep_id
     sweep_dir.mkdir(parents=True)
     tracker = Tracker(cfg.tracking.resolved_uri(), cfg.tracking.experiment)
-    for stale in tracker.reap_stale():  # runs of processes that stopped, on any host (their heartbeat is old)
-        if console:
-            console.print(f"mlflow: run {stale} whose process stopped (no heartbeat) marked KILLED")
+    tracker.reap_stale(say=console.print if console else None)  # runs of processes that stopped, on any host
     parent = tracker.start(sweep_id, tags={"vlmlab.kind": "sweep", "vlmlab.sweep_pipeline": pipeline})
     with tracker.closing_on_error():
         tracker.log_params(parent, {"space": json.dumps(space), "trials": trials, "objective": objective,
                                     "shared_stages": ",".join(prefix)})
         ensure_ray(base.ray.dashboard)
-        if prefix:  # the shared stages, once; trials reuse them from the cache
-            shared = base.model_copy(update={"pipelines": {**base.pipelines, "_shared": prefix}})
-            shared_cost = run_pipeline(shared, "_shared", str(root), console=console,
-                                       parent_run_id=parent)["cost_usd_this_run"]
-        else:
-            shared_cost = 0.0
+        shared_cost = run_shared(base, prefix, root, console, parent)
         metric = objective_metric(objective)
-        reference = None
-        if stage:  # GradES observing: the speed-up and accuracy delta of every trial are measured against it
-            ref_cfg = PipelineConfig.model_validate(merge(base.model_dump(mode="json"), parse_overrides([
-                f"{stage}.grades.enabled=true", f"{stage}.grades.vision_tau=0", f"{stage}.grades.language_tau=0",
-                f"run_name={sweep_id}-reference"])))
-            ref = run_pipeline(ref_cfg, pipeline, str(root), console=console, parent_run_id=parent)
-            reference = stage_view(ref, stage, metric) | {"run_dir": ref["run_dir"],
-                                                          "cost_usd_this_run": ref["cost_usd_this_run"]}
-        grid = all(s == "grid" for s, _ in space.values())
-        trainable = tune.with_parameters(trial, resolved=base.model_dump(mode="json"), overrides=[],
-                                         pipeline=pipeline, root=str(root), sweep_run_id=parent, objective=objective)
-        sched = None
-        if scheduler == "asha":  # fed by the training loss each trial reports at every checkpoint
-            from ray.tune.schedulers import ASHAScheduler
-            sched = ASHAScheduler(metric="loss", mode="min", time_attr="training_iteration", grace_period=1)
-        # A trial's driver holds no CPU (its training workers ask Ray for theirs); a non-empty request is
-        # still needed, so it asks for a little memory. Trials at once: as many as training can run side by side.
-        import ray
-        res, have = base.resources, ray.cluster_resources()
-        fits = [have.get("CPU", 1) // (res.workers * res.cpus_per_worker)]
-        if res.use_gpu:
-            fits.append(have.get("GPU", 0) // (res.workers * res.gpus_per_worker))
-        concurrent = 1 if reference else max(1, int(min(fits)))  # timed trials: one at a time
-        tuner = tune.Tuner(
-            tune.with_resources(trainable, {"cpu": 0, "memory": 64 * 1024**2}),
-            param_space=to_tune(space),
-            # the best trial is chosen below from the final eval reports; the scheduler has its own metric
-            tune_config=tune.TuneConfig(num_samples=1 if grid else trials, scheduler=sched,
-                                        max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(name=sweep_id, storage_path=str(root / ".tune"), verbose=1,
-                                      failure_config=tune.FailureConfig(max_failures=0)),
-        )
-        grid_results = tuner.fit()
-        rows = []
-        for res in grid_results:
-            metrics = res.metrics or {}
-            status = "ERROR" if res.error else ("TERMINATED" if "objective" in metrics else "STOPPED")
-            rows.append({"params": {k: res.config.get(k) for k in space}, "status": status,
-                         "error": _error_line(res.error) if res.error else None,
-                         "objective": metrics.get("objective"), "cost_usd": metrics.get("cost_usd", 0.0),
-                         "cost_usd_this_run": metrics.get("cost_usd_this_run", 0.0),
-                         "metrics": {k: v for k, v in metrics.items() if k.startswith("eval/")},
-                         "run_dir": metrics.get("run_dir")})
+        reference = stage and run_reference(base, stage, pipeline, metric, root, console, parent, sweep_id)
+        rows = run_trials(base, pipeline, space, trials, objective, scheduler, root, parent, sweep_id,
+                          timed=bool(reference))
         if reference:
-            for r in rows:
-                done = r["run_dir"] and (Path(r["run_dir"]) / "result.json").is_file()
-                view = done and stage_view(json.loads((Path(r["run_dir"]) / "result.json").read_text()), stage,
-                                            metric)
-                if r["status"] == "TERMINATED" and view and None not in (view["metric"], reference["metric"]):
-                    r["grades"] = view | {"speedup": reference["stage_wall_seconds"] / view["stage_wall_seconds"],
-                                          "accuracy_delta": view["metric"] - reference["metric"]}
+            compare_with_reference(rows, reference, stage, metric)
         ok = [r for r in rows if r["status"] == "TERMINATED" and r["objective"] is not None]
         ok.sort(key=lambda r: r["objective"], reverse=(mode == "max"))
-        best = ok[0] if ok else None
         sign = -1 if mode == "max" else 1
         rows.sort(key=lambda r: (r["objective"] is None, sign * (r["objective"] or 0)))
         sweep = {"sweep_id": sweep_id, "pipeline": pipeline, "objective": objective, "mode": mode,
                  "space": {k: {"sampler": s, "args": v} for k, (s, v) in space.items()}, "shared_stages": prefix,
-                 "trials": rows, "best": best,
+                 "trials": rows, "best": ok[0] if ok else None,
                  # what the sweep spent: the shared stages once, plus each trial's own stages
                  "cost_usd": shared_cost + sum(r["cost_usd_this_run"] or 0.0 for r in rows)
                  + (reference["cost_usd_this_run"] if reference else 0.0),
                  "mlflow_run_id": parent}
         if reference:
-            graded = [r for r in rows if r.get("grades")]
-            front = pareto_front([(r["grades"]["speedup"], r["grades"]["accuracy_delta"]) for r in graded])
-            pick = grades_pick(graded)
-            sweep["grades"] = {"stage": stage, "metric": metric, "reference": reference,
-                               "accuracy_tolerance": ACCURACY_TOLERANCE,
-                               "pareto": [graded[i]["params"] for i in front],
-                               "pick": pick and {"params": pick["params"], **pick["grades"]},
-                               "pick_overrides": [f"{k}={v}" for k, v in pick["params"].items()] if pick else []}
-        atomic_write(sweep_dir / "sweep.json", json.dumps(sweep, indent=2, default=str))
-        fig = plot(rows, list(space), objective, sweep_dir / "sweep.png")
-        tracker.log_figure(parent, fig, "sweep.png")
-        if reference:
-            tracker.log_figure(parent, plot_pareto(rows, stage, metric, sweep_dir / "pareto.png"), "pareto.png")
-        tracker.log_artifact(parent, str(sweep_dir / "sweep.json"))
-        if best:
-            tracker.log_params(parent, {f"best.{k}": v for k, v in best["params"].items()})
-            tracker.log_metrics(parent, {"best/objective": best["objective"], **{f"best/{k}": v for k, v in
-                                                                                  best["metrics"].items()}})
-        tracker.log_metrics(parent, {"cost/usd": sweep["cost_usd"], "trials/failed": float(len(rows) - len(ok))})
+            sweep["grades"] = grades_record(rows, reference, stage, metric)
+        log_sweep(tracker, parent, sweep, sweep_dir, space, len(ok))
         tracker.end(parent, "FINISHED")
     return sweep | {"sweep_dir": str(sweep_dir)}

@@ -19,6 +19,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from evals.registry import PROTOCOLS, TASKS
 from runtime.cost import DEFAULT_PRICES
 from runtime.errors import ConfigError
+from runtime.secrets import redact
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # The layout of config.yaml / result.json this vlmlab writes. 1: before schema_version existed (read as is: 2 only
@@ -189,7 +190,6 @@ class GradESSettings(Section):
     @field_validator("patterns")
     @classmethod
     def _valid_regexes(cls, v):
-        import re
         for group, pats in (v or {}).items():
             for pat in pats:
                 try:
@@ -435,8 +435,6 @@ class PipelineConfig(Section):
 
     def config_hash(self) -> str:
         """sha256 of the config as written to config.yaml: secrets replaced by their placeholders."""
-        from runtime.secrets import redact
-
         return hashlib.sha256(json.dumps(redact(self.model_dump(mode="json")), sort_keys=True).encode()).hexdigest()
 
 
@@ -490,7 +488,6 @@ def resolve_config_path(config: str | None) -> Path:
 
 class _StrictLoader(yaml.SafeLoader):
     """yaml.SafeLoader that rejects a key given twice in one mapping (PyYAML keeps the last one silently)."""
-
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
@@ -529,6 +526,20 @@ def parse_overrides(overrides: list[str]) -> dict:
                 raise ConfigError(f"override '{item}' conflicts with an earlier override; give each key once")
         node[parts[-1]] = _yaml(raw, f"override '{item}'") if raw != "" else ""
     return tree
+
+
+def config_values(tree: dict, dotted: str) -> dict[str, object]:
+    """The values at ``dotted`` (``*`` matches every key of a mapping, e.g. ``data.tasks.*.source``) by full key."""
+    head, _, rest = dotted.partition(".")
+    keys = list(tree) if head == "*" and isinstance(tree, dict) else [head]
+    found = {}
+    for key in keys:
+        value = tree.get(key) if isinstance(tree, dict) else None
+        if not rest:
+            found[key] = value
+        elif isinstance(value, dict):
+            found |= {f"{key}.{k}": v for k, v in config_values(value, rest).items()}
+    return found
 
 
 def merge(base: dict, update: dict) -> dict:

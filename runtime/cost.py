@@ -1,7 +1,6 @@
 """Accelerator accounting: devices held x wall time, busy time, and the price of it."""
 from __future__ import annotations
 
-import os
 import re
 import time
 from contextlib import contextmanager
@@ -53,7 +52,7 @@ def gpu_alias(name: str) -> str:
     return re.sub(r"^(NVIDIA|Tesla)\s+", "", name.strip()).replace(" ", "-") or name
 
 
-def device_kind(use_gpu: bool) -> str:
+def device_model(use_gpu: bool) -> str:
     """The priced device model seen from this process: a GPU alias, else 'CPU'."""
     if use_gpu:
         import torch
@@ -65,71 +64,35 @@ def device_kind(use_gpu: bool) -> str:
 def cluster_gpus(nodes: list[dict]) -> set[str]:
     """GPU models of a Ray cluster's live GPU nodes (``ray.nodes()``), from the ``accelerator_type:<model>`` resource
     Ray gives each; the most specific label wins (``A100-80G`` over ``A100``)."""
-    kinds = set()
+    models = set()
     for node in nodes:
         resources = node.get("Resources", {})
         if node.get("Alive") and resources.get("GPU", 0) > 0:
             labels = [key.split(":", 1)[1] for key in resources if key.startswith("accelerator_type:")]
-            kinds.add(gpu_alias(max(labels, key=len)) if labels else UNLABELLED_GPU)
-    return kinds
+            models.add(gpu_alias(max(labels, key=len)) if labels else UNLABELLED_GPU)
+    return models
 
 
-def planned_devices(cfg) -> set[str]:
-    """The device models the run's stages will use, known before the first starts: CPU; the GPUs torch sees here;
-    or, attached to a Ray cluster (RAY_ADDRESS or an initialised Ray), the GPU models of its nodes."""
-    if not cfg.resources.use_gpu:
-        return {"CPU"}
-    import ray
-
-    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
-        from runtime.raytrain import ensure_ray
-
-        ensure_ray(cfg.ray.dashboard)
-        return cluster_gpus(ray.nodes())
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ConfigError("resources.use_gpu is true but torch sees no CUDA GPU on this machine: install a CUDA build "
-                          "of torch, or set resources.use_gpu=false")
-    return {gpu_alias(torch.cuda.get_device_name(i)) for i in range(torch.cuda.device_count())}
-
-
-def check_priced(cfg) -> set[str]:
-    """Pre-flight, before the first stage: every device the run may use has a price (or cost.price_per_hour is
-    set). Returns the devices. Raises ConfigError."""
-    if cfg.cost.price_per_hour is not None:
-        return set()
-    kinds = planned_devices(cfg)
-    if not kinds:
-        raise ConfigError("resources.use_gpu: the Ray cluster has no live GPU node, so the device and its price are "
-                          "unknown: start the GPU nodes first, or set cost.price_per_hour=<USD per device-hour>")
-    missing = sorted(kinds - set(cfg.cost.prices))
-    if missing:
-        raise ConfigError(f"cost: no price for device {', '.join(missing)} (priced: {', '.join(cfg.cost.prices)}): "
-                          f"set cost.prices.{missing[0]}=<USD per device-hour> or cost.price_per_hour=<USD>")
-    return kinds
-
-
-def price_per_hour(kind: str, prices: dict[str, float], override: float | None) -> float:
+def price_per_hour(device: str, prices: dict[str, float], override: float | None) -> float:
     if override is not None:
         return override
-    if kind not in prices:
-        raise ConfigError(f"cost: no price for device '{kind}': set cost.price_per_hour or cost.prices.{kind}")
-    return prices[kind]
+    if device not in prices:
+        raise ConfigError(f"cost: no price for device '{device}': set cost.price_per_hour or cost.prices.{device}")
+    return prices[device]
 
 
 @dataclass
 class Meter:
     """Collects a stage's device time: `held` while devices are acquired, `busy` inside steps."""
     devices: float = 0.0
-    kind: str = "CPU"
+    device: str = "CPU"  # the priced device model (a price-table key): CPU, T4, A100-80GB...
     held_seconds: float = 0.0
     busy_seconds: float = 0.0
     holding_since: float | None = None  # perf_counter() when the current hold began
 
     @contextmanager
-    def hold(self, devices: float, kind: str):
-        self.devices, self.kind = devices, kind
+    def hold(self, devices: float, device: str):
+        self.devices, self.device = devices, device
         start = self.holding_since = time.perf_counter()
         try:
             yield self
@@ -141,7 +104,7 @@ class Meter:
         """What the devices held so far cost, the current hold included (the console's running total)."""
         since = self.holding_since
         seconds = self.held_seconds + (time.perf_counter() - since if since is not None else 0.0)
-        return seconds * self.devices / 3600.0 * price_per_hour(self.kind, prices, override) if seconds else 0.0
+        return seconds * self.devices / 3600.0 * price_per_hour(self.device, prices, override) if seconds else 0.0
 
     def add_busy(self, seconds: float) -> None:
         self.busy_seconds += seconds
@@ -149,7 +112,7 @@ class Meter:
     def summary(self, prices: dict[str, float], override: float | None) -> dict[str, float]:
         hours = self.held_seconds * self.devices / 3600.0
         busy = self.busy_seconds * self.devices / 3600.0
-        usd = hours * price_per_hour(self.kind, prices, override) if hours else 0.0
+        usd = hours * price_per_hour(self.device, prices, override) if hours else 0.0
         out = {"cost/accelerator_hours": hours, "cost/usd": usd}
         if self.busy_seconds:  # only stages that time their steps report busy time and utilization
             out |= {"cost/busy_hours": busy, "cost/utilization": busy / hours}

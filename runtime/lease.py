@@ -16,6 +16,8 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 from runtime.atomic import atomic_write
 
 REFRESH_S = 15.0
@@ -23,16 +25,12 @@ STALE_AFTER_S = 120.0  # an owner on another host that has not refreshed for thi
 
 
 def _me() -> dict:
-    import psutil
-
     return {"pid": os.getpid(), "host": socket.gethostname(), "proc_start": psutil.Process().create_time(),
             "since": time.time()}
 
 
 def owner_alive(owner: dict, mtime: float) -> bool:
     """Whether the process that wrote a lease still holds it."""
-    import psutil
-
     if owner.get("host") != socket.gethostname():
         return time.time() - mtime < STALE_AFTER_S
     try:
@@ -43,7 +41,6 @@ def owner_alive(owner: dict, mtime: float) -> bool:
 
 class Lease:
     """An exclusive, refreshed claim on ``path`` (the lease file itself)."""
-
     def __init__(self, path: Path):
         self.path = path
         self._stop = threading.Event()

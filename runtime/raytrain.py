@@ -1,7 +1,9 @@
-"""Ray plumbing in one place: start/attach Ray once per process, run a training loop as a TorchTrainer.
+"""Ray plumbing in one place: start/attach Ray once per process, run a training loop as a TorchTrainer, run a
+stage's shards as Ray tasks.
 
 Locally this starts a Ray instance inside the process (reused by every stage and trial); under
-`ray job submit` (RAY_ADDRESS set) it attaches to the cluster.
+`ray job submit` (RAY_ADDRESS set) it attaches to the cluster. Ray's public API only; the two uses of its private
+API live in runtime/ray_private.py.
 """
 from __future__ import annotations
 
@@ -15,6 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from runtime import ray_private
+from runtime.cost import gpu_alias
+from runtime.errors import UserError
+from runtime.manifest import hardware
+from runtime.output import active_stage, forward_worker_output, worker_output
+
 STATE_API_ENV = "VLMLAB_RAY_STATE_API"
 _started_here = False  # this process started its own local Ray (which never grows), rather than attaching
 
@@ -27,7 +35,6 @@ def ensure_ray(dashboard: bool = False) -> None:
 
     import ray
 
-    from runtime.output import forward_worker_output
 
     if ray.is_initialized():
         return
@@ -84,13 +91,13 @@ def reap_hung_actors() -> list[int]:
     if not ray.is_initialized():
         return []
     try:
-        dead = ray._private.state.actors(actor_state_name="DEAD").values()
+        dead = ray_private.dead_actor_pids()
     except Exception:  # the GCS is already gone: nothing left to ask
         return []
     mine = {proc.pid: proc for proc in psutil.Process().children(recursive=True)}
     reaped = []
-    for actor in dead:
-        proc = mine.get(actor["Pid"])
+    for pid in dead:
+        proc = mine.get(pid)
         if proc is not None:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
@@ -138,7 +145,6 @@ def require_resources(resources, what: str) -> None:
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from runtime.errors import UserError
 
     bundle = worker_bundle(resources)
     shape = (resources.workers, *sorted(bundle.items()))
@@ -176,8 +182,6 @@ def _on_worker(fn: Callable, shard, use_gpu: bool, threads: int, log=None) -> di
     import ray
     import torch
 
-    from runtime.manifest import hardware
-    from runtime.output import worker_output
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
@@ -205,7 +209,6 @@ def run_shards(fn: Callable, shards: list, resources, stage: str, max_retries: i
         options["num_gpus"] = resources.gpus_per_worker
     task = ray.remote(_on_worker).options(**options)
     threads = max(1, int(resources.cpus_per_worker))
-    from runtime.output import active_stage
 
     live = active_stage()  # the running stage: where its workers log, and its progress on the console
     logs = [live.worker_log(f"shard{i}", label=stage) if live else None for i in range(len(shards))]
@@ -220,6 +223,18 @@ def run_shards(fn: Callable, shards: list, resources, stage: str, max_retries: i
         if live:
             live.update(finished, len(refs), label=stage)
     return ray.get(refs)
+
+
+def run_held(fn: Callable, jobs: list, cfg, meter, stage: str) -> list[dict]:
+    """``run_shards`` for a stage: Ray started first (starting it holds no device), then the stage's devices held on
+    ``meter`` while the shards run, and the device model they actually ran on recorded (``meter.device``)."""
+
+    ensure_ray(cfg.ray.dashboard)
+    with meter.hold(devices_held(cfg.resources), "CPU"):
+        done = run_shards(fn, jobs, cfg.resources, stage)
+    if done:
+        meter.device = gpu_alias(done[0]["device"])
+    return done
 
 
 def devices_held(resources) -> float:
@@ -244,31 +259,6 @@ def worker_runtime_env(stage_cfg) -> dict | None:
     return env or None
 
 
-def _trainer_class():
-    """TorchTrainer, less two default callbacks that start actors this harness never uses.
-
-    * ``DatasetsCallback`` starts a DatasetManager actor (a process) for Ray Data inputs; the stages read their
-      data themselves and pass no ``datasets``.
-    * ``PlacementGroupCleanerCallback``, on a local Ray without the dashboard: a detached actor that asks the
-      State API (served by the dashboard) every second whether the Train controller is still alive, to free the
-      placement group of a controller that crashed. Without a dashboard each query fails with a warning (one a
-      second in the user's console), and the placement groups of a local Ray go away with the process anyway.
-    """
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-
-    no_state_api = os.environ.get(STATE_API_ENV) == "0"
-
-    class HarnessTorchTrainer(TorchTrainer):
-        def _create_default_callbacks(self):
-            unused = (() if self.datasets else (DatasetsCallback,)) + (
-                (PlacementGroupCleanerCallback,) if no_state_api else ())
-            return [c for c in super()._create_default_callbacks() if not isinstance(c, unused)]
-
-    return HarnessTorchTrainer
-
-
 def _logged(loop: Callable[[dict], None], live, stage: str, ranks: int) -> Callable[[dict], None]:
     """``loop`` with each rank's output in the run's logs (``ray/<stage>.rank<k>.log``); rank 0 also reports its
     progress to the driver's console (harness/console.py)."""
@@ -277,7 +267,6 @@ def _logged(loop: Callable[[dict], None], live, stage: str, ranks: int) -> Calla
     def train_loop_with_logs(config: dict) -> None:
         import ray.train
 
-        from runtime.output import worker_output
 
         with worker_output(logs[ray.train.get_context().get_world_rank()]):
             loop(config)
@@ -292,14 +281,13 @@ def fit(loop: Callable[[dict], None], settings, storage: Path | str, name: str, 
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
-    from runtime.output import active_stage
 
     ensure_ray()  # normally already started by the stage, with its config
     require_resources(settings.resources, f"stage '{settings.prefix}'")
     live = active_stage()
     if live is not None and live.worker_log("rank0") is not None:  # each rank writes its output to the run's logs
         loop = _logged(loop, live, settings.prefix, settings.resources.workers)
-    trainer = _trainer_class()(
+    trainer = ray_private.trainer_class(os.environ.get(STATE_API_ENV) == "0")(
         loop, train_loop_config={"settings": settings}, scaling_config=scaling(settings.resources),
         run_config=RunConfig(name=name, storage_path=storage if isinstance(storage, str) else str(storage.resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),

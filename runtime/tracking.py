@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from evals.registry import TASKS
+from runtime.atomic import atomic_write
 from runtime.errors import UserError
 from runtime.secrets import redact_text
 
@@ -112,10 +113,10 @@ class Tracker:
         self.warn(f"mlflow: tracking store unreachable ({type(exc).__name__}); the run goes on and keeps its "
                   f"metrics in {self.outbox} - run `harness sync {self.outbox.parent}` once MLflow is back")
 
-    def reap_stale(self) -> list[str]:
+    def reap_stale(self, say=None) -> list[str]:
         """Mark KILLED the RUNNING vlmlab runs whose process is gone: on this host (and PID namespace) a process that
         no longer exists; on any host, a heartbeat older than `VLMLAB_STALE_AFTER_S` (at least 3 of its writer's
-        intervals). Each gets a `vlmlab.reaped` tag saying why. Returns their ids."""
+        intervals). Each gets a `vlmlab.reaped` tag saying why, and a line through ``say``. Returns their ids."""
         host, pidns, now = socket.gethostname(), _pidns(), time.time()
         reaped = []
         for run in self._search("attributes.status = 'RUNNING'"):
@@ -135,6 +136,8 @@ class Tracker:
                 self.client.set_tag(run.info.run_id, REAPED_TAG, why)
                 self.client.set_terminated(run.info.run_id, status="KILLED")
                 reaped.append(run.info.run_id)
+                if say is not None:
+                    say(f"mlflow: run {run.info.run_id} whose process stopped (no heartbeat) marked KILLED")
         return reaped
 
     def _search(self, query: str):
@@ -306,7 +309,6 @@ def sync_outbox(uri: str, run_dir: Path, warn=print) -> int:
     is moved to `<outbox>.corrupt` with a warning. The outboxes are removed once fully replayed."""
     from mlflow.tracking import MlflowClient
 
-    from runtime.atomic import atomic_write
 
     run_dir = Path(run_dir).resolve()
     files = outbox_files(run_dir)

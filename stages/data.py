@@ -43,20 +43,20 @@ def item_key(row: dict) -> str:
     return hashlib.sha256(row["image"]["bytes"] + b"\0" + question.encode()).hexdigest()
 
 
-def synthetic_source(kind: str, spec, seed: int, image_size: int, raw_dir: Path) -> Path:
+def synthetic_source(task: str, spec, seed: int, image_size: int, raw_dir: Path) -> Path:
     """The task's generator output as parquet files in its real layout (``raw_dir/<generator>/{train,test}``).
     Test rows whose item also occurs in the generated train rows are skipped (small images repeat by chance)."""
     from datasets import Dataset, Image
 
-    name = TASKS[kind].generator
+    name = TASKS[task].generator
     train_size, test_size = spec.train_size or SYNTHETIC_SIZES["train"], spec.test_size or SYNTHETIC_SIZES["test"]
     train = synthetic.generate(name, train_size, seed, image_size)
-    seen = {item_key(r) for r in dsets.canonicalize(train, kind, {}, name, None)}
+    seen = {item_key(r) for r in dsets.canonicalize(train, task, {}, name, None)}
     test, offset = [], SYNTHETIC_TEST_OFFSET
     while len(test) < test_size:
         batch = synthetic.generate(name, test_size - len(test), seed, image_size, offset)
         offset += len(batch)
-        canonical = dsets.canonicalize(batch, kind, {}, name, None)
+        canonical = dsets.canonicalize(batch, task, {}, name, None)
         test += [row for row, c in zip(batch, canonical, strict=True) if item_key(c) not in seen]
     out = raw_dir / name
     out.mkdir(parents=True, exist_ok=True)
@@ -65,27 +65,27 @@ def synthetic_source(kind: str, spec, seed: int, image_size: int, raw_dir: Path)
     return out
 
 
-def task_splits(kind: str, spec, seed: int, image_size: int, raw_dir: Path) -> dict[str, list[dict]]:
+def task_splits(task: str, spec, seed: int, image_size: int, raw_dir: Path) -> dict[str, list[dict]]:
     """A task's train and test rows in canonical form, from its generator or its source."""
     if spec.source == "synthetic":
-        raw = synthetic_source(kind, spec, seed, image_size, raw_dir)
+        raw = synthetic_source(task, spec, seed, image_size, raw_dir)
         spec = spec.model_copy(update={"source": str(raw), "format": "parquet"})
     splits = {}
     for split_key in ("train", "test"):
         limit = getattr(spec, f"{split_key}_size")
         rows, origin, layout = dsets.load_split(spec, split_key, limit)
-        splits[split_key] = dsets.canonicalize(rows, kind, spec.columns, origin, limit, layout)
+        splits[split_key] = dsets.canonicalize(rows, task, spec.columns, origin, limit, layout)
     return splits
 
 
-def check_overlap(kind: str, spec, splits: dict[str, list[dict]]) -> int:
+def check_overlap(task: str, spec, splits: dict[str, list[dict]]) -> int:
     """How many test items also occur in the training split; a DataError if any do and that is not allowed."""
     seen = {item_key(r) for r in splits["train"]}
     shared = sum(item_key(r) in seen for r in splits["test"])
     if shared and not spec.allow_overlap:
-        raise DataError(f"data.tasks.{kind}: {shared} of {len(splits['test'])} test items also occur in the training "
+        raise DataError(f"data.tasks.{task}: {shared} of {len(splits['test'])} test items also occur in the training "
                         "split (same image and question), so its scores would measure memory; use disjoint splits, "
-                        f"or set data.tasks.{kind}.allow_overlap=true to score it anyway")
+                        f"or set data.tasks.{task}.allow_overlap=true to score it anyway")
     return shared
 
 
@@ -97,31 +97,31 @@ def run(ctx: StageContext) -> StageOutput:
     metrics: dict[str, float] = {}
     with Progress(transient=True) as progress:
         bar = progress.add_task("data", total=2 * len(cfg.data.tasks))
-        for kind, spec in cfg.data.tasks.items():
-            outputs["sources"][kind] = source_record(kind, spec)
-            progress.update(bar, description=f"{kind}: loading")
-            splits = task_splits(kind, spec, cfg.seed, cfg.data.image_size, ctx.stage_dir / "raw")
+        for task, spec in cfg.data.tasks.items():
+            outputs["sources"][task] = source_record(task, spec)
+            progress.update(bar, description=f"{task}: loading")
+            splits = task_splits(task, spec, cfg.seed, cfg.data.image_size, ctx.stage_dir / "raw")
             progress.advance(bar, 2)
             for split_key, rows in splits.items():
-                metrics[f"data/{kind}_{split_key}_size"] = len(rows)
-            metrics[f"data/{kind}_overlap"] = check_overlap(kind, spec, splits)
+                metrics[f"data/{task}_{split_key}_size"] = len(rows)
+            metrics[f"data/{task}_overlap"] = check_overlap(task, spec, splits)
             files = []
             for split_key, rows in splits.items():
-                path = ctx.stage_dir / kind / f"{split_key}.parquet"
+                path = ctx.stage_dir / task / f"{split_key}.parquet"
                 write_parquet(rows, path, dsets.canonical_features())
                 files.append(path)
-            outputs["tasks"][kind] = {"train": str(files[0]), "test": str(files[1]),
+            outputs["tasks"][task] = {"train": str(files[0]), "test": str(files[1]),
                                       "fingerprint": fingerprint_files(files)}
     outputs["data_fingerprints"] = {k: v["fingerprint"] for k, v in outputs["tasks"].items()}
     return StageOutput(metrics=metrics, outputs=outputs)
 
 
-def source_record(kind: str, spec) -> dict:
+def source_record(task: str, spec) -> dict:
     """Where a task's splits came from, with the hub commit each resolved to (the manifest's data pins)."""
     record = {}
     for role, src in (("test", spec), ("train", spec.train_from or spec)):
         if src.source == "synthetic":
-            record[role] = {"source": "synthetic", "generator": TASKS[kind].generator}
+            record[role] = {"source": "synthetic", "generator": TASKS[task].generator}
         elif dsets.looks_local(src.source):
             record[role] = {"source": "local"}  # a path may hold a secret; its content is in the fingerprint
         else:

@@ -11,10 +11,12 @@ from collections import Counter
 from pathlib import Path
 
 from evals.metrics import normalize_vqa_answer
+from runtime import raytrain
 from runtime.errors import ConfigError, DataError
 from stages import StageContext, StageOutput, StepCost
 from stages.support import datasets as dsets
 from stages.support import launch, training
+from stages.support.generate import generate_answers, shard_batches
 
 PREFERENCE_COLUMNS = ("question", "chosen", "rejected", "image")
 
@@ -74,9 +76,9 @@ def training_rows(tasks: dict, size: int | None) -> list[dict]:
 
     per_task = -(-size // len(tasks)) if size else None
     rows = []
-    for kind, files in tasks.items():
+    for task, files in tasks.items():
         table = pq.read_table(files["train"]).to_pylist()[:per_task]
-        rows += [dict(r, task=kind) for r in table]
+        rows += [dict(r, task=task) for r in table]
     return rows[:size] if size else rows
 
 
@@ -131,7 +133,6 @@ def pairs_from_source(pref) -> list[dict]:
 
 def generate_shard(job: dict, device: str) -> list[str]:
     """On a Ray worker: greedy answers for this shard's rows (whole batches of the training rows)."""
-    from stages.support.generate import generate_answers
 
     rows = training_rows(job["tasks"], job["size"])
     picked = [rows[i] for i in job["indices"]]
@@ -143,8 +144,6 @@ def generate_shard(job: dict, device: str) -> list[str]:
 def on_policy_wrong_answers(ctx: StageContext, tasks: dict, size: int | None) -> tuple[dict[int, str], list[dict]]:
     """Greedy generations of the incoming checkpoint on the training questions (row index -> answer), sharded over
     `resources.workers` Ray tasks; also returns where each shard ran."""
-    from runtime import raytrain
-    from stages.support.generate import shard_batches
 
     cfg = ctx.cfg
     n_rows = len(training_rows(tasks, size))
@@ -152,9 +151,7 @@ def on_policy_wrong_answers(ctx: StageContext, tasks: dict, size: int | None) ->
              "batch_size": cfg.eval.batch_size, "max_new_tokens": cfg.eval.max_new_tokens,
              "trust_remote_code": cfg.model.trust_remote_code}
             for indices in shard_batches(n_rows, cfg.eval.batch_size, cfg.resources.workers) if indices]
-    raytrain.ensure_ray(cfg.ray.dashboard)
-    with ctx.meter.hold(raytrain.devices_held(cfg.resources), "CPU"):
-        done = raytrain.run_shards(generate_shard, jobs, cfg.resources, "dpo-generate")
+    done = raytrain.run_held(generate_shard, jobs, cfg, ctx.meter, "dpo-generate")
     answers = {i: a for job, d in zip(jobs, done, strict=True) for i, a in zip(job["indices"], d["result"],
                                                                                strict=True)}
     shards = [{"node_id": d["node_id"], "device": d["device"], "items": len(job["indices"]),
@@ -172,14 +169,9 @@ def summarize(history: list[dict]) -> dict[str, float]:
     logs = [h for h in history if "rewards/margins" in h]
     if not logs:
         return {}
-    k = max(1, len(logs) // 10)
-
-    def mean(values: list[float]) -> float:
-        return sum(values) / len(values)
-
-    return {"dpo/reward_margin_start": mean([h["rewards/margins"] for h in logs[:k]]),
-            "dpo/reward_margin_end": mean([h["rewards/margins"] for h in logs[-k:]]),
-            "dpo/reward_accuracy": mean([h["rewards/accuracies"] for h in logs[-k:]])}
+    start, end = training.start_end([h["rewards/margins"] for h in logs])
+    return {"dpo/reward_margin_start": start, "dpo/reward_margin_end": end,
+            "dpo/reward_accuracy": training.start_end([h["rewards/accuracies"] for h in logs])[1]}
 
 
 def loss_args(stage) -> dict:
@@ -196,9 +188,7 @@ def train_loop(config: dict) -> None:
 
     settings = config["settings"]
     stage = settings.stage
-    scratch = training.worker_setup(settings)
-    model, processor = training.load_model(settings.model_dir, settings.trust_remote_code)
-    training.freeze_components(model, stage.components)
+    scratch, model, processor, _ = training.start_worker(settings)
     data = load_dataset("parquet", data_files=settings.inputs["pairs"], split="train").shuffle(seed=settings.seed)
     data = data.map(to_preference, remove_columns=["question", "chosen", "rejected"])
     args = DPOConfig(**training.common_args(settings, scratch), max_length=None, beta=stage.beta, **loss_args(stage))

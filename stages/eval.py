@@ -17,6 +17,7 @@ import yaml
 
 from evals.metrics import bootstrap_metric, interval, question_prior
 from evals.registry import TASKS
+from runtime import raytrain
 from runtime.manifest import fingerprint_files
 from stages import StageContext, StageOutput
 
@@ -33,20 +34,20 @@ def write_task_configs(tasks: dict, out_dir: Path, protocol: str, max_new_tokens
     the project, wherever Ray unpacked it), point them at this run's test parquet. The short protocol's answer
     length is eval.max_new_tokens; a published protocol keeps its own generation settings."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for kind, files in tasks.items():
-        task = TASKS[kind]
-        spec = {"include": str(task.task_file(protocol)), "task": task.lm_eval_name(protocol),
+    for task, files in tasks.items():
+        entry = TASKS[task]
+        spec = {"include": str(entry.task_file(protocol)), "task": entry.lm_eval_name(protocol),
                 "dataset_kwargs": {"data_files": {"test": str(Path(files["test"]).resolve())}}}
         if protocol == "short":
             spec["generation_kwargs"] = {"until": ["<end_of_utterance>", "\n"], "do_sample": False,
                                          "max_gen_toks": max_new_tokens}
-        (out_dir / f"{task.lm_eval_name(protocol)}.yaml").write_text(yaml.safe_dump(spec))
+        (out_dir / f"{entry.lm_eval_name(protocol)}.yaml").write_text(yaml.safe_dump(spec))
 
 
-def task_files(kinds: list[str], protocol: str) -> dict[str, str]:
+def task_files(task_names: list[str], protocol: str) -> dict[str, str]:
     """Each task's protocol file (``<task>/<protocol>.yaml``) -> one sha256 over it, the template it includes and its
     hooks (recorded beside the scores)."""
-    return {f"{k}/{protocol}.yaml": fingerprint_files(TASKS[k].files(protocol)) for k in kinds}
+    return {f"{k}/{protocol}.yaml": fingerprint_files(TASKS[k].files(protocol)) for k in task_names}
 
 
 def checkpoints(ctx: StageContext) -> list[tuple[str, str]]:
@@ -63,14 +64,14 @@ def prior_scores(tasks: dict, limit: int | None, samples: int, seed: int) -> dic
     import pyarrow.parquet as pq
 
     out = {}
-    for kind, files in tasks.items():
-        task = TASKS[kind]
+    for task, files in tasks.items():
+        entry = TASKS[task]
         train = pq.read_table(files["train"], columns=["question", "answer"])
         test = pq.read_table(files["test"], columns=["question", "answers", "subset"]).to_pylist()[:limit]
         prior = question_prior(train["question"].to_pylist(), train["answer"].to_pylist())
-        items = [{"task": kind, "doc_id": i, "score": task.score(prior.get(r["question"], ""), r["answers"]),
+        items = [{"task": task, "doc_id": i, "score": entry.score(prior.get(r["question"], ""), r["answers"]),
                   "subset": r["subset"]} for i, r in enumerate(test)]
-        scores = main_metrics(items, [kind], samples, seed)
+        scores = main_metrics(items, [task], samples, seed)
         out |= {f"eval/prior_{k}": v for k, v in scores.items() if not k.startswith("mean_accuracy")}
     return out
 
@@ -92,37 +93,37 @@ def score_shard(job: dict, device: str) -> dict:
                              max_images=1, convert_img_format=True, device=device, batch_size=job["batch_size"],
                              trust_remote_code=job["trust_remote_code"], shard=job["shard"],
                              num_shards=job["num_shards"])
-    kinds, protocol = [k for k in TASKS if k in job["tasks"]], job["protocol"]
+    task_names, protocol = [k for k in TASKS if k in job["tasks"]], job["protocol"]
     with tempfile.TemporaryDirectory() as task_dir:
         write_task_configs(job["tasks"], Path(task_dir), protocol, job["max_new_tokens"])
         seed = job["seed"]
         results = lm_eval.simple_evaluate(
-            model=lm, tasks=[TASKS[k].lm_eval_name(protocol) for k in kinds],
+            model=lm, tasks=[TASKS[k].lm_eval_name(protocol) for k in task_names],
             task_manager=TaskManager(include_path=task_dir, include_defaults=False), limit=job["limit"],
             apply_chat_template=True, log_samples=True, random_seed=seed, numpy_random_seed=seed,
             torch_random_seed=seed, fewshot_random_seed=seed)
     items = []
-    for kind in kinds:
-        name = TASKS[kind].lm_eval_name(protocol)
+    for task in task_names:
+        name = TASKS[task].lm_eval_name(protocol)
         for s in results["samples"][name]:
             if (name, s["doc_id"]) in lm.owned:
                 doc = s["doc"]
-                items.append({"task": kind, "doc_id": s["doc_id"], "question": doc["question"],
+                items.append({"task": task, "doc_id": s["doc_id"], "question": doc["question"],
                               "answers": list(doc["answers"]), "question_type": doc["question_type"],
                               "subset": doc["subset"], "prediction": s["filtered_resps"][0],
-                              "score": float(s[TASKS[kind].metric])})
+                              "score": float(s[TASKS[task].metric])})
     return {"items": items, "busy_seconds": lm.busy_seconds}
 
 
-def main_metrics(items: list[dict], kinds: list[str], samples: int, seed: int) -> dict[str, float]:
+def main_metrics(items: list[dict], task_names: list[str], samples: int, seed: int) -> dict[str, float]:
     """Each task's metric with its 95 % interval, and the tasks' mean (``mean_accuracy``) with its interval. A task
     with reporting subsets (ChartQA: human, augmented) scores the mean of the subsets' means, and each subset."""
     out: dict[str, float] = {}
     resampled = []
-    for kind in kinds:
-        scored = sorted((i for i in items if i["task"] == kind), key=lambda i: i["doc_id"])
+    for task in task_names:
+        scored = sorted((i for i in items if i["task"] == task), key=lambda i: i["doc_id"])
         scores, groups = [i["score"] for i in scored], [i["subset"] for i in scored]
-        name = TASKS[kind].metric
+        name = TASKS[task].metric
         boot = bootstrap_metric(scores, groups, samples, seed)
         resampled.append(boot)
         by_subset: dict[str, list[float]] = defaultdict(list)
@@ -132,21 +133,21 @@ def main_metrics(items: list[dict], kinds: list[str], samples: int, seed: int) -
         out[f"{name}_ci_low"], out[f"{name}_ci_high"] = interval(boot)
         if len(by_subset) > 1:
             out |= {f"{name}_{subset}": sum(v) / len(v) for subset, v in sorted(by_subset.items())}
-    out["mean_accuracy"] = sum(out[TASKS[k].metric] for k in kinds) / len(kinds)
+    out["mean_accuracy"] = sum(out[TASKS[k].metric] for k in task_names) / len(task_names)
     out["mean_accuracy_ci_low"], out["mean_accuracy_ci_high"] = interval(sum(resampled) / len(resampled))
     return out
 
 
-def task_metrics(items: list[dict], kinds: list[str], samples: int = 1000, seed: int = 0) -> dict[str, float]:
+def task_metrics(items: list[dict], task_names: list[str], samples: int = 1000, seed: int = 0) -> dict[str, float]:
     """Each task's metric (see main_metrics), the tasks' mean, and per-question-type means with intervals."""
-    metrics = main_metrics(items, kinds, samples, seed)
-    for kind in kinds:
-        scored = sorted((i for i in items if i["task"] == kind), key=lambda i: i["doc_id"])
+    metrics = main_metrics(items, task_names, samples, seed)
+    for task in task_names:
+        scored = sorted((i for i in items if i["task"] == task), key=lambda i: i["doc_id"])
         by_type: dict[str, list[float]] = defaultdict(list)
         for i in scored:
             by_type[i["question_type"]].append(i["score"])
         for qtype, values in sorted(by_type.items()):
-            key = f"{TASKS[kind].metric}/{qtype}"
+            key = f"{TASKS[task].metric}/{qtype}"
             metrics[key] = sum(values) / len(values)
             metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"] = interval(bootstrap_metric(values, None, samples,
                                                                                            seed))
@@ -162,12 +163,10 @@ def write_predictions(items: list[dict], path: Path, key: str) -> None:
 
 def run(ctx: StageContext) -> StageOutput:
     """Shards every checkpoint's scoring over `resources.workers` Ray tasks; the driver only merges and averages."""
-    from runtime import raytrain
-    from runtime.cost import gpu_alias
 
     cfg = ctx.cfg
     tasks = ctx.latest("tasks")
-    kinds = [k for k in TASKS if k in tasks]
+    task_names = [k for k in TASKS if k in tasks]
     protocol, samples = cfg.eval.protocol, cfg.eval.bootstrap_samples
     metrics = prior_scores(tasks, cfg.eval.limit, samples, cfg.seed)
     targets = checkpoints(ctx)
@@ -176,24 +175,21 @@ def run(ctx: StageContext) -> StageOutput:
              "protocol": protocol, "batch_size": cfg.eval.batch_size, "max_new_tokens": cfg.eval.max_new_tokens,
              "limit": cfg.eval.limit, "seed": cfg.seed, "trust_remote_code": cfg.model.trust_remote_code}
             for label, model_dir in targets for k in range(n)]
-    raytrain.ensure_ray(cfg.ray.dashboard)
-    with ctx.meter.hold(raytrain.devices_held(cfg.resources), "CPU"):
-        done = raytrain.run_shards(score_shard, jobs, cfg.resources, "eval")
-    ctx.meter.kind = gpu_alias(done[0]["device"])  # what the workers actually ran on
+    done = raytrain.run_held(score_shard, jobs, cfg, ctx.meter, "eval")
     ctx.meter.add_busy(sum(d["result"]["busy_seconds"] for d in done))
     shards = []
     for i, (label, _) in enumerate(targets):
         mine = [(job, d) for job, d in zip(jobs, done, strict=True) if job["label"] == label]
         items = [item for _, d in mine for item in d["result"]["items"]]
-        scores = task_metrics(items, kinds, samples, cfg.seed)
-        for kind in kinds:
-            write_predictions([it for it in items if it["task"] == kind],
-                              ctx.stage_dir / f"predictions_{label}_{kind}.jsonl", TASKS[kind].metric)
+        scores = task_metrics(items, task_names, samples, cfg.seed)
+        for task in task_names:
+            write_predictions([it for it in items if it["task"] == task],
+                              ctx.stage_dir / f"predictions_{label}_{task}.jsonl", TASKS[task].metric)
         prefix = "eval/" if i == len(targets) - 1 else f"eval/{label}_"
         metrics.update({f"{prefix}{k}": v for k, v in scores.items()})
         shards += [{"checkpoint": label, "shard": job["shard"], "node_id": d["node_id"], "device": d["device"],
                     "items": len(d["result"]["items"]), "seconds": round(d["seconds"], 3)} for job, d in mine]
-    files = task_files(kinds, protocol)
+    files = task_files(task_names, protocol)
     ctx.tracker.set_tags(ctx.mlflow_run_id, {"eval.protocol": protocol, "eval.task_files": json.dumps(files)})
     return StageOutput(metrics=metrics, outputs={"scored": [label for label, _ in targets], "shards": shards,
                                                  "protocol": protocol, "task_files": files},

@@ -40,8 +40,8 @@ def summarize(history: list[dict], main_reward: str) -> dict[str, float]:
     logs = [h[key] for h in history if key in h]
     if not logs:
         return {}
-    k = max(1, len(logs) // 10)
-    return {"grpo/reward_start": sum(logs[:k]) / k, "grpo/reward_end": sum(logs[-k:]) / k}
+    start, end = training.start_end(logs)
+    return {"grpo/reward_start": start, "grpo/reward_end": end}
 
 
 def train_loop(config: dict) -> None:
@@ -50,9 +50,7 @@ def train_loop(config: dict) -> None:
 
     settings = config["settings"]
     stage = settings.stage
-    scratch = training.worker_setup(settings)
-    model, processor = training.load_model(settings.model_dir, settings.trust_remote_code)
-    training.freeze_components(model, stage.components)
+    scratch, model, processor, _ = training.start_worker(settings)
     processor.tokenizer.padding_side = "left"
     data = training.load_tasks(settings.tasks, "train", settings.seed, with_task=True)
     data = data.map(lambda r: {"prompt": training.user_turn(r["question"])}, remove_columns=["question"])

@@ -11,6 +11,7 @@ from pathlib import Path
 from runtime.errors import ConfigError, UserError
 from runtime.manifest import sha256_file
 from stages import StageContext, StageOutput
+from stages.support import compose, tinyvlm
 
 CONFIG_KEYS = ("seed", "model", "data.image_size")
 SOURCE_KEYS = ("model.source", "model.compose.vision", "model.compose.language")
@@ -19,7 +20,6 @@ SOURCE_KEYS = ("model.source", "model.compose.vision", "model.compose.language")
 def check(cfg) -> None:
     source = cfg.model.source
     if source == "compose":
-        from stages.support import compose
 
         compose.check(cfg.model.compose, cfg.model.trust_remote_code)
         return
@@ -82,7 +82,6 @@ def _training_text(ctx: StageContext) -> list[str]:
 
 
 def run(ctx: StageContext) -> StageOutput:
-    from stages.support import tinyvlm
 
     cfg = ctx.cfg
     if cfg.model.source == "tiny":
@@ -90,7 +89,6 @@ def run(ctx: StageContext) -> StageOutput:
                                   ctx.stage_dir / "model")
         source = "tiny"
     elif cfg.model.source == "compose":
-        from stages.support import compose
 
         spec = cfg.model.compose
         model_dir = compose.build(spec, ctx.stage_dir / "model", cfg.seed, cfg.model.trust_remote_code)

@@ -29,9 +29,7 @@ def train_loop(config: dict) -> None:
     from trl import SFTConfig, SFTTrainer
 
     settings = config["settings"]
-    scratch = training.worker_setup(settings)
-    model, processor = training.load_model(settings.model_dir, settings.trust_remote_code)
-    trainable = training.freeze_components(model, settings.stage.components)
+    scratch, model, processor, trainable = training.start_worker(settings)
     data = training.load_tasks(settings.tasks, "train", settings.seed)
     data = data.map(to_prompt_completion, remove_columns=["question", "answers", "answer", "question_type"])
     args = SFTConfig(**training.common_args(settings, scratch), max_length=None, completion_only_loss=True)

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import errno
 import signal
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
 
+from runtime.errors import UserError
 from runtime.secrets import redact_text
 
 if TYPE_CHECKING:
@@ -55,3 +57,14 @@ def disk_full(exc: BaseException) -> str | None:
         line = next(ln for ln in text.splitlines() if "No space left on device" in ln)
         return line.strip()[:300]
     return None
+
+
+@contextmanager
+def reading_store(uri: str):
+    """An MLflow store that cannot be read (unreachable, foreign, not a store) is bad input: one line naming it."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"cannot read MLflow at {uri}: {exc}") from None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from harness.commands.common import TRACKING_HELP, console, err
+from harness.commands.common import TRACKING_HELP, console, err, reading_store
 from runtime.errors import UserError
 
 
@@ -28,12 +28,8 @@ def leaderboard(
     if fmt not in ("table", "markdown", "csv", "json"):
         raise UserError(f"--format must be table, markdown, csv or json (got {fmt!r})")
     uri = TrackingConfig(uri=tracking_uri).resolved_uri()
-    try:
+    with reading_store(uri):
         rows = lb.collect(uri, experiment, pipeline, metric, filters, sort)
-    except UserError:
-        raise
-    except Exception as exc:  # an unreachable or foreign store
-        raise UserError(f"cannot read MLflow at {uri}: {exc}") from None
     if not rows:
         console.print(f"No finished vlmlab runs with '{metric}' in experiment '{experiment}' at {uri}. "
                       "Run `harness run sft` first.", highlight=False)

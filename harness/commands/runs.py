@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from harness.commands.common import TRACKING_HELP, console
-from runtime.errors import UserError
+from harness.commands.common import TRACKING_HELP, console, reading_store
 
 
 def runs(
@@ -20,12 +19,8 @@ def runs(
     from runtime.config import TrackingConfig
 
     uri = TrackingConfig(uri=tracking_uri).resolved_uri()
-    try:
+    with reading_store(uri):
         rows = report.recent_runs(uri if report.store_exists(uri) else None, experiment, output_dir, limit)
-    except UserError:
-        raise
-    except Exception as exc:  # an unreachable or foreign store
-        raise UserError(f"cannot read MLflow at {uri}: {exc}") from None
     if not rows:
         console.print(f"No runs in MLflow experiment '{experiment}' at {uri} nor under {output_dir}/. "
                       "Run `harness run sft` first.", highlight=False)

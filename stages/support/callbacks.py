@@ -9,6 +9,9 @@ import time
 
 from transformers import TrainerCallback
 
+from runtime.output import write_progress
+from runtime.tracking import BackgroundStepLogger
+
 
 class StepTimer(TrainerCallback):
     """Seconds spent inside optimizer steps (forward, backward, update): the stage's busy time.
@@ -54,7 +57,6 @@ class MlflowStepLogger(TrainerCallback):
     """
 
     def __init__(self, uri: str, run_id: str, prefix: str, outbox: str | None = None):
-        from runtime.tracking import BackgroundStepLogger
 
         self.prefix = prefix
         self.history: list[dict] = []
@@ -102,7 +104,6 @@ class ProgressReporter(TrainerCallback):
             self.write(args, state)
 
     def write(self, args, state) -> None:
-        from runtime.output import write_progress
 
         batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
         write_progress(self.path, {"label": self.label, "step": state.global_step, "total": state.max_steps,

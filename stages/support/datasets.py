@@ -75,24 +75,24 @@ def column_names(rows) -> set[str]:
     return set(rows[0].keys()) if rows else set()
 
 
-def missing_columns(kind: str, mapping: dict[str, str], available: set[str], origin: str) -> None:
+def missing_columns(task: str, mapping: dict[str, str], available: set[str], origin: str) -> None:
     """A DataError naming the first required canonical column the source lacks."""
     for name in REQUIRED:
         if mapping.get(name) not in available:
-            raise DataError(f"{origin}: task '{kind}' needs column '{mapping.get(name)}' (for '{name}'; columns "
-                            f"present: {', '.join(sorted(available))}); remap with data.tasks.{kind}.columns")
+            raise DataError(f"{origin}: task '{task}' needs column '{mapping.get(name)}' (for '{name}'; columns "
+                            f"present: {', '.join(sorted(available))}); remap with data.tasks.{task}.columns")
 
 
-def canonicalize(rows, kind: str, columns: dict[str, str], origin: str, limit: int | None,
+def canonicalize(rows, task: str, columns: dict[str, str], origin: str, limit: int | None,
                  layout: str = "") -> list[dict]:
     """Map source rows to canonical rows, checking every row. ``rows`` is a datasets.Dataset or list of dicts;
     ``layout`` (a hub id, or "canonical") picks the published copy's column names from the registry."""
-    task = TASKS[kind]
+    entry = TASKS[task]
     available = column_names(rows)
-    mapping = {**task.columns_for(layout, available), **columns}
+    mapping = {**entry.columns_for(layout, available), **columns}
     if len(rows) == 0:
         raise DataError(f"{origin}: split is empty; add rows or choose another split")
-    missing_columns(kind, mapping, available, origin)
+    missing_columns(task, mapping, available, origin)
     if hasattr(rows, "cast_column"):
         from datasets import Image
         if mapping["image"] in available:
@@ -103,11 +103,11 @@ def canonicalize(rows, kind: str, columns: dict[str, str], origin: str, limit: i
         row = rows[i]
         where = f"{origin} row {i}"
         f = {name: row[col] for name, col in mapping.items() if col in available}  # canonical name -> cell
-        if task.adapt is not None:
+        if entry.adapt is not None:
             try:
-                f.update(task.adapt(f))
+                f.update(entry.adapt(f))
             except (KeyError, IndexError, TypeError, ValueError) as exc:
-                raise DataError(f"{where}: not a {task.title} row ({type(exc).__name__}: {exc}); fix or drop that "
+                raise DataError(f"{where}: not a {entry.title} row ({type(exc).__name__}: {exc}); fix or drop that "
                                 "row") from None
         try:
             answers = _answer_texts(f["answers"])
@@ -122,16 +122,16 @@ def canonicalize(rows, kind: str, columns: dict[str, str], origin: str, limit: i
         if not isinstance(question, str) or not question.strip():
             raise DataError(f"{where}: empty question in column '{mapping['question']}'; fill it or drop that row")
         qtype = f.get("question_type")
-        if qtype in task.numeric_types and not all(_is_number(a) for a in answers):
+        if qtype in entry.numeric_types and not all(_is_number(a) for a in answers):
             raise DataError(f"{where}: question type '{qtype}' needs a numeric answer, got {answers!r} "
                             f"in column '{mapping['answers']}'; fix the answer or the question type")
         subset = f.get("subset")
-        if task.subsets and subset is not None and subset not in task.subsets:
-            raise DataError(f"{where}: '{subset}' in column '{mapping['subset']}' is not one of {kind}'s subsets "
-                            f"({', '.join(map(str, task.subsets))}); fix it or remap data.tasks.{kind}.columns.subset")
+        if entry.subsets and subset is not None and subset not in entry.subsets:
+            raise DataError(f"{where}: '{subset}' in column '{mapping['subset']}' is not one of {task}'s subsets "
+                            f"({', '.join(map(str, entry.subsets))}); fix it or remap data.tasks.{task}.columns.subset")
         out.append({"image": image_bytes(f["image"], where), "question": question.strip(),
                     "answers": answers, "answer": target, "question_type": str(qtype or "all"),
-                    "subset": task.subsets.get(subset, "all") if subset is not None else "all"})
+                    "subset": entry.subsets.get(subset, "all") if subset is not None else "all"})
     return out
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import io
 
+from stages.support.training import user_turn
+
 
 def _pil(image):
     from PIL import Image
@@ -19,7 +21,6 @@ def generate_answers(model_dir: str, questions: list[str], images: list, batch_s
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from stages.support.training import user_turn
 
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     processor.tokenizer.padding_side = "left"

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
 
 # Module-name patterns per group, covering Idefics3/SmolVLM, LLaVA and Qwen2-VL naming.
@@ -64,7 +65,6 @@ def trackable(model: torch.nn.Module, patterns: dict[str, list[str]]) -> list[Tr
 
 class GradESCallback(TrainerCallback):
     """Freezes converged matrices; ``log(metrics, step)`` receives step metrics (e.g. MLflow)."""
-
     def __init__(self, vision_tau: float, language_tau: float, alpha: float, compute_interval: int,
                  max_frozen_ratio: float = 1.0, patterns: dict[str, list[str]] | None = None, log=None):
         self.tau = {"vision": vision_tau, "language": language_tau}
@@ -176,8 +176,6 @@ def _unwrap(model):
 
 
 def _broadcast(obj):
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         box = [obj]
         dist.broadcast_object_list(box, src=0)

@@ -9,7 +9,14 @@ import shutil
 import time
 from pathlib import Path
 
+from runtime import raytrain
 from runtime.atomic import atomic_write
+from runtime.cost import device_model, gpu_alias
+from runtime.errors import ConfigError, UserError
+from stages import StageOutput
+from stages.model import check_weights
+from stages.support import tinyvlm
+from stages.support.settings import TrainSettings
 
 
 def check_grades(cfg, stage: str) -> None:
@@ -17,7 +24,6 @@ def check_grades(cfg, stage: str) -> None:
     settings = getattr(cfg, stage).grades
     if not settings.enabled:
         return
-    from runtime.errors import ConfigError
     from stages.support.grades import DEFAULT_PATTERNS, group_of  # imports the Trainer stack (~1.5 s)
 
     names = parameter_names(cfg)
@@ -35,7 +41,6 @@ def parameter_names(cfg) -> list[str] | None:
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from stages.support import tinyvlm
 
     if cfg.model.source == "tiny":
         config = tinyvlm.model_config(cfg.model.tiny, cfg.data.image_size, cfg.model.tiny.vocab_size)
@@ -51,8 +56,6 @@ def parameter_names(cfg) -> list[str] | None:
 
 def _intact(checkpoint: Path) -> str | None:
     """Why a Ray checkpoint cannot be resumed from (missing, unreadable weights or trainer state), or None."""
-    from runtime.errors import UserError
-    from stages.model import check_weights
 
     hf = checkpoint / "checkpoint" if (checkpoint / "checkpoint").is_dir() else checkpoint
     if not hf.is_dir():
@@ -100,10 +103,6 @@ def usable_checkpoints(storage: Path, say) -> None:
 
 def run_stage(ctx, loop, stage_cfg, inputs: dict[str, str] | None = None):
     """Shared driver side of every TRL stage: launch the Ray job, account for devices, return the model."""
-    from runtime import raytrain
-    from runtime.cost import device_kind, gpu_alias
-    from stages import StageOutput
-    from stages.support.settings import TrainSettings
 
     cfg = ctx.cfg
     model_out = ctx.stage_dir / "model"
@@ -116,15 +115,15 @@ def run_stage(ctx, loop, stage_cfg, inputs: dict[str, str] | None = None):
         usable_checkpoints(ctx.ray_storage / ctx.ray_name, ctx.say)
     devices = raytrain.devices_held(cfg.resources)
     raytrain.ensure_ray(cfg.ray.dashboard)  # starting Ray holds no device: the hold starts with the job
-    with ctx.meter.hold(devices, device_kind(cfg.resources.use_gpu)):
+    with ctx.meter.hold(devices, device_model(cfg.resources.use_gpu)):
         metrics = raytrain.fit(loop, settings, ctx.ray_storage, ctx.ray_name, model_out,
                                max_failures=cfg.failure.max_failures,
                                runtime_env=raytrain.worker_runtime_env(stage_cfg))
     ctx.meter.add_busy(float(metrics.pop("busy_seconds", 0.0)))
-    ctx.meter.kind = gpu_alias(metrics.pop("device", "CPU"))  # what the workers actually ran on
+    ctx.meter.device = gpu_alias(metrics.pop("device", "CPU"))  # what the workers actually ran on
     hardware = json.loads(metrics.pop("hardware", "null"))
     node_ids = json.loads(metrics.pop("node_ids", "[]"))
     shutil.rmtree(settings.scratch_root, ignore_errors=True)  # Ray holds the checkpoints that matter
     scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     return StageOutput(metrics=scalars, outputs={"model_dir": str(model_out)},
-                       ran_on={"rank_nodes": node_ids, "device": ctx.meter.kind, "hardware": hardware})
+                       ran_on={"rank_nodes": node_ids, "device": ctx.meter.device, "hardware": hardware})

@@ -11,6 +11,9 @@ import os
 import shutil
 from pathlib import Path
 
+from runtime.manifest import hardware
+from runtime.output import PROGRESS_ENV
+
 
 def user_turn(question: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
@@ -25,9 +28,9 @@ def load_tasks(tasks: dict, split: str, seed: int, with_task: bool = False):
     from datasets import concatenate_datasets, load_dataset
 
     parts = []
-    for kind, files in tasks.items():
+    for task, files in tasks.items():
         part = load_dataset("parquet", data_files=files[split], split="train")
-        parts.append(part.add_column("task", [kind] * len(part)) if with_task else part)
+        parts.append(part.add_column("task", [task] * len(part)) if with_task else part)
     return concatenate_datasets(parts).shuffle(seed=seed)
 
 
@@ -67,6 +70,16 @@ def worker_setup(settings) -> Path:
 
     torch.set_num_threads(max(1, int(settings.resources.cpus_per_worker)))
     return settings.scratch(ray.train.get_context().get_world_rank())
+
+
+def start_worker(settings):
+    """What every training loop begins with on its Ray Train worker: threads, this rank's scratch directory, the
+    model and processor it starts from, the stage's frozen components frozen. Returns (scratch, model, processor,
+    trainable parameters per component)."""
+    scratch = worker_setup(settings)
+    model, processor = load_model(settings.model_dir, settings.trust_remote_code)
+    trainable = freeze_components(model, settings.stage.components)
+    return scratch, model, processor, trainable
 
 
 def load_model(model_dir: str, trust_remote_code: bool):
@@ -136,13 +149,20 @@ def peft_config(lora):
                       target_modules=lora.target_modules, task_type="CAUSAL_LM")
 
 
+def start_end(values: list[float]) -> tuple[float, float]:
+    """Means over the first and the last 10 % of ``values`` (at least one value each): where a logged curve began
+    and where it ended, steadier than its first and last points."""
+    k = max(1, len(values) // 10)
+    return sum(values[:k]) / k, sum(values[-k:]) / k
+
+
 def loss_summary(history: list[dict], prefix: str) -> dict[str, float]:
     """Mean training loss over the first and the last 10% of logged steps."""
     losses = [h["loss"] for h in history if "loss" in h]
     if not losses:
         return {}
-    k = max(1, len(losses) // 10)
-    return {f"{prefix}/loss_start": sum(losses[:k]) / k, f"{prefix}/loss_end": sum(losses[-k:]) / k}
+    start, end = start_end(losses)
+    return {f"{prefix}/loss_start": start, f"{prefix}/loss_end": end}
 
 
 def grades_callback(grades, log):
@@ -224,8 +244,6 @@ def train_and_save(trainer, processor, settings, scratch: Path, summarize=None) 
     from ray.train import Checkpoint
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
-    from runtime.manifest import hardware
-    from runtime.output import PROGRESS_ENV
     from stages.support.callbacks import MlflowStepLogger, ProgressReporter, StepTimer
 
     assert Path(trainer.args.output_dir) == scratch, "a rank's HF output_dir must be its own scratch directory"
