@@ -38,6 +38,7 @@ RUN --mount=type=bind,source=wheels,target=/wheels \
     && rm -rf /tmp/requirements.txt /root/.cache
 
 COPY README.md /opt/vlmlab/
+COPY runtime /opt/vlmlab/runtime
 COPY harness /opt/vlmlab/harness
 COPY stages /opt/vlmlab/stages
 COPY evals /opt/vlmlab/evals

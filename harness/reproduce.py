@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from evals.registry import TASKS
 from evals.rewards import BUILTIN
 from harness.codeprint import code_manifest, dependency_versions
 from runtime.config import SCHEMA_VERSION, PipelineConfig, format_errors
@@ -94,17 +95,43 @@ def recorded_config(recorded: dict, path: Path, trust: bool):
         raise ConfigError(format_errors(exc, f"the config recorded in {path}", fix)) from None
 
 
+def _layout_moves() -> dict[str, tuple[str, ...]]:
+    """Where each file of the layout before the runtime/ floor (vlmlab's issue #34) lives now: the files a stage
+    recorded then, under their new paths (one old file may have become several)."""
+    moves: dict[str, tuple[str, ...]] = {"harness/__init__.py": ("runtime/__init__.py",)}
+    for name in ("config", "cost", "errors", "manifest", "secrets", "tracking", "output"):
+        moves[f"harness/{name}.py"] = (f"runtime/{name}.py",)
+    moves["harness/lease.py"] = ("runtime/lease.py", "runtime/atomic.py")
+    moves["harness/raytrain.py"] = ("runtime/raytrain.py", "runtime/ray_private.py")
+    for task in TASKS:
+        for protocol in ("short", "lmms"):
+            moves[f"evals/tasks/{task}_{protocol}.yaml"] = (f"evals/tasks/{task}/{protocol}.yaml",
+                                                            "evals/tasks/_template.yaml")
+    moves["evals/tasks/utils.py"] = (*(f"evals/tasks/{task}/utils.py" for task in TASKS), "evals/hooks.py")
+    return moves
+
+
+LAYOUT_MOVES = _layout_moves()
+
+
 def code_differences(recorded: dict) -> list[str]:
     """How the project code each recorded stage ran differs from the code here, file by file (stage records carry
-    their code since schema 2), and which declared packages changed version."""
-
+    their code since schema 2), and which declared packages changed version. Files a layout change moved are
+    followed to their new paths (``LAYOUT_MOVES``) and said once, not listed as gone and new."""
     out = []
     for stage in recorded.get("stages", []):
         code = stage.get("code") if isinstance(stage, dict) else None
         if not code or stage.get("name") not in STAGES:
             continue
+        old = code["files"]
         now = code_manifest(f"stages.{stage['name']}", getattr(STAGES[stage["name"]], "DATA_FILES", ()))
-        changed = sorted(f for f in set(code["files"]) | set(now) if code["files"].get(f) != now.get(f))
+        moved = {path: LAYOUT_MOVES[path] for path in old if path in LAYOUT_MOVES}
+        arrived = {new for news in moved.values() for new in news}
+        changed = sorted(f for f in (set(old) - set(moved)) | (set(now) - arrived) if old.get(f) != now.get(f))
+        if moved:
+            shown = ", ".join(f"{path} -> {news[0]}" for path, news in sorted(moved.items())[:3])
+            out.append(f"stage {stage['name']} ran vlmlab's layout before runtime/ (issue #34): {len(moved)} of its "
+                       f"files live under new paths now ({shown}, ...), edited by the move")
         if changed:
             out.append(f"stage {stage['name']} ran other code: {', '.join(changed)} "
                        f"(recorded at git {str(code.get('git_sha'))[:12]})")

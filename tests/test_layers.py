@@ -77,3 +77,23 @@ def test_every_training_stage_declares_its_step_cost():
         assert callable(cost), f"stages/{name}.py declares no step_cost(section) -> StepCost"
         declared = cost(getattr(defaults, name))
         assert isinstance(declared, StepCost) and declared.passes >= 3, (name, declared)
+
+
+def test_reproduce_follows_files_the_house_moved():
+    """A run recorded before the move (results/reference/dpo.json, made by the pre-runtime/ layout) is compared file
+    by file under the new paths: the moved files are said once, never listed as changed under either path."""
+    import json
+
+    from harness.reproduce import LAYOUT_MOVES, code_differences
+
+    recorded = json.loads((codeprint.PROJECT_ROOT / "results" / "reference" / "dpo.json").read_text())
+    lines = code_differences(recorded)
+    moved = [ln for ln in lines if "live under new paths now" in ln]
+    assert len(moved) == len([s for s in recorded["stages"] if s.get("code")]), lines
+    assert "harness/config.py -> runtime/config.py" in moved[0]
+    listed = [ln for ln in lines if "ran other code" in ln]
+    for old, news in LAYOUT_MOVES.items():
+        for line in listed:
+            assert f"{old}," not in line and f"{old} " not in line, line
+            assert not any(f"{new}," in line or f"{new} " in line for new in news), line
+    assert all((codeprint.PROJECT_ROOT / new).is_file() for news in LAYOUT_MOVES.values() for new in news)
