@@ -1,27 +1,20 @@
-"""Shared fixtures. Ray starts once per test module that needs it (it costs ~30 s on 2 cores)."""
+"""Shared fixtures (the plain helpers are in helpers.py). Ray starts once per test module that needs it (it costs
+~30 s on 2 cores); one real `mlflow server` serves the whole session's tests that need a plain one."""
 from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-REALDATA = ROOT.parent / "shared" / "realdata"
+pytest.register_assert_rewrite("helpers")  # its checks fail with pytest's explanations, as in a test module
+
+from helpers import loopback_only, start_mlflow_server, stop_session  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def loopback_only() -> bool:
-    """True inside a network namespace whose only interface is lo (how scripts/test runs the suite)."""
-    return sorted(name for _, name in socket.if_nameindex()) == ["lo"]
 
 
 @pytest.fixture(scope="module")
@@ -47,51 +40,12 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def stop_session(proc: subprocess.Popen, sig: int = signal.SIGKILL, timeout: float = 60) -> None:
-    """Stop a process we started with ``start_new_session=True`` and everything it started, and wait until all of
-    it is gone. Its session, not its process group: Ray gives each worker its own group, so a group kill leaves the
-    Ray Train controller alive long enough to register one more checkpoint after the test has looked."""
-    import psutil
-
-    ours = []
-    for candidate in psutil.process_iter():
-        try:
-            if candidate.pid != proc.pid and os.getsid(candidate.pid) == proc.pid:
-                ours.append(candidate)
-        except (ProcessLookupError, PermissionError):
-            pass
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    for member in ours:
-        try:
-            member.send_signal(sig)
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(timeout=timeout)  # through Popen, which keeps its exit code
-
-    def running(member) -> bool:  # a zombie has stopped writing; whoever adopted it reaps it, not us
-        try:
-            return member.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-    deadline = time.monotonic() + timeout
-    while alive := [m for m in ours if running(m)]:
-        assert time.monotonic() < deadline, f"still running {timeout} s after signal {sig}: {alive}"
-        time.sleep(0.1)
-
-
-def tiny_overrides(**extra) -> list[str]:
-    """The default preset shrunk to seconds: small data, few steps, its VQA and ChartQA tasks only (every other
-    registered task dropped, so adding a task to the preset leaves these tests as they are). A task that ``extra``
-    sizes is kept."""
-    from evals.registry import TASKS
-
-    base = {f"data.tasks.{kind}": "null" for kind in TASKS if kind not in ("vqa", "chartqa")
-            and not any(key.startswith(f"data.tasks.{kind}.") for key in extra)}
-    base |= {
-        "data.tasks.vqa.train_size": 64, "data.tasks.vqa.test_size": 16, "data.tasks.chartqa.train_size": 64,
-        "data.tasks.chartqa.test_size": 16, "sft.max_steps": 4, "sft.batch_size": 8, "sft.save_steps": 2,
-        "sft.logging_steps": 1, "sft.warmup_steps": 0, "eval.batch_size": 16,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real `mlflow server` on 127.0.0.1 for the session (it takes 20-60 s to start here), with its own SQLite
+    store (``.db``) and artifact directory under ``.root``; ``.uri`` and ``.port`` reach it. Shared: each test
+    writes to an experiment of its own name and never stops the server (a test that must stop or kill one starts
+    its own with helpers.start_mlflow_server). Stopped with SIGTERM, its workers too, after the last test."""
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+    yield server
+    stop_session(server.proc, signal.SIGTERM)

@@ -2,10 +2,25 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+REALDATA = ROOT.parent / "shared" / "realdata"
 TASK_DIR = ROOT / "evals" / "tasks"
 
 
@@ -22,3 +37,275 @@ def task_yaml(task: str, protocol: str) -> dict:
     from lm_eval.tasks._yaml_loader import load_yaml
 
     return load_yaml(TASK_DIR / task / f"{protocol}.yaml", resolve_func=False)
+
+
+def loopback_only() -> bool:
+    """True inside a network namespace whose only interface is lo (how scripts/test runs the suite)."""
+    return sorted(name for _, name in socket.if_nameindex()) == ["lo"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listened on a moment ago (closed again: bind it soon)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str):
+    """``predicate()``'s first truthy answer, asked every 0.5 s; an AssertionError naming ``what`` after ``timeout``."""
+    end = time.time() + timeout
+    while time.time() < end:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 180, log: Path | None = None,
+              any_status: bool = False) -> None:
+    """Wait until ``url`` answers (a 2xx; with ``any_status`` any HTTP answer, e.g. a 401 for an unauthenticated
+    call, counts as up), failing at once if ``proc`` (the server) exits, with the tail of its ``log`` if it has one."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            if any_status:
+                return
+        except OSError:
+            pass
+        assert proc.poll() is None, f"{what} exited" + (f":\n{log.read_text()[-3000:]}" if log else "")
+        assert time.time() < deadline, f"{what} did not come up within {timeout:.0f} s"
+        time.sleep(0.5)
+
+
+def stop_session(proc: subprocess.Popen, sig: int = signal.SIGKILL, timeout: float = 60) -> None:
+    """Stop a process we started with ``start_new_session=True`` and everything it started, and wait until all of
+    it is gone. Its session, not its process group: Ray gives each worker its own group, so a group kill leaves the
+    Ray Train controller alive long enough to register one more checkpoint after the test has looked."""
+    import psutil
+
+    ours = []
+    for candidate in psutil.process_iter():
+        try:
+            if candidate.pid != proc.pid and os.getsid(candidate.pid) == proc.pid:
+                ours.append(candidate)
+        except (ProcessLookupError, PermissionError):
+            pass
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    for member in ours:
+        try:
+            member.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=timeout)  # through Popen, which keeps its exit code
+
+    def running(member) -> bool:  # a zombie has stopped writing; whoever adopted it reaps it, not us
+        try:
+            return member.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+    deadline = time.monotonic() + timeout
+    while alive := [m for m in ours if running(m)]:
+        assert time.monotonic() < deadline, f"still running {timeout} s after signal {sig}: {alive}"
+        time.sleep(0.1)
+
+
+def tiny_overrides(**extra) -> list[str]:
+    """The default preset shrunk to seconds: small data, few steps, its VQA and ChartQA tasks only (every other
+    registered task dropped, so adding a task to the preset leaves these tests as they are). A task that ``extra``
+    sizes is kept."""
+    from evals.registry import TASKS
+
+    base = {f"data.tasks.{kind}": "null" for kind in TASKS if kind not in ("vqa", "chartqa")
+            and not any(key.startswith(f"data.tasks.{kind}.") for key in extra)}
+    base |= {
+        "data.tasks.vqa.train_size": 64, "data.tasks.vqa.test_size": 16, "data.tasks.chartqa.train_size": 64,
+        "data.tasks.chartqa.test_size": 16, "sft.max_steps": 4, "sft.batch_size": 8, "sft.save_steps": 2,
+        "sft.logging_steps": 1, "sft.warmup_steps": 0, "eval.batch_size": 16,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+# --- a real `mlflow server` ----------------------------------------------------------------------------------------
+
+@dataclass
+class MlflowServer:
+    """A running `mlflow server` on 127.0.0.1: its SQLite store is ``db``, its artifacts are under ``root``."""
+
+    root: Path
+    port: int
+    proc: subprocess.Popen
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def db(self) -> Path:
+        return self.root / "store.db"
+
+
+def start_mlflow_server(root: Path, port: int | None = None, timeout: float = 180) -> MlflowServer:
+    """`mlflow server` on 127.0.0.1 (on ``port``, or a free one) with its SQLite store and artifact directory in
+    ``root``, once its /health answers (20-60 s on 2 busy cores). One worker (each worker starts cold: seconds per
+    first request here) and no job runner (8 more processes, ~240 MB each, that tracking does not use). Started in a
+    session of its own: stop it with ``stop_session(server.proc, ...)`` (SIGTERM to stop it, SIGKILL to make it die);
+    started again on the same root and port, it serves what it stored before."""
+    root = Path(root)
+    port = free_port() if port is None else port
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                             f"sqlite:///{root / 'store.db'}", "--artifacts-destination", str(root / "artifacts"),
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=root,
+                            env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc, "mlflow server", timeout)
+    except BaseException:
+        stop_session(proc)
+        raise
+    return MlflowServer(root, port, proc)
+
+
+class Partition:
+    """A TCP forwarder to the MLflow server that the test can cut (connections refused, open ones dropped) and
+    restore on the same port: a network outage between one client and the server."""
+
+    def __init__(self, target_port: int):
+        self.target, self.port = target_port, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.sockets: list[socket.socket] = []
+        self.listener: socket.socket | None = None
+        self.up()
+
+    def up(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def down(self) -> None:
+        for s in [self.listener, *self.sockets]:
+            try:
+                s.shutdown(socket.SHUT_RDWR)  # wakes the threads blocked on it
+            except OSError:
+                pass
+            s.close()
+        self.sockets.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # cut
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            self.sockets += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+            b.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+# --- a pipeline's run directory and local store, as faults leave them ----------------------------------------------
+
+SLOW_SFT = {"sft.max_steps": 40, "sft.save_steps": 10, "sft.batch_size": 8}
+
+
+def local_runs(root: Path) -> tuple:
+    """A client of ``root``'s SQLite store (``root/mlflow.db``, as the ``workdir`` fixture sets it) and every run of
+    its `vlmlab` experiment (none if there is no such experiment)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("vlmlab")
+    return client, (client.search_runs([exp.experiment_id], max_results=1000) if exp else [])
+
+
+def checkpoints(root: Path, stage: str = "sft") -> list[Path]:
+    """The checkpoint directories Ray Train has begun writing for ``stage`` of the runs under ``root/runs``."""
+    return sorted((root / "runs" / ".cache" / "ray").glob(f"{stage}-*/checkpoint_*"))
+
+
+def registered_checkpoint(root: Path, stage: str = "sft", count: int = 1) -> bool:
+    """Ray has registered at least ``count`` checkpoints of the stage (not just begun writing one)."""
+    for snapshot in (root / "runs" / ".cache" / "ray").glob(f"{stage}-*/checkpoint_manager_snapshot.json"):
+        try:
+            if len(json.loads(snapshot.read_text()).get("checkpoint_results", [])) >= count:
+                return True
+        except (OSError, ValueError):  # being written
+            pass
+    return False
+
+
+# --- the console of `harness run` (#26) ------------------------------------------------------------------------------
+
+# What reached the console before: Ray workers' forwarded lines, progress bars, Ray's and lm-eval's warnings, git's
+# complaint outside a checkout, the summary's missing base score
+LEAKS = ("pid=", "it/s]", "examples/s]", "Token authentication", "fatal: not a git repository",
+         "HF model type is neither marked", "base nan", "INFO", "Creating parquet")
+
+
+def run_without_tty(argv: list[str], cwd, env: dict, timeout: float = 3600) -> tuple[list[tuple[float, str]], int]:
+    """Run ``argv`` with its output on a pipe (no TTY): its non-empty lines with the time each arrived, its exit
+    code."""
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    lines: list[tuple[float, str]] = []
+    reader = threading.Thread(target=lambda: [lines.append((time.monotonic(), ln.rstrip("\n")))
+                                              for ln in proc.stdout], daemon=True)
+    reader.start()
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        code = None
+    finally:
+        stop_session(proc)
+    reader.join(timeout=30)
+    if code is None:
+        pytest.fail(f"{' '.join(argv)} still running after {timeout:.0f} s; its output so far:\n"
+                    + "\n".join(ln for _, ln in lines))
+    return [(t, ln) for t, ln in lines if ln.strip()], code
+
+
+def check_default_sft_run(workdir, lines: list[tuple[float, str]], code: int, shown_workdir=None) -> None:
+    """#26's acceptance on the default `harness run sft` (full preset) without a TTY: at most 40 non-empty lines,
+    none of them a library's; the run's logs hold one file per stage and what the workers printed. Takes the run's
+    (arrival time, non-empty line) pairs, its exit code, its workdir and that workdir's path as the run saw it (in a
+    container: the volume's mount point). test_docker runs it on the README's container."""
+    from runtime.config import load_config
+
+    steps = load_config(None).sft.max_steps
+    text = "\n".join(ln for _, ln in lines)
+    assert code == 0, text[-5000:]
+    assert len(lines) <= 40, text
+    assert not [leak for leak in LEAKS if leak in text], text
+    for stage in ("data", "model", "sft", "eval"):
+        assert sum(ln.startswith(f"stage {stage} done in ") for _, ln in lines) == 1, text
+    progress = [(t, ln) for t, ln in lines if re.match(rf"sft +\d+/{steps} ", ln)]
+    assert progress, text  # a stage of minutes shows its progress
+    assert all(re.search(r"loss \d+\.\d{3}  [\d.]+ samples/s  ETA \w+  \$\d\.\d{4}$", ln) for _, ln in progress[1:])
+    percents = [int(re.search(r"(\d+)%", ln).group(1)) // 10 for _, ln in progress]
+    assert percents == sorted(set(percents)), text  # at most one line per 10 % of the steps ...
+    assert all(b - a >= 29 for (a, _), (b, _) in zip(progress, progress[1:], strict=False)), text  # ... and per 30 s
+
+    run_dir = next((workdir / "runs").glob("*/result.json")).parent
+    shown = run_dir if shown_workdir is None else shown_workdir / run_dir.relative_to(workdir)
+    assert str(shown) in "".join(text.split()), text  # the summary names it (rich may fold a long path)
+    logs = run_dir / "logs"
+    assert {p.name for p in logs.glob("*.log")} == {"run.log", "data.log", "model.log", "sft.log", "eval.log"}
+    workers = {p.name: p.read_text(errors="replace") for p in (logs / "ray").glob("*.log")}
+    assert "{'loss': " in workers["sft.rank0.log"]  # TRL's loss lines, from the training worker
+    assert any(name.startswith("eval.shard") for name in workers)  # and the eval shards' lm-eval output
+    assert "Started a local Ray instance" in (logs / "sft.log").read_text()  # Ray's own lines, in the driver's log
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["metrics"]["sft/steps"] == steps

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 from harness.pipeline import run_pipeline
 from runtime.config import ComposeConfig, load_config

@@ -8,17 +8,13 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, loopback_only, stop_session, tiny_overrides
+from helpers import ROOT, free_port, loopback_only, stop_session, tiny_overrides, wait_http
 from mlflow.tracking import MlflowClient
 
 BIN = Path(sys.executable).parent
@@ -36,26 +32,6 @@ print(json.dumps(alive))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except urllib.error.HTTPError:  # answering (even 401 for an unauthenticated call) means it is up
-            return
-        except OSError:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.time() < deadline, f"{what} did not come up"
-            time.sleep(1)
-
-
 @pytest.fixture(scope="module")
 def cluster():
     """Head (0 CPUs, 0 GPUs) + two 1-CPU worker nodes + an MLflow server, all on loopback."""
@@ -68,7 +44,7 @@ def cluster():
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     env.pop("RAY_ADDRESS", None)
-    gcs, dashboard, mlflow_port = _free_port(), _free_port(), _free_port()
+    gcs, dashboard, mlflow_port = free_port(), free_port(), free_port()
     common = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     procs: list[subprocess.Popen] = []
 
@@ -83,14 +59,15 @@ def cluster():
                               "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                               f"--temp-dir={tmp / 'ray'}", *common])
         address = f"http://127.0.0.1:{dashboard}"
-        _wait_http(f"{address}/api/version", head, tmp / "head.log", "the Ray head's dashboard")
+        # any answer (even a 401 for an unauthenticated call) means it is up
+        wait_http(f"{address}/api/version", head, "the Ray head's dashboard", log=tmp / "head.log", any_status=True)
         for i in (1, 2):  # two raylets on one machine: each its own temp dir (sockets) and agent ports, else
             # they collide (seen: "The current node timed out during startup")
             start(f"worker{i}", [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1",
                                  "--num-gpus=0", f"--temp-dir={tmp / f'w{i}'}",
-                                 f"--dashboard-agent-listen-port={_free_port()}",
-                                 f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-                                 f"--runtime-env-agent-port={_free_port()}", *common])
+                                 f"--dashboard-agent-listen-port={free_port()}",
+                                 f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+                                 f"--runtime-env-agent-port={free_port()}", *common])
         server = start("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri",
                                   f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination", str(tmp / "artifacts"),
                                   "--host", "127.0.0.1", "--port", str(mlflow_port)])
@@ -101,7 +78,8 @@ def cluster():
         logs = "".join(f"\n--- {n}.log\n" + (tmp / f"{n}.log").read_text()[-1500:]
                        for n in ("head", "worker1", "worker2"))
         assert len(alive) == 3, nodes.stdout[-2000:] + nodes.stderr[-2000:] + logs
-        _wait_http(f"http://127.0.0.1:{mlflow_port}/health", server, tmp / "mlflow.log", "mlflow server", 240)
+        wait_http(f"http://127.0.0.1:{mlflow_port}/health", server, "mlflow server", 240, log=tmp / "mlflow.log",
+                  any_status=True)
         yield {"address": address, "gcs": f"127.0.0.1:{gcs}", "env": env, "tmp": tmp,
                "tracking": f"http://127.0.0.1:{mlflow_port}",
                "head": {n["id"] for n in alive if n["cpus"] == 0}, "workers": {n["id"] for n in alive if n["cpus"]}}

@@ -2,23 +2,14 @@
 from __future__ import annotations
 
 import io
-import json
 import re
 import subprocess
 import sys
 import textwrap
-import threading
-import time
 
-import pytest
-from conftest import ROOT, stop_session
+from helpers import ROOT
 
 from harness import console as output
-
-# What reached the console before: Ray workers' forwarded lines, progress bars, Ray's and lm-eval's warnings, git's
-# complaint outside a checkout, the summary's missing base score
-LEAKS = ("pid=", "it/s]", "examples/s]", "Token authentication", "fatal: not a git repository",
-         "HF model type is neither marked", "base nan", "INFO", "Creating parquet")
 
 
 def _display(width: int = 120):
@@ -121,58 +112,3 @@ def test_progress_from_the_mlflow_stream_where_rank0s_file_is_out_of_sight(tmp_p
     display.end_stage("sft")
     display.close()
 
-
-def run_without_tty(argv: list[str], cwd, env: dict, timeout: float = 3600) -> tuple[list[tuple[float, str]], int]:
-    """Run ``argv`` with its output on a pipe (no TTY): its non-empty lines with the time each arrived, its exit
-    code."""
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    lines: list[tuple[float, str]] = []
-    reader = threading.Thread(target=lambda: [lines.append((time.monotonic(), ln.rstrip("\n")))
-                                              for ln in proc.stdout], daemon=True)
-    reader.start()
-    try:
-        code = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        code = None
-    finally:
-        stop_session(proc)
-    reader.join(timeout=30)
-    if code is None:
-        pytest.fail(f"{' '.join(argv)} still running after {timeout:.0f} s; its output so far:\n"
-                    + "\n".join(ln for _, ln in lines))
-    return [(t, ln) for t, ln in lines if ln.strip()], code
-
-
-def check_default_sft_run(workdir, lines: list[tuple[float, str]], code: int, shown_workdir=None) -> None:
-    """#26's acceptance on the default `harness run sft` (full preset) without a TTY: at most 40 non-empty lines,
-    none of them a library's; the run's logs hold one file per stage and what the workers printed. Takes the run's
-    (arrival time, non-empty line) pairs, its exit code, its workdir and that workdir's path as the run saw it (in a
-    container: the volume's mount point). test_docker runs it on the README's container."""
-    from runtime.config import load_config
-
-    steps = load_config(None).sft.max_steps
-    text = "\n".join(ln for _, ln in lines)
-    assert code == 0, text[-5000:]
-    assert len(lines) <= 40, text
-    assert not [leak for leak in LEAKS if leak in text], text
-    for stage in ("data", "model", "sft", "eval"):
-        assert sum(ln.startswith(f"stage {stage} done in ") for _, ln in lines) == 1, text
-    progress = [(t, ln) for t, ln in lines if re.match(rf"sft +\d+/{steps} ", ln)]
-    assert progress, text  # a stage of minutes shows its progress
-    assert all(re.search(r"loss \d+\.\d{3}  [\d.]+ samples/s  ETA \w+  \$\d\.\d{4}$", ln) for _, ln in progress[1:])
-    percents = [int(re.search(r"(\d+)%", ln).group(1)) // 10 for _, ln in progress]
-    assert percents == sorted(set(percents)), text  # at most one line per 10 % of the steps ...
-    assert all(b - a >= 29 for (a, _), (b, _) in zip(progress, progress[1:], strict=False)), text  # ... and per 30 s
-
-    run_dir = next((workdir / "runs").glob("*/result.json")).parent
-    shown = run_dir if shown_workdir is None else shown_workdir / run_dir.relative_to(workdir)
-    assert str(shown) in "".join(text.split()), text  # the summary names it (rich may fold a long path)
-    logs = run_dir / "logs"
-    assert {p.name for p in logs.glob("*.log")} == {"run.log", "data.log", "model.log", "sft.log", "eval.log"}
-    workers = {p.name: p.read_text(errors="replace") for p in (logs / "ray").glob("*.log")}
-    assert "{'loss': " in workers["sft.rank0.log"]  # TRL's loss lines, from the training worker
-    assert any(name.startswith("eval.shard") for name in workers)  # and the eval shards' lm-eval output
-    assert "Started a local Ray instance" in (logs / "sft.log").read_text()  # Ray's own lines, in the driver's log
-    result = json.loads((run_dir / "result.json").read_text())
-    assert result["metrics"]["sft/steps"] == steps

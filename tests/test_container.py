@@ -8,7 +8,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,9 +16,8 @@ import urllib.request
 from pathlib import Path
 
 import yaml
-from conftest import stop_session
+from helpers import ROOT, free_port, stop_session, wait_http
 
-ROOT = Path(__file__).resolve().parent.parent
 HADOLINT = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
 LOCKED_DOWN = {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
                "seccompProfile": {"type": "RuntimeDefault"}}
@@ -145,12 +143,6 @@ def test_mlflow_store_is_on_its_own_volume_apart_from_the_rayjob():
         assert admitted.items() <= template["metadata"]["labels"].items()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _request(url: str, host: str, method: str = "GET", body: bytes | None = None) -> tuple[int, bytes]:
     req = urllib.request.Request(url, data=body, method=method, headers={"Host": host})
     if body is not None:
@@ -167,15 +159,8 @@ def _serve(command: list[str], log: Path, port: int) -> subprocess.Popen:
     argv = [str(Path(sys.executable).with_name(command[0])), *command[1:]]
     with open(log, "a") as out:
         server = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 240  # 20-60 s on 2 busy cores to first /health
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return server
-        except OSError:
-            assert server.poll() is None, log.read_text()[-3000:]
-            assert time.time() < deadline, "mlflow server did not come up"
-            time.sleep(1)
+    wait_http(f"http://127.0.0.1:{port}/health", server, "mlflow server", 240, log=log)  # 20-60 s on 2 busy cores
+    return server
 
 
 def test_mlflow_server_as_deployed_takes_the_rayjobs_writes_and_keeps_them(tmp_path):
@@ -187,7 +172,7 @@ def test_mlflow_server_as_deployed_takes_the_rayjobs_writes_and_keeps_them(tmp_p
     deploy = _one("Deployment", "mlflow")
     container = deploy["spec"]["template"]["spec"]["containers"][0]
     volume = container["volumeMounts"][0]["mountPath"]
-    port = _free_port()
+    port = free_port()
     command = [a.replace(f"{volume}/", f"{tmp_path}/").replace("--host=0.0.0.0", "--host=127.0.0.1")
                .replace("--port=5000", f"--port={port}") for a in container["command"]]
     assert command[:2] == ["mlflow", "server"] and f"--port={port}" in command and "--host=127.0.0.1" in command

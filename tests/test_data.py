@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import REALDATA
+from helpers import REALDATA
 
 from runtime.config import TaskDataConfig
 from runtime.errors import DataError

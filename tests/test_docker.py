@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, loopback_only
-from test_console import check_default_sft_run, run_without_tty
+from helpers import ROOT, check_default_sft_run, loopback_only, run_without_tty
 
 from evals.registry import TASKS
 from runtime.config import load_config

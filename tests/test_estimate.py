@@ -6,7 +6,7 @@ import io
 import json
 
 import pytest
-from conftest import loopback_only, tiny_overrides
+from helpers import loopback_only, tiny_overrides
 from rich.console import Console
 from typer.testing import CliRunner
 

@@ -11,45 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
-from mlflow.tracking import MlflowClient
+from helpers import SLOW_SFT, free_port, registered_checkpoint, tiny_overrides, wait_for
 
 from harness.pipeline import run_pipeline
 from runtime.config import load_config
 from runtime.errors import UserError
-
-SLOW_SFT = {"sft.max_steps": 40, "sft.save_steps": 10, "sft.batch_size": 8}
-
-
-def _client(root: Path) -> tuple[MlflowClient, list]:
-    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("vlmlab")
-    return client, (client.search_runs([exp.experiment_id], max_results=1000) if exp else [])
-
-
-def _wait_for(predicate, timeout: float, what: str):
-    end = time.time() + timeout
-    while time.time() < end:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _checkpoints(root: Path, stage: str = "sft") -> list[Path]:
-    return sorted((root / "runs" / ".cache" / "ray").glob(f"{stage}-*/checkpoint_*"))
-
-
-def _registered_checkpoint(root: Path, stage: str = "sft", count: int = 1) -> bool:
-    """Ray has registered at least ``count`` checkpoints of the stage (not just begun writing one)."""
-    for snapshot in (root / "runs" / ".cache" / "ray").glob(f"{stage}-*/checkpoint_manager_snapshot.json"):
-        try:
-            if len(json.loads(snapshot.read_text()).get("checkpoint_results", [])) >= count:
-                return True
-        except (OSError, ValueError):  # being written
-            pass
-    return False
 
 
 def test_worker_killed_mid_stage_restarts_from_checkpoint(ray_session, workdir):
@@ -64,7 +30,7 @@ def test_worker_killed_mid_stage_restarts_from_checkpoint(ray_session, workdir):
     def kill_worker_after_first_checkpoint():
         # a checkpoint directory appears before Ray's controller registers it (a kill then restarts from
         # nothing): wait until Ray's own checkpoint-manager snapshot lists a checkpoint
-        _wait_for(lambda: _registered_checkpoint(workdir), 300, "a registered checkpoint")
+        wait_for(lambda: registered_checkpoint(workdir), 300, "a registered checkpoint")
         # only this test's own Ray (started by this process) is searched: its workers are our descendants
         def workers():
             found = []
@@ -76,7 +42,7 @@ def test_worker_killed_mid_stage_restarts_from_checkpoint(ray_session, workdir):
                     pass
             return found
 
-        worker = _wait_for(workers, 30, "the worker")
+        worker = wait_for(workers, 30, "the worker")
         worker[0].kill()
         killed.append(worker[0].pid)
 
@@ -175,8 +141,8 @@ def test_actor_hung_on_its_way_out_is_reaped(ray_session):
     actor = HangsOnExit.remote()
     pid = ray.get(actor.pid.remote())
     actor.leave.remote()
-    _wait_for(lambda: any(a["Pid"] == pid for a in ray._private.state.actors(actor_state_name="DEAD").values()),
-              30, "Ray to count the actor dead")
+    wait_for(lambda: any(a["Pid"] == pid for a in ray._private.state.actors(actor_state_name="DEAD").values()),
+             30, "Ray to count the actor dead")
     time.sleep(1)
     assert psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # still hanging in its exit handler
     assert pid in reap_hung_actors()
@@ -187,14 +153,12 @@ def test_actor_hung_on_its_way_out_is_reaped(ray_session):
         except psutil.NoSuchProcess:
             return True
 
-    _wait_for(dead, 10, "the hung process to die")
+    wait_for(dead, 10, "the hung process to die")
 
 
 def test_background_step_logger_keeps_order_and_falls_back_to_the_outbox(tmp_path, monkeypatch):
     """Step metrics written from the trainer's background thread: all arrive, in step order, with the time they
     were logged; with the store gone they go to the outbox (synced later); without an outbox close() raises."""
-    import socket
-
     from mlflow.exceptions import MlflowException
 
     from runtime.tracking import BackgroundStepLogger, Tracker, sync_outbox
@@ -216,9 +180,7 @@ def test_background_step_logger_keeps_order_and_falls_back_to_the_outbox(tmp_pat
     assert len(tracker.client.get_metric_history(run_id, "loss")) == 31
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
+    port = free_port()  # closed again: nothing listens there
     gone = f"http://127.0.0.1:{port}"  # a tracking server that is not there
     (tmp_path / "run" / "sft").mkdir(parents=True)
     outbox = tmp_path / "run" / "sft" / "mlflow_outbox_worker.jsonl"

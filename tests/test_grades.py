@@ -107,7 +107,7 @@ def test_two_ddp_workers_freeze_the_same_matrices_at_the_same_step(ray_session, 
     """GradES under Ray Train DDP with 2 CPU workers: rank 0 decides and broadcasts; both ranks agree."""
     import json
 
-    from conftest import tiny_overrides
+    from helpers import tiny_overrides
 
     from harness.pipeline import run_pipeline
 

@@ -11,8 +11,16 @@ import signal
 import subprocess
 import sys
 
-from conftest import stop_session, tiny_overrides
-from test_faults import SLOW_SFT, _checkpoints, _client, _registered_checkpoint, _wait_for
+from helpers import (
+    SLOW_SFT,
+    checkpoints,
+    local_runs,
+    registered_checkpoint,
+    start_mlflow_server,
+    stop_session,
+    tiny_overrides,
+    wait_for,
+)
 
 
 def _harness(root, *args: str) -> subprocess.Popen:
@@ -25,7 +33,7 @@ def _kill_when(root, args: list[str], ready, what: str) -> None:
     """Start `harness` with ``args`` and SIGKILL it as soon as ``ready()``."""
     proc = _harness(root, *args)
     try:
-        _wait_for(lambda: ready() or proc.poll() is not None, 300, what)
+        wait_for(lambda: ready() or proc.poll() is not None, 300, what)
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
@@ -47,8 +55,8 @@ def test_sigkill_then_rerun_resumes(workdir):
     resumes into the same run directory (cached stages, training from that checkpoint) and finishes; the killed
     attempt's MLflow runs end up KILLED, none RUNNING. Once finished, the name is taken: a clear error."""
     args = ["run", "sft", *tiny_overrides(**SLOW_SFT), "run_name=resumable", "--output-dir", "runs"]
-    _kill_when(workdir, args, lambda: _registered_checkpoint(workdir), "a checkpoint")
-    _, runs = _client(workdir)
+    _kill_when(workdir, args, lambda: registered_checkpoint(workdir), "a checkpoint")
+    _, runs = local_runs(workdir)
     assert any(r.info.status == "RUNNING" for r in runs)  # what a SIGKILL leaves behind...
 
     rc, out, err = _finish(workdir, args)
@@ -59,7 +67,7 @@ def test_sigkill_then_rerun_resumes(workdir):
     result = json.loads(result[0].read_text())
     assert result["reused_stages"] == ["data", "model"]
     assert result["metrics"]["sft/resumed_from_step"] >= 10 and result["metrics"]["sft/steps"] == 40
-    _, runs = _client(workdir)
+    _, runs = local_runs(workdir)
     assert not [r for r in runs if r.info.status == "RUNNING"]  # ...is cleaned up by the next run
     assert sum(r.info.status == "KILLED" for r in runs) >= 2  # the killed attempt's parent and sft runs
     rc, out, err = _finish(workdir, args)
@@ -70,7 +78,7 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(workdir):
     """SIGKILL after two registered checkpoints, then damage the newest: the rerun warns once and resumes from the
     one before (Ray's list is repaired), instead of failing on every rerun."""
     args = ["run", "sft", *tiny_overrides(**SLOW_SFT), "--output-dir", "runs"]
-    _kill_when(workdir, args, lambda: _registered_checkpoint(workdir, count=2), "2 checkpoints")
+    _kill_when(workdir, args, lambda: registered_checkpoint(workdir, count=2), "2 checkpoints")
     storage = next((workdir / "runs" / ".cache" / "ray").glob("sft-*"))
     snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
     older, newest = [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]][-2:]
@@ -88,48 +96,17 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(workdir):
 def test_sigterm_marks_runs_killed_and_says_how_to_resume(workdir):
     proc = _harness(workdir, "run", "sft", *tiny_overrides(**SLOW_SFT), "--output-dir", "runs")
     try:
-        _wait_for(lambda: _checkpoints(workdir) or proc.poll() is not None, 300, "training to start")
+        wait_for(lambda: checkpoints(workdir) or proc.poll() is not None, 300, "training to start")
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:
         stop_session(proc)
     assert proc.returncode == 130
     assert "rerun the same command to resume" in " ".join(err.split())
-    _, runs = _client(workdir)
+    _, runs = local_runs(workdir)
     assert runs and not [r for r in runs if r.info.status == "RUNNING"]
     assert {r.info.status for r in runs if r.data.tags.get("vlmlab.stage") in (None, "sft")} == {"KILLED"}
     assert not list((workdir / "runs").glob("*/result.json"))
-
-
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _mlflow_server(root, port: int) -> subprocess.Popen:
-    """`mlflow server` on 127.0.0.1 with one worker (each worker starts cold: seconds per first request here) and
-    without its job runner (8 more processes, ~240 MB each, that tracking does not use)."""
-    import urllib.request
-
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                             f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=root,
-                            env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def healthy():
-        try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
-        except OSError:
-            return proc.poll() is not None
-    _wait_for(healthy, 120, "the MLflow server")
-    assert proc.poll() is None, "mlflow server exited"
-    return proc
 
 
 def test_tracking_server_lost_mid_run_then_synced(workdir):
@@ -137,26 +114,25 @@ def test_tracking_server_lost_mid_run_then_synced(workdir):
     `harness sync` against the restarted server then completes the record."""
     from mlflow.tracking import MlflowClient
 
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = _mlflow_server(workdir, port)
+    server = start_mlflow_server(workdir)  # its own: this test kills it
+    port, uri = server.port, server.uri
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri)
     proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", "sft", *tiny_overrides(**SLOW_SFT),
                              "--output-dir", "runs"], cwd=workdir, env=env, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
     try:
-        _wait_for(lambda: _checkpoints(workdir) or proc.poll() is not None, 300, "training to start")
-        stop_session(server)  # the tracking server goes away mid-stage
+        wait_for(lambda: checkpoints(workdir) or proc.poll() is not None, 300, "training to start")
+        stop_session(server.proc)  # the tracking server goes away mid-stage
         out, err = proc.communicate(timeout=600)
     finally:
         stop_session(proc)
-        stop_session(server)
+        stop_session(server.proc)
     assert proc.returncode == 0, err[-3000:]
     run_dir = next((workdir / "runs").glob("*/result.json")).parent
     assert "harness sync" in out and (run_dir / "mlflow_outbox.jsonl").exists()
     result = json.loads((run_dir / "result.json").read_text())
 
-    server = _mlflow_server(workdir, port)
+    server = start_mlflow_server(workdir, port)  # restarted on its store
     try:
         synced = subprocess.run([sys.executable, "-m", "harness.cli", "sync", str(run_dir), "--tracking-uri", uri],
                                 cwd=workdir, capture_output=True, text=True, timeout=300, check=False)
@@ -175,7 +151,7 @@ def test_tracking_server_lost_mid_run_then_synced(workdir):
         losses = client.get_metric_history(children["sft"].info.run_id, "sft/loss")
         assert len(losses) == 40  # logging_steps=1: every step arrived, before and after the outage
     finally:
-        stop_session(server)
+        stop_session(server.proc)
 
 
 DISK_FULL_SCRIPT = r"""
@@ -211,6 +187,6 @@ def test_disk_full_gives_a_clear_error_and_keeps_earlier_results(workdir):
     ours = [ln for ln in err.splitlines() if "pid=" not in ln]  # lines not forwarded from Ray's workers
     assert not any("Traceback" in ln for ln in ours)  # a message, not a crash of the harness itself
     assert "INTACT" in proc.stdout
-    _, runs = _client(workdir)
+    _, runs = local_runs(workdir)
     assert not [r for r in runs if r.info.status == "RUNNING"]
     assert sum(r.info.status == "FAILED" for r in runs) >= 2  # the second run's parent and failing stage

@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from typer.testing import CliRunner
 
 from harness.cli import app

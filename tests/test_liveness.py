@@ -15,10 +15,8 @@ import threading
 import time
 
 import pytest
-from conftest import stop_session
+from helpers import Partition, stop_session, wait_for
 from mlflow.tracking import MlflowClient
-from test_faults import _wait_for
-from test_sync import Partition, server  # noqa: F401 - the module's MLflow server fixture
 
 from evals.registry import TASKS
 from runtime.tracking import HEARTBEAT_TAG, OUTBOX, REAPED_TAG, Tracker, sync_outbox
@@ -90,7 +88,7 @@ def statuses(client: MlflowClient, run_ids: list[str]) -> list[str]:
 def reap_until(reaper: Tracker, runs: list[str], what: str) -> set[str]:
     """What the reaper marks KILLED until ``runs`` all are (each run's heartbeat goes stale on its own)."""
     reaped: set[str] = set()
-    _wait_for(lambda: reaped.update(reaper.reap_stale()) or reaped >= set(runs), 60, what)
+    wait_for(lambda: reaped.update(reaper.reap_stale()) or reaped >= set(runs), 60, what)
     return reaped
 
 
@@ -117,15 +115,15 @@ def test_a_run_killed_on_another_host_is_marked_killed_when_its_heartbeat_stops(
         alive.stop()
 
 
-def test_a_run_marked_killed_while_offline_gets_its_status_back(server, tmp_path, monkeypatch):  # noqa: F811
+def test_a_run_marked_killed_while_offline_gets_its_status_back(mlflow_server, tmp_path, monkeypatch):
     """Cut off from the store, a live run on another host is marked KILLED; reconnected, its own heartbeat sets it
     RUNNING again. Cut off again and marked again, it ends offline: `harness sync` replays its real end."""
     quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
     for name, value in quick.items():
         monkeypatch.setenv(name, value)
-    uri = f"http://127.0.0.1:{server}"
+    uri = mlflow_server.uri
     Tracker(uri, "offline-host")
-    part = Partition(server)
+    part = Partition(mlflow_server.port)
     other = OtherHost(part.uri, "offline-host", tmp_path / "run")
     try:
         monkeypatch.setenv("VLMLAB_STALE_AFTER_S", "3")
@@ -137,7 +135,7 @@ def test_a_run_marked_killed_while_offline_gets_its_status_back(server, tmp_path
         assert statuses(client, other.runs) == ["KILLED", "KILLED"]
 
         part.up()
-        _wait_for(lambda: statuses(client, other.runs) == ["RUNNING", "RUNNING"], 60, "the runs to come back")
+        wait_for(lambda: statuses(client, other.runs) == ["RUNNING", "RUNNING"], 60, "the runs to come back")
         assert not any(REAPED_TAG in client.get_run(r).data.tags for r in other.runs)
         assert float(client.get_run(other.runs[0]).data.tags[HEARTBEAT_TAG]) > time.time() - 30
         assert reaper.reap_stale() == []
@@ -166,8 +164,8 @@ def test_harness_run_and_sweep_mark_a_silent_run_of_another_host_killed(workdir,
     client = Tracker(uri, "vlmlab").client
     other = OtherHost(uri, "vlmlab", workdir / "other")
     other.stop()
-    _wait_for(lambda: float(client.get_run(other.runs[0]).data.tags[HEARTBEAT_TAG]) < time.time() - 4, 60,
-              "the heartbeat to go stale")
+    wait_for(lambda: float(client.get_run(other.runs[0]).data.tags[HEARTBEAT_TAG]) < time.time() - 4, 60,
+             "the heartbeat to go stale")
     data = ["pipelines.d=[data]", "data.tasks.vqa.train_size=16", "data.tasks.vqa.test_size=8",
             "data.tasks.chartqa.train_size=16", "data.tasks.chartqa.test_size=8",
             *(f"data.tasks.{name}=null" for name in TASKS if name not in ("vqa", "chartqa"))]

@@ -8,22 +8,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import loopback_only, stop_session, tiny_overrides
-from test_faults import SLOW_SFT, _wait_for
+from helpers import SLOW_SFT, free_port, loopback_only, stop_session, tiny_overrides, wait_for
 
 BUCKET, PREFIX = "vlmlab-runs", "team/exp"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +26,7 @@ def s3():
         pytest.fail("this test starts Ray: run it inside a loopback-only network namespace (scripts/test)")
     import boto3
 
-    port = _free_port()
+    port = free_port()
     server = Path(sys.executable).parent / "moto_server"
     assert server.exists(), "moto_server is missing: scripts/setup installs it (dev extras)"
     proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
@@ -53,7 +45,7 @@ def s3():
             except Exception:  # not listening yet
                 return False
 
-        _wait_for(bucket_made, 120, "moto_server")
+        wait_for(bucket_made, 120, "moto_server")
         yield client, env
     finally:
         proc.terminate()
@@ -109,7 +101,7 @@ def test_run_to_s3_killed_then_resumed_from_the_bucket(workdir, s3):
     first = workdir / "mirrors-first"
     proc = _harness(workdir, env, first, *args)
     try:
-        _wait_for(lambda: _registered_checkpoint(client) or proc.poll() is not None, 600, "a checkpoint in the bucket")
+        wait_for(lambda: _registered_checkpoint(client) or proc.poll() is not None, 600, "a checkpoint in the bucket")
         assert proc.poll() is None, proc.communicate()[1][-3000:]
     finally:
         stop_session(proc)
@@ -166,7 +158,7 @@ def test_unusable_output_uri_is_one_clear_error(s3, monkeypatch, tmp_path):
     assert "hunter2secret" not in str(info.value)
     with pytest.raises(UserError, match="--output-dir: cannot use nope://"):
         OutputDir("nope://bucket/runs")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     with pytest.raises(UserError, match="--output-dir: cannot use s3://"):
         OutputDir(f"s3://{BUCKET}/runs")
     assert OutputDir("runs").uri is None and OutputDir("file:///tmp/x").local == Path("/tmp/x")

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from mlflow.tracking import MlflowClient
 
 from harness.pipeline import run_pipeline

@@ -5,17 +5,13 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
-import socket
 import string
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import loopback_only, stop_session, tiny_overrides
+from helpers import free_port, loopback_only, tiny_overrides
 from typer.testing import CliRunner
 
 from harness.cli import app
@@ -126,9 +122,7 @@ def test_cli_messages_pass_the_redactor(workdir, monkeypatch):
     (workdir / "run").mkdir()
     entry = {"op": "set_terminated", "run_id": "r", "status": "KILLED"}
     (workdir / "run" / "mlflow_outbox.jsonl").write_text(json.dumps(entry) + "\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
+    port = free_port()  # closed again: nothing listens there
     result = CliRunner().invoke(app, ["sync", str(workdir / "run"), "--tracking-uri",
                                       f"http://alice:pw-Planted-42@127.0.0.1:{port}"])
     assert result.exit_code == 2, result.output
@@ -141,31 +135,6 @@ def test_the_sqlite_store_is_private(workdir):
 
     Tracker(f"sqlite:///{workdir / 'mlflow.db'}", "vlmlab")
     assert (workdir / "mlflow.db").stat().st_mode & 0o077 == 0
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 with its own SQLite store and artifact directory."""
-    root = tmp_path_factory.mktemp("mlflow")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                               f"sqlite:///{root / 'store.db'}", "--artifacts-destination", str(root / "artifacts"),
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=root,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, "mlflow server did not come up"
-                time.sleep(1)
-        yield root, port
-    finally:
-        stop_session(server, signal.SIGTERM)  # the server and its workers
 
 
 def _vqa_parquet(directory: Path) -> None:
@@ -184,7 +153,7 @@ def test_planted_secrets_are_written_nowhere(mlflow_server, tmp_path):
     path; a real pipeline runs against a real MLflow server; no byte of any secret is in the run's files, the MLflow
     store (database and artifacts) or the run's stdout/stderr. The run itself must succeed."""
     assert loopback_only(), "the pipeline starts Ray: run the tests with scripts/test"
-    store, port = mlflow_server
+    store, port = mlflow_server.root, mlflow_server.port  # the session's server: this run's experiment is `vlmlab`
     data_token, mlflow_pw, proxy_pw = "hf_" + _rand(34), _rand(18), "p@ss" + _rand(12)
     pg_pw = _rand(8) + "/" + _rand(8)
     env_plants = {"HF_TOKEN": "hf_" + _rand(34), "AWS_SECRET_ACCESS_KEY": _rand(40),
@@ -213,7 +182,7 @@ def test_planted_secrets_are_written_nowhere(mlflow_server, tmp_path):
     for name in ("GITHUB_TOKEN", "SLACK_HOOK", "DB_URL", "AWS_ACCESS_KEY_ID", "PROXY", "VLMLAB_SECRET_TRACKING_URI",
                  "VLMLAB_SECRET_DATA_TASKS_VQA_SOURCE"):
         assert "${secret:" + name + "}" in written, name
-    assert b"sft.runtime_env.env_vars.GITHUB_TOKEN" in (store / "store.db").read_bytes()  # params reached MLflow
+    assert b"sft.runtime_env.env_vars.GITHUB_TOKEN" in mlflow_server.db.read_bytes()  # params reached MLflow
 
     files = [p for root in (tmp_path / "runs", store) for p in root.rglob("*") if p.is_file()]
     assert any(p.name == "result.json" for p in files if store in p.parents)  # artifacts reached the server

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from mlflow.tracking import MlflowClient
 
 from harness.sweep import COST_AWARE, log_grid, parse_space, run_sweep, shared_prefix
@@ -105,7 +105,7 @@ def test_grades_pareto_and_pick():
     for name, stage in (("grades", "sft"), ("grades-dpo", "dpo")):
         assert grades_stage(PRESETS[name].space(4)) == stage and PRESETS[name].objective == COST_AWARE
     points = [(1.2, 0.0), (1.6, -0.005), (2.0, -0.03), (1.5, -0.02), (1.2, -0.01)]
-    assert pareto_front(points) == [0, 1, 2]
+    assert pareto_front(points) == [True, True, True, False, False]
     rows = [{"params": {"i": i}, "grades": {"speedup": s, "accuracy_delta": d}} for i, (s, d) in enumerate(points)]
     assert grades_pick(rows)["params"] == {"i": 1}  # the fastest within 0.01 of the reference
     assert grades_pick(rows, tolerance=0.0)["params"] == {"i": 0}

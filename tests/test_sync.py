@@ -8,74 +8,16 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import threading
 import time
 
 import pytest
-from conftest import stop_session
+from helpers import Partition, free_port
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from test_kill import _free_port
-from test_kill import _mlflow_server as mlflow_server
 from typer.testing import CliRunner
 
 from runtime.errors import UserError
 from runtime.tracking import OUTBOX, PENDING_TAG, SYNC_PROGRESS, Tracker, log_step_metrics, sync_outbox
-
-
-class Partition:
-    """A TCP forwarder to the MLflow server that the test can cut (connections refused, open ones dropped) and
-    restore on the same port: a network outage between one client and the server."""
-
-    def __init__(self, target_port: int):
-        self.target, self.port = target_port, _free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.sockets: list[socket.socket] = []
-        self.listener: socket.socket | None = None
-        self.up()
-
-    def up(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
-
-    def down(self) -> None:
-        for s in [self.listener, *self.sockets]:
-            try:
-                s.shutdown(socket.SHUT_RDWR)  # wakes the threads blocked on it
-            except OSError:
-                pass
-            s.close()
-        self.sockets.clear()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:  # cut
-                return
-            server = socket.create_connection(("127.0.0.1", self.target))
-            self.sockets += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(a: socket.socket, b: socket.socket) -> None:
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-            b.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """One real MLflow server for the module (it takes 20-60 s to start here); each test has its own experiment."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    proc = mlflow_server(root, port)
-    yield port
-    stop_session(proc)
 
 
 @pytest.fixture
@@ -102,7 +44,7 @@ def runs_of(client: MlflowClient, experiment: str) -> list:
     return client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=100)
 
 
-def test_a_resync_after_a_lost_progress_file_creates_no_second_run(server, tmp_path, quick_http):
+def test_a_resync_after_a_lost_progress_file_creates_no_second_run(mlflow_server, tmp_path, quick_http):
     run_dir = tmp_path / "run"
 
     def write(tracker):
@@ -115,9 +57,9 @@ def test_a_resync_after_a_lost_progress_file_creates_no_second_run(server, tmp_p
         tracker.end(child)
         tracker.end(parent)
 
-    offline_run(server, run_dir, "idempotent", write)
+    offline_run(mlflow_server.port, run_dir, "idempotent", write)
     outbox = (run_dir / OUTBOX).read_bytes()
-    uri = f"http://127.0.0.1:{server}"
+    uri = mlflow_server.uri
     assert sync_outbox(uri, run_dir) == 7
     assert not (run_dir / OUTBOX).exists() and not (run_dir / SYNC_PROGRESS).exists()
 
@@ -136,7 +78,7 @@ def test_a_resync_after_a_lost_progress_file_creates_no_second_run(server, tmp_p
     assert [a.path for a in client.list_artifacts(child.info.run_id)] == ["stage.json"]
 
 
-def test_a_sync_stopped_part_way_resumes_from_its_saved_progress(server, tmp_path, quick_http):
+def test_a_sync_stopped_part_way_resumes_from_its_saved_progress(mlflow_server, tmp_path, quick_http):
     """The store refuses line 4 (a param logged again with another value): the sync stops there, naming it, with
     lines 1-3 saved; with that line removed, the next sync resumes at it and writes nothing twice."""
     run_dir = tmp_path / "run"
@@ -149,8 +91,8 @@ def test_a_sync_stopped_part_way_resumes_from_its_saved_progress(server, tmp_pat
         tracker.log_metrics(run, {"loss": 0.25}, step=1)
         tracker.end(run)
 
-    offline_run(server, run_dir, "resume", write)
-    uri = f"http://127.0.0.1:{server}"
+    offline_run(mlflow_server.port, run_dir, "resume", write)
+    uri = mlflow_server.uri
     with pytest.raises(UserError, match=r"sync stopped at mlflow_outbox.jsonl line 4 \(log_batch\): the store "
                                         r"refused it: .*lr.*the 3 writes before it are saved"):
         sync_outbox(uri, run_dir)
@@ -166,7 +108,7 @@ def test_a_sync_stopped_part_way_resumes_from_its_saved_progress(server, tmp_pat
     assert run.data.params == {"lr": "0.1"} and run.info.status == "FINISHED"
 
 
-def test_corrupt_outbox_lines_are_quarantined_and_the_rest_replayed(server, tmp_path, quick_http):
+def test_corrupt_outbox_lines_are_quarantined_and_the_rest_replayed(mlflow_server, tmp_path, quick_http):
     run_dir = tmp_path / "run"
 
     def write(tracker):
@@ -175,13 +117,13 @@ def test_corrupt_outbox_lines_are_quarantined_and_the_rest_replayed(server, tmp_
             tracker.log_metrics(run, {"loss": 1.0 / (step + 1)}, step=step)
         tracker.end(run)
 
-    offline_run(server, run_dir, "corrupt", write)
+    offline_run(mlflow_server.port, run_dir, "corrupt", write)
     lines = (run_dir / OUTBOX).read_bytes().split(b"\n")[:-1]  # create, 4 metrics, end
     truncated, garbage, unknown_run = lines[2][:40], b"\xff\xfe not utf-8", lines[3].replace(b"pending-", b"pending-0")
     (run_dir / OUTBOX).write_bytes(b"\n".join([lines[0], lines[1], truncated, garbage, unknown_run, *lines[3:5]])
                                    + b"\n" + lines[5][:25])  # and the last line (the run's end) cut off mid-write
     warnings: list[str] = []
-    assert sync_outbox(f"http://127.0.0.1:{server}", run_dir, warn=warnings.append) == 4
+    assert sync_outbox(mlflow_server.uri, run_dir, warn=warnings.append) == 4
 
     assert [w.split(":")[0] for w in warnings] == [
         "mlflow_outbox.jsonl line 3 is not JSON (a truncated write?)", "mlflow_outbox.jsonl line 4 is not UTF-8",
@@ -191,16 +133,16 @@ def test_corrupt_outbox_lines_are_quarantined_and_the_rest_replayed(server, tmp_
     quarantine = run_dir / (OUTBOX + ".corrupt")
     assert quarantine.read_bytes() == b"\n".join([truncated, garbage, unknown_run, lines[5][:25]]) + b"\n"
     assert quarantine.stat().st_mode & 0o077 == 0
-    client = MlflowClient(f"http://127.0.0.1:{server}")
+    client = MlflowClient(mlflow_server.uri)
     [run] = runs_of(client, "corrupt")
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [0, 2, 3]
     assert run.info.status == "RUNNING"  # its set_terminated was the line cut off
 
 
-def test_only_a_lost_connection_sends_a_run_offline(server, tmp_path, quick_http):
+def test_only_a_lost_connection_sends_a_run_offline(mlflow_server, tmp_path, quick_http):
     """A write the store refuses fails loudly and the run ends FAILED, with no outbox; a cut connection sends the
     run offline. The same holds for the Ray workers' step metrics."""
-    part = Partition(server)
+    part = Partition(mlflow_server.port)
     tracker = Tracker(part.uri, "offline-only")
     warnings: list[str] = []
     tracker.attach_outbox(tmp_path / OUTBOX, warn=warnings.append)
@@ -226,7 +168,7 @@ def test_only_a_lost_connection_sends_a_run_offline(server, tmp_path, quick_http
     assert json.loads(worker_outbox.read_text())["metrics"][0]["value"] == 2.0
 
 
-def test_sync_uploads_artifacts_only_from_inside_the_run_dir(server, tmp_path, quick_http):
+def test_sync_uploads_artifacts_only_from_inside_the_run_dir(mlflow_server, tmp_path, quick_http):
     """Outbox lines naming a file outside the run directory (absolute, `..`, or a symlink out of it) are refused;
     the run's own file is uploaded, also after the run directory was moved."""
     run_dir = tmp_path / "run"
@@ -241,18 +183,18 @@ def test_sync_uploads_artifacts_only_from_inside_the_run_dir(server, tmp_path, q
             tracker.log_artifact(run, str(path))
         tracker.end(run)
 
-    offline_run(server, run_dir, "artifacts", write)
+    offline_run(mlflow_server.port, run_dir, "artifacts", write)
     lines = (run_dir / OUTBOX).read_text().splitlines(keepends=True)
     absolute = json.loads(lines[1]) | {"local_path": str(secret)}  # as an older or a tampered outbox has it
     (run_dir / OUTBOX).write_text("".join(lines[:-1]) + json.dumps(absolute) + "\n" + lines[-1])
     moved = tmp_path / "elsewhere" / "run"
     shutil.move(run_dir, moved)
     warnings: list[str] = []
-    assert sync_outbox(f"http://127.0.0.1:{server}", moved, warn=warnings.append) == 3
+    assert sync_outbox(mlflow_server.uri, moved, warn=warnings.append) == 3
     named = [w.split(" names ")[1].split(",")[0] for w in warnings]
     assert named == ["'../secret.txt'", "'link.txt'", repr(str(secret))]
     assert all(f"outside the run directory {moved.resolve()}: refused" in w for w in warnings)
-    client = MlflowClient(f"http://127.0.0.1:{server}")
+    client = MlflowClient(mlflow_server.uri)
     [run] = runs_of(client, "artifacts")
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["stage.json"]
 
@@ -270,7 +212,7 @@ def test_sync_against_a_dead_server_fails_in_seconds(workdir, monkeypatch, kind)
     entry = {"op": "set_terminated", "run_id": "0" * 32, "status": "FINISHED"}
     (workdir / "run" / OUTBOX).write_text(json.dumps(entry) + "\n")
     silent = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; nobody reads
-    port = silent.getsockname()[1] if kind == "silent" else _free_port()
+    port = silent.getsockname()[1] if kind == "silent" else free_port()
     try:
         start = time.monotonic()
         result = CliRunner().invoke(app, ["sync", str(workdir / "run"), "--tracking-uri", f"http://127.0.0.1:{port}"])

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, loopback_only, tiny_overrides
+from helpers import ROOT, loopback_only, tiny_overrides
 
 SCORE = {"pipelines.score": "[data,model,eval]"}
 
