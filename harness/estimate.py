@@ -63,6 +63,7 @@ from runtime.errors import ConfigError, UserError
 from runtime.tracking import Tracker
 from stages import STAGES, TRAINING
 from stages.data import SYNTHETIC_SIZES
+from stages.support import fit
 from stages.support.training import assistant_turn, component_of, user_turn
 
 DATA_CAP = 2048  # training rows per task in the calibration
@@ -434,16 +435,23 @@ def forward_flops(shape: dict, text_tokens: float) -> float:
     return 2 * matmul + 4 * attention
 
 
-def step_flops(name: str, stage_cfg, shape: dict) -> float:
-    """Model FLOPs of one optimizer step of training stage ``name`` on one worker: the forward passes its module
-    declares per sample (``step_cost``), over the tokens they read."""
+def step_flops(name: str, stage_cfg, shape: dict, plans: dict | None = None) -> float:
+    """Model FLOPs of one optimizer step of training stage ``name`` on one worker: counted in its traced step
+    (``plans``, stages/support/memory.py) where there is one, else the forward passes its module declares per sample
+    (``step_cost``) over the tokens they read."""
+    samples = stage_cfg.batch_size * stage_cfg.gradient_accumulation_steps
+    if plans and name in plans:
+        return plans[name].flops_per_sample * samples
     cost = STAGES[name].step_cost(stage_cfg)
     tokens = shape["tokens"] if cost.tokens == "sample" else shape["prompt_tokens"] + cost.new_tokens
     return cost.passes * forward_flops(shape, tokens) * stage_cfg.batch_size * stage_cfg.gradient_accumulation_steps
 
 
-def item_flops(shape: dict, new_tokens: int) -> float:
-    """Model FLOPs of generating one short answer (prefill + ``new_tokens`` decode steps ~ one forward)."""
+def item_flops(shape: dict, new_tokens: int, plans: dict | None = None) -> float:
+    """Model FLOPs of generating one answer: counted in the traced generation where there is one, else prefill +
+    ``new_tokens`` decode steps ~ one forward."""
+    if plans and "eval" in plans:
+        return plans["eval"].flops_per_sample
     return forward_flops(shape, shape["prompt_tokens"] + new_tokens)
 
 
@@ -502,7 +510,7 @@ def predict_stage(name: str, cfg, calib: dict, rates: Rates | None) -> dict:
         if rates is None:
             device = busy * items / max(1, stage["items"])
             return {"wall_s": fixed + device, "device_s": device}
-        device = generation_seconds(items, cfg.eval, shape, rates, workers)
+        device = generation_seconds(items, cfg.eval, shape, rates, workers, plans=calib.get("plans"))
         jobs = stage["checkpoints"]  # one Ray task per checkpoint and shard, `workers` at a time
         return {"wall_s": fixed + device + jobs * rates.cuda_start_s, "device_s": device}
     if name in TRAINING:
@@ -514,7 +522,7 @@ def predict_stage(name: str, cfg, calib: dict, rates: Rates | None) -> dict:
             per_step, warm, cuda = stage["step_s"], stage["warm_s"], 0.0
             device = steps * stage["busy_step_s"]
         else:
-            busy = rates.floor_s + step_flops(name, stage_cfg, shape) / rates.flops_per_s
+            busy = rates.floor_s + step_flops(name, stage_cfg, shape, calib.get("plans")) / rates.flops_per_s
             new_tokens = STAGES[name].step_cost(stage_cfg).new_tokens
             if new_tokens:  # generating inside the step (GRPO): one forward floor per new token
                 busy += (new_tokens + 1) * rates.floor_s * FORWARD_FLOOR_FRACTION
@@ -537,11 +545,11 @@ def eval_items(cfg, calib: dict) -> int:
 
 
 def generation_seconds(items: int, eval_cfg, shape: dict, rates: Rates, workers: int,
-                       batches: int | None = None) -> float:
+                       batches: int | None = None, plans: dict | None = None) -> float:
     """Greedy answers on a modelled device: a forward floor per new token per batch, plus the FLOPs."""
     batches = batches if batches is not None else math.ceil(items / eval_cfg.batch_size)
     floor = batches * (eval_cfg.max_new_tokens + 1) * rates.floor_s * FORWARD_FLOOR_FRACTION
-    return (floor + items * item_flops(shape, eval_cfg.max_new_tokens) / rates.flops_per_s) / workers
+    return (floor + items * item_flops(shape, eval_cfg.max_new_tokens, plans) / rates.flops_per_s) / workers
 
 
 def generation_extra(name: str, cfg, calib: dict, rates: Rates | None) -> float:
@@ -595,7 +603,7 @@ def achieved_here(cfg, calib: dict) -> dict[str, float]:
     out = {}
     for name, stage in calib["stages"].items():
         if name in TRAINING and stage["busy_step_s"] > 0 and shape:
-            out[name] = step_flops(name, getattr(cfg, name), shape) / stage["busy_step_s"]
+            out[name] = step_flops(name, getattr(cfg, name), shape, calib.get("plans")) / stage["busy_step_s"]
     return out
 
 
@@ -628,8 +636,10 @@ def assumptions(cfg, pipeline: str, calib: dict, devices: list[str]) -> list[str
                      f"{shape['param_tensors']} tensors; {shape['tokens']:.1f} tokens per training sample "
                      f"({shape['image_tokens']:.0f} image tokens, {shape['patches']:.0f} patches), "
                      f"{shape['prompt_tokens']:.1f} per prompt (the processor on {shape['rows_counted']} rows)")
-        lines.append(f"FLOPs: a forward = 2 x params x tokens (vision: x patches) + attention; a trained sample 3 "
-                     f"forwards (DPO 8 per pair, GRPO 4 per completion), a generated item 1; this machine: fp32 "
+        counted = ("counted in each stage's traced step (FlopCounterMode, stages/support/memory.py)"
+                   if calib.get("plans") else "a forward = 2 x params x tokens (vision: x patches) + attention; a "
+                   "trained sample 3 forwards (DPO 8 per pair, GRPO 4 per completion), a generated item 1")
+        lines.append(f"FLOPs: {counted}; this machine: fp32 "
                      f"matmul peak {peak / 1e9:.1f} GFLOP/s on {calib['cpu_threads']} threads (measured)"
                      + (f", training reached {rate}" if rate else "")
                      + (f" (MFU {max(achieved.values()) / peak:.2f})" if achieved and peak else ""))
@@ -657,18 +667,223 @@ def assumptions(cfg, pipeline: str, calib: dict, devices: list[str]) -> list[str
     return lines
 
 
+# ------------------------------------------------------------------------------ memory, and models traced, not run
+
+# A model other than the tiny default is not calibrated here (its steps on this CPU would take minutes each): its
+# device work comes from its traced step (stages/support/memory.py: FLOPs, peak memory; this machine's seconds), and
+# the host overheads of a stage from the tiny default's calibration here (results/estimate.json, 2026-11-30, 2 cores:
+# sft start 16.9 s, end 2.6 s, 52 ms of host work a step; data 0.26 ms a row; eval 7.5 s fixed; 7.6 s outside stages).
+HOST = {"start_s": 16.9, "tail_s": 2.6, "host_step_s": 0.052, "data_s_per_row": 0.26e-3, "eval_fixed_s": 7.5,
+        "outside_s": 7.6, "model_s": 2.4}
+WRITE_BYTES_PER_S = 0.5e9  # a checkpoint's weights and optimizer state to local disk (assumed)
+
+
+def plans(cfg, stages: list[str], timed: bool) -> tuple[dict, dict]:
+    """The memory plan of each device stage (stages/support/fit.py), and the model's parameter count and tensors."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    rows = fit.standin_rows(cfg)
+    synthetic_only = all(spec.source == "synthetic" for spec in cfg.data.tasks.values())
+    rows_from = "the run's synthetic rows" if synthetic_only else "synthetic stand-in rows"
+    with tempfile.TemporaryDirectory(prefix="vlmlab-estimate-plan-") as tmp:
+        shell = fit.model_shell(cfg, rows, Path(tmp) / "model")
+        if shell is None:
+            return {}, {}
+        traced = fit.plans_for(cfg, stages, shell, rows, rows_from=rows_from, timed=timed)
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(shell))
+        params = list(model.parameters())
+    return traced, {"params": sum(p.numel() for p in params), "param_tensors": len(params)}
+
+
+def device_budget(device: str, cfg) -> float:
+    """Bytes a stage may hold on ``device`` (its memory less the CUDA context and slack; this machine's RAM)."""
+    import psutil
+
+    if device == "cpu":
+        return float(cfg.resources.device_memory_gb * fit.GIB if cfg.resources.device_memory_gb
+                     else psutil.virtual_memory().total)
+    return fit.usable_bytes(DEVICES[device].memory_gib)
+
+
+def memory_view(cfg, stages: list[str], traced: dict, device: str) -> dict:
+    """Per device stage: the predicted peak at the configured batch, whether it fits, the batch fit:auto picks."""
+    budget = device_budget(device, cfg)
+    out = {}
+    for name in stages:
+        if name in TRAINING and name in traced:
+            section = getattr(cfg, name)
+            plan = traced[name]
+            peak = plan.peak(section.batch_size, section.gradient_accumulation_steps)
+            choice = fit.training_choice(name, section, {False: plan}, budget)
+            out[name] = {"peak_gib": peak / fit.GIB, "fits": peak <= budget, "budget_gib": budget / fit.GIB,
+                         "fit_batch": choice.batch_size if choice else None,
+                         "fit_accumulation": choice.gradient_accumulation_steps if choice else None,
+                         "fit_peak_gib": choice.predicted_gib if choice else None,
+                         "step_flops": plan.flops(section.batch_size, section.gradient_accumulation_steps)}
+        elif name == "eval" and "eval" in traced:
+            generation = [traced[k] for k in ("eval", "dpo-generate") if k in traced]
+            peak = max(p.peak(cfg.eval.batch_size) for p in generation)
+            batch = next((b for b in range(cfg.eval.batch_size, 0, -1)
+                          if all(p.peak(b) <= budget for p in generation)), None)
+            out[name] = {"peak_gib": peak / fit.GIB, "fits": peak <= budget, "budget_gib": budget / fit.GIB,
+                         "fit_batch": batch, "fit_accumulation": None,
+                         "fit_peak_gib": max(p.peak(batch) for p in generation) / fit.GIB if batch else None,
+                         "step_flops": traced["eval"].flops(cfg.eval.batch_size)}
+    return out
+
+
+def traced_stage(name: str, cfg, stages: list[str], traced: dict, info: dict, device: str, memory: dict,
+                 rows: dict) -> dict:
+    """Wall seconds of stage ``name`` on ``device`` from its traced step (no calibration run of the model here)."""
+    workers = cfg.resources.workers
+    rates = None if device == "cpu" else Rates(DEVICES[device].peak_tflops * 1e12 * MFU,
+                                              STEP_FLOOR_S + STEP_FLOOR_PER_TENSOR_S * info["param_tensors"],
+                                              CUDA_START_S)
+    if name == "data":
+        return {"wall_s": HOST["data_s_per_row"] * sum(rows.values()), "device_s": 0.0}
+    if name == "model":  # building (random weights) or reading it, and writing it once
+        return {"wall_s": HOST["model_s"] + info["params"] * 4 / WRITE_BYTES_PER_S, "device_s": 0.0}
+    view = memory.get(name, {})
+    if name in TRAINING and name in traced:
+        section = getattr(cfg, name)
+        plan = traced[name]
+        batch = view.get("fit_batch") or section.batch_size
+        accumulation = view.get("fit_accumulation") or section.gradient_accumulation_steps
+        host = accumulation * (HOST["host_step_s"] + plan.collate_seconds * batch)
+        if rates is None:
+            busy = plan.seconds_per_sample * batch * accumulation
+        else:
+            busy = accumulation * rates.floor_s + plan.flops(batch, accumulation) / rates.flops_per_s
+        saves = _saves_between(section.max_steps, section.save_steps) * info["params"] * 4 / WRITE_BYTES_PER_S
+        start = HOST["start_s"] + (rates.cuda_start_s if rates else 0.0)
+        if "dpo-generate" in traced and name == "dpo":
+            train = sum(n for key, n in rows.items() if key.endswith("_train"))
+            pairs = min(cfg.dpo.preference.size or train, train)
+            start += _generation(traced["dpo-generate"], pairs, cfg.eval.batch_size, rates) / workers
+        wall = start + section.max_steps * (host + busy) + saves + HOST["tail_s"]
+        return {"wall_s": wall, "device_s": section.max_steps * busy}
+    if name == "eval" and "eval" in traced:
+        tests = sum(min(spec.test_size or 300, cfg.eval.limit or 10 ** 9) for spec in cfg.data.tasks.values())
+        checkpoints = sum(1 for s in stages if s in TRAINING) + (1 if cfg.eval.score_base else 0)
+        device_s = _generation(traced["eval"], tests * checkpoints, view.get("fit_batch") or cfg.eval.batch_size,
+                               rates) / workers
+        return {"wall_s": HOST["eval_fixed_s"] + device_s + (checkpoints * rates.cuda_start_s if rates else 0.0),
+                "device_s": device_s}
+    return {"wall_s": 0.0, "device_s": 0.0}
+
+
+def configured_rows(cfg) -> dict[str, int]:
+    """Rows per task and split the data stage makes (``<task>_train`` / ``<task>_test``)."""
+    out = {}
+    for task, spec in cfg.data.tasks.items():
+        out[f"{task}_train"] = spec.train_size or SYNTHETIC_SIZES["train"]
+        out[f"{task}_test"] = spec.test_size or SYNTHETIC_SIZES["test"]
+    return out
+
+
+def traced_predict(cfg, pipeline: str, traced: dict, info: dict, device: str) -> dict:
+    """``predict`` for a model traced, not calibrated here."""
+    stages = cfg.stages_of(pipeline)
+    memory = memory_view(cfg, stages, traced, device)
+    rows = configured_rows(cfg)
+    walls = {name: traced_stage(name, cfg, stages, traced, info, device, memory, rows) for name in stages}
+    total = HOST["outside_s"] + sum(w["wall_s"] for w in walls.values())
+    spec = DEVICES[device]
+    held = cfg.resources.workers * (cfg.resources.cpus_per_worker if device == "cpu" else cfg.resources.gpus_per_worker)
+    price = cfg.cost.prices[spec.price_key]
+    hours = total * held / 3600.0
+    fits = all(v["fits"] or v["fit_batch"] for v in memory.values())
+    return {"device": device, "measured_here": False, "stages": walls, "overhead_s": HOST["outside_s"],
+            "total_s": total, "devices": held, "accelerator_hours": hours, "usd_per_device_hour": price,
+            "usd": hours * price, "price_key": spec.price_key,
+            "peak_tflops": spec.peak_tflops or (peak_flops(max(1, int(cfg.resources.cpus_per_worker))) / 1e12),
+            "mfu": MFU if device != "cpu" else None, "memory": memory, "fits": fits,
+            "basis": "traced step" + ("" if device != "cpu" else ", this machine's seconds")}
+
+
+def _generation(plan, items: int, batch: int, rates: Rates | None) -> float:
+    """Greedy generation of ``items`` answers: this machine's traced seconds, or a floor per new token per batch
+    plus the FLOPs on a modelled GPU."""
+    host = items * plan.collate_seconds
+    if rates is None:
+        return host + items * plan.seconds_per_sample
+    batches = math.ceil(items / max(1, batch))
+    floors = batches * (plan.new_tokens + 1) * rates.floor_s * FORWARD_FLOOR_FRACTION
+    return host + floors + items * plan.flops_per_sample / rates.flops_per_s
+
+
 def estimate(cfg, pipeline: str, devices: list[str], steps: int, console=None) -> dict:
-    """Calibrate ``pipeline`` here, then predict it on each of ``devices``. Raises UserError before any work."""
+    """Predict ``pipeline`` on each of ``devices``: memory from each device stage's traced step; time from a short
+    calibration run of the pipeline here (the tiny default), or, for any other model, from its traced step (no step of
+    the real model runs). Raises UserError before any work."""
     check(cfg, pipeline, devices)
+    stages = cfg.stages_of(pipeline)
+    calibrated = cfg.model.source == "tiny"
+    if console is not None:
+        console.print("tracing a step of each device stage (the memory plan)" + ("" if calibrated else
+                      ", this model's steps are traced, not run") + "...", highlight=False)
+    traced, info = plans(cfg, stages, timed=not calibrated and "cpu" in devices)
+    constants = {"mfu": MFU, "step_floor_s": STEP_FLOOR_S, "step_floor_per_tensor_s": STEP_FLOOR_PER_TENSOR_S,
+                 "forward_floor_fraction": FORWARD_FLOOR_FRACTION, "cuda_start_s": CUDA_START_S,
+                 "data_cap": DATA_CAP, "reserve_gib": fit.RESERVE_GIB, "slack": fit.SLACK}
+    peaks = {d.name: {"tflops": d.peak_tflops, "precision": d.precision, "source": d.source} for d in DEVICES.values()}
+    plan_records = {name: plan.to_dict() | {"traced": None} for name, plan in traced.items()}
+    if not calibrated:
+        if not traced:
+            raise UserError(f"harness estimate: the model of model.source={cfg.model.source} is not here to trace "
+                            "(a hub id outside the local cache, or compose): run its model stage first, or give a "
+                            "local checkpoint directory")
+        return {"pipeline": pipeline, "stages": stages, "basis": "traced",
+                "devices": {d: traced_predict(cfg, pipeline, traced, info, d) for d in devices},
+                "assumptions": traced_assumptions(cfg, traced, info, devices), "plans": plan_records,
+                "model": info, "constants": constants | {"host": HOST}, "peaks": peaks}
     calib = calibrate(cfg, pipeline, steps, console)
-    return {"pipeline": pipeline, "stages": cfg.stages_of(pipeline),
-            "devices": {d: predict(cfg, pipeline, calib, d) for d in devices},
-            "assumptions": assumptions(cfg, pipeline, calib, devices), "calibration": calib,
-            "constants": {"mfu": MFU, "step_floor_s": STEP_FLOOR_S, "step_floor_per_tensor_s": STEP_FLOOR_PER_TENSOR_S,
-                          "forward_floor_fraction": FORWARD_FLOOR_FRACTION, "cuda_start_s": CUDA_START_S,
-                          "data_cap": DATA_CAP},
-            "peaks": {d.name: {"tflops": d.peak_tflops, "precision": d.precision, "source": d.source}
-                      for d in DEVICES.values()}}
+    calib["plans"] = traced
+    predicted = {}
+    for d in devices:
+        predicted[d] = predict(cfg, pipeline, calib, d)
+        predicted[d]["memory"] = memory_view(cfg, stages, traced, d)
+        predicted[d]["fits"] = all(v["fits"] or v["fit_batch"] for v in predicted[d]["memory"].values())
+    lines = assumptions(cfg, pipeline, calib, devices) + memory_assumptions(traced)
+    calib["plans"] = plan_records  # JSON-able from here on
+    return {"pipeline": pipeline, "stages": stages, "basis": "calibrated", "devices": predicted, "assumptions": lines,
+            "calibration": calib, "plans": plan_records, "model": info, "constants": constants, "peaks": peaks}
+
+
+def memory_assumptions(traced: dict) -> list[str]:
+    if not traced:
+        return []
+    first = next(iter(traced.values()))
+    return [f"memory: each device stage's step traced here with real tensors at a few layers (torch's MemTracker, "
+            f"FlopCounterMode; stages/support/memory.py) and extrapolated in depth and batch, on {first.rows} "
+            f"(longest row {first.tokens} tokens); half precision counts activations at 2 bytes (mixed precision); "
+            f"a device's usable memory is its total less {fit.RESERVE_GIB} GiB (CUDA context), x {fit.SLACK} "
+            "(allocator slack); fit: the batch resources.fit=auto picks there"]
+
+
+def traced_assumptions(cfg, traced: dict, info: dict, devices: list[str]) -> list[str]:
+    lines = [f"model: {info['params'] / 1e6:.1f}M parameters, {info['param_tensors']} tensors "
+             f"(model.source={cfg.model.source}" + (f", {cfg.model.architecture}" if cfg.model.architecture else "")
+             + "); not calibrated here: each stage's step is traced, not run"]
+    for name, plan in traced.items():
+        lines.append(f"traced {name}: {plan.flops_per_sample / 1e9:.0f} GFLOP per sample, "
+                     f"{plan.tokens} tokens, {plan.collate_seconds * 1000:.0f} ms of host work per sample (processor)"
+                     + (f", {plan.seconds_per_sample:.1f} s per sample on this CPU" if plan.timed else ""))
+    lines += memory_assumptions(traced)
+    lines.append(f"host overheads from the tiny default's calibration here (results/estimate.json): stage start "
+                 f"{HOST['start_s']} s, end {HOST['tail_s']} s, {HOST['host_step_s'] * 1000:.0f} ms host work a step, "
+                 f"data {HOST['data_s_per_row'] * 1000:.2f} ms a row, eval {HOST['eval_fixed_s']} s fixed, "
+                 f"{HOST['outside_s']} s outside stages; checkpoints written at {WRITE_BYTES_PER_S / 1e9:.1f} GB/s")
+    if any(d != "cpu" for d in devices):
+        lines.append(f"GPUs (assumed): a micro-batch's floor {STEP_FLOOR_S * 1000:.0f} ms + "
+                     f"{STEP_FLOOR_PER_TENSOR_S * 1000:.2f} ms x parameter tensors, + FLOPs / (dense peak x MFU "
+                     f"{MFU}); "
+                     f"generation {FORWARD_FLOOR_FRACTION:.2f} of the floor per new token per batch; "
+                     f"+{CUDA_START_S:.0f} s CUDA start per GPU process (fitted to H200 measurements, results/gpu/)")
+    lines.append("$ = predicted wall x devices held x cost.prices (runtime/cost.py PRICE_TABLE)")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------- rendering
@@ -682,7 +897,8 @@ def render(result: dict, console) -> None:
     for col in ("device", "wall", "accel-h", "USD/h", "USD", "basis"):
         table.add_column(col, justify="left" if col in ("device", "basis") else "right")
     for name, d in devices.items():
-        basis = "measured here" if d["measured_here"] else f"{d['peak_tflops']:g} TFLOP/s x MFU {d['mfu']}"
+        basis = d.get("basis") or ("measured here" if d["measured_here"]
+                                   else f"{d['peak_tflops']:g} TFLOP/s x MFU {d['mfu']}")
         table.add_row(name, duration(d["total_s"]), f"{d['accelerator_hours']:.4f}", f"{d['usd_per_device_hour']:.3f}",
                       f"{d['usd']:.4f}", basis)
     console.print(table)
@@ -695,9 +911,31 @@ def render(result: dict, console) -> None:
     stages.add_row("outside stages", *[f"{devices[d]['overhead_s']:.1f}s" for d in devices])
     stages.add_row("total", *[f"{devices[d]['total_s']:.1f}s" for d in devices], style="bold")
     console.print(stages)
+    memory = Table(title="predicted peak memory per stage (GB, at the configured batch; fit: the batch "
+                         "resources.fit=auto picks)")
+    memory.add_column("stage")
+    for name in devices:
+        memory.add_column(name, justify="right")
+    for stage in result["stages"]:
+        cells = []
+        for d in devices.values():
+            view = d.get("memory", {}).get(stage)
+            if view is None:
+                cells.append("-")
+                continue
+            verdict = "fits" if view["fits"] else (f"fit: batch {view['fit_batch']}" if view["fit_batch"]
+                                                   else "does not fit")
+            cells.append(f"{view['peak_gib']:.1f} / {view['budget_gib']:.0f} {verdict}")
+        if any(c != "-" for c in cells):
+            memory.add_row(stage, *cells)
+    if memory.row_count:
+        console.print(memory)
     for d in devices.values():
         if "warning" in d:
             console.print(f"[yellow]warning:[/] {d['device']}: {d['warning']}")
+        if not d.get("fits", True):
+            console.print(f"[yellow]warning:[/] {d['device']}: a stage does not fit at batch 1 (see the memory "
+                          "table): the run would stop before any work", highlight=False)
     console.print("assumptions:")
     for line in result["assumptions"]:
         console.print(f"  - {line}", highlight=False, soft_wrap=True)

@@ -11,6 +11,7 @@ from runtime.errors import ConfigError
 from runtime.raytrain import ensure_ray, require_resources
 from runtime.secrets import is_secret_key, redact_text
 from stages.support import datasets as dsets
+from stages.support import fit
 
 
 def check_data_sources(cfg) -> None:
@@ -99,3 +100,12 @@ def check_inputs(cfg, stages: list[str], say=print) -> None:
         say(f"warning: {key} holds a secret; vlmlab keeps it out of everything it writes, but Ray itself stores a "
             "runtime_env (in its GCS, job and dashboard records, and logs); prefer setting it in the Ray nodes' own "
             "environment")
+
+
+def fit_run(cfg, stages: list[str], say=print) -> tuple[object, dict]:
+    """resources.fit: the config with each device stage's batch sizes fitted to the worker's device, and the record of
+    the choices ({} where the fit does not apply: fit off, a CPU run without resources.device_memory_gb)."""
+    device = fit.check_device_memory(cfg)
+    if device is None or not any(s in TRAINING_STAGES or s == "eval" for s in stages):
+        return cfg, {}
+    return fit.fit_to_device(cfg, stages, *device, say=say)

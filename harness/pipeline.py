@@ -18,7 +18,7 @@ from harness import codeprint
 from harness.cache import StageCache, stage_key
 from harness.codeprint import TreeHasher
 from harness.console import Display, finished_note
-from harness.inputs import check_inputs
+from harness.inputs import check_inputs, fit_run
 from harness.storage import OutputDir
 from runtime.atomic import atomic_write
 from runtime.config import SCHEMA_VERSION, PipelineConfig, TrainStageConfig, config_values
@@ -31,7 +31,7 @@ from runtime.secrets import redact
 from runtime.tracking import Tracker, latest_step
 from stages import STAGES, StageContext, StageOutput
 
-NOT_PATHS = {"tiny", "compose", "synthetic", "tasks"}  # source values that name a generator, not a directory
+NOT_PATHS = {"tiny", "random", "compose", "synthetic", "tasks"}  # source values that name a generator, not a directory
 
 
 def worker_hardware(records: list[dict]) -> list[dict]:
@@ -51,8 +51,9 @@ def new_run_id(pipeline: str) -> str:
 
 class _Runner:
     def __init__(self, cfg: PipelineConfig, pipeline: str, out: OutputDir, force: bool, console,
-                 parent_run_id: str | None = None, display: Display | None = None):
+                 parent_run_id: str | None = None, display: Display | None = None, fitted: dict | None = None):
         self.cfg, self.pipeline, self.force, self.console = cfg, pipeline, force, console
+        self.fitted = fitted or {}  # resources.fit's choices (stages/support/fit.py): in the config already
         self.display, self._own_display = display or Display(console), display is None
         self.outer_run_id = parent_run_id
         self.resolved = redact(cfg.model_dump(mode="json"))  # what is written and logged: no secrets
@@ -93,14 +94,17 @@ class _Runner:
         self.tracker.attach_outbox(self.run_dir / "mlflow_outbox.jsonl", warn=self.say)
         atomic_write(self.run_dir / "config.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
         self.out.push(self.run_dir / "config.yaml")
-        manifest = build_manifest(self.cfg.seed, self.cfg.config_hash())
+        manifest = build_manifest(self.cfg.seed, self.cfg.config_hash()) | ({"fit": self.fitted} if self.fitted else {})
         self.git_sha = manifest["git"]["sha"]
         tracker = self.tracker
         self.parent = tracker.start(self.run_id, parent_id=self.outer_run_id,
                                     tags={"vlmlab.pipeline": self.pipeline, "vlmlab.run_dir": str(self.run_dir)})
         with tracker.closing_on_error():
             tracker.log_params(self.parent, self.resolved)
-            tracker.set_tags(self.parent, {"manifest": manifest})
+            tracker.set_tags(self.parent, {"manifest": manifest}
+                             | ({"vlmlab.fit": {k: {f: v.get(f) for f in ("batch_size", "gradient_accumulation_steps",
+                                                                          "gradient_checkpointing", "predicted_gib")}
+                                                for k, v in self.fitted["stages"].items()}} if self.fitted else {}))
             tracker.log_artifact(self.parent, str(self.run_dir / "config.yaml"))
             outputs: dict[str, StageOutput] = {}
             records, keys = [], []
@@ -202,6 +206,8 @@ class _Runner:
                   "device": meter.device, "devices": meter.devices, "cost": cost, "outputs": out.outputs}
         if out.ran_on:
             record["ran_on"] = out.ran_on
+        if name in self.fitted.get("stages", {}):  # what resources.fit chose for it, and why
+            record["fit"] = self.fitted["stages"][name]
         self.say(f"stage {name} done in {wall:.1f}s{finished_note(out.metrics, name, cost['cost/usd'])}")
         return record, out
 
@@ -242,6 +248,7 @@ class _Runner:
             "wall_seconds": sum(r.get("wall_seconds_this_run", r["wall_seconds"]) for r in records),
             "reused_stages": [r["name"] for r in records if "reused_from" in r],
             "manifest": manifest,
+            **({"fit": self.fitted} if self.fitted else {}),
         }
 
 
@@ -257,5 +264,6 @@ def run_pipeline(cfg: PipelineConfig, pipeline: str, output_dir: str | None = No
         STAGES[name].check(cfg)
     say = display.say if display is not None else console.print if console else print
     check_inputs(cfg, cfg.stages_of(pipeline), say=say)  # price, data, secrets
+    cfg, fitted = fit_run(cfg, cfg.stages_of(pipeline), say=say)  # resources.fit: batch sizes for the device
     out = OutputDir(output_dir or cfg.output_dir)  # a directory, or a bucket URI (s3://, gs://): harness/storage.py
-    return _Runner(cfg, pipeline, out, force, console, parent_run_id, display).run()
+    return _Runner(cfg, pipeline, out, force, console, parent_run_id, display, fitted).run()

@@ -88,6 +88,8 @@ def recorded_config(recorded: dict, path: Path, trust: bool):
         raise UserError(f"{path}: the recorded run used secrets that were kept out of result.json; set "
                         f"{', '.join(missing)} in the environment to the values it used, then rerun")
     config = restore(recorded["config"], os.environ) | {"run_name": None}
+    if recorded.get("fit"):  # its batch sizes were fitted to its device: rerun them as chosen
+        config["resources"] = {**config.get("resources", {}), "fit": "off"}
     try:
         return PipelineConfig.model_validate(config)
     except ValidationError as exc:

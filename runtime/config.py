@@ -17,6 +17,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evals.registry import PROTOCOLS, TASKS
+from runtime.architectures import ARCHITECTURES
 from runtime.cost import DEFAULT_PRICES
 from runtime.errors import ConfigError
 from runtime.secrets import redact
@@ -135,20 +136,33 @@ class ComposeConfig(Section):
 
 
 class ModelConfig(StageSection):
-    """`source: tiny` builds the tiny model, `compose` joins backbones (`model.compose`); anything else is a
-    local checkpoint dir or a hub id."""
+    """`source: tiny` builds the tiny model, `random` a published architecture with random weights
+    (`model.architecture`), `compose` joins backbones (`model.compose`); anything else is a local checkpoint dir or a
+    hub id."""
     needs: ClassVar[tuple[str, ...]] = ("tasks",)
     gives: ClassVar[tuple[str, ...]] = ("model_dir",)
     source: Annotated[str, _existing("model directory")] = "tiny"
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    architecture: Literal[tuple(ARCHITECTURES)] | None = Field(
+        None, description="with source: random, the published architecture to build (runtime/architectures.py)")
+    image_longest_edge: int | None = Field(
+        None, ge=16, le=8192, description="with source: random, the processor's resize target (default: the "
+        "architecture's, a 4x4 grid of tiles); each side is split into ceil(edge / tile) tiles plus a global view")
     compose: ComposeConfig | None = None
     revision: str | None = None
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
-    def _compose_given(self) -> ModelConfig:
+    def _source_complete(self) -> ModelConfig:
         if self.source == "compose" and self.compose is None:
             raise ValueError("model.source is 'compose' but model.compose is not set")
+        if self.source == "random" and self.architecture is None:
+            raise ValueError(f"model.source is 'random' but model.architecture is not set (one of "
+                             f"{', '.join(ARCHITECTURES)})")
+        if self.source != "random" and (self.architecture is not None or self.image_longest_edge is not None):
+            given = "model.architecture" if self.architecture is not None else "model.image_longest_edge"
+            raise ValueError(f"{given} is for model.source: random (here: {self.source!r}); drop it or set "
+                             "model.source=random")
         return self
 
 
@@ -160,6 +174,13 @@ class ResourcesConfig(Section):
     gpus_per_worker: float = Field(1, gt=0)
     placement_timeout_s: float = Field(300, ge=0, description="how long a stage waits for a cluster (an autoscaling "
                                        "one may grow) to have room for its workers before it stops with an error")
+    fit: Literal["auto", "off"] = Field(
+        "auto", description="auto: before a training or eval stage, the largest per-device batch whose predicted peak "
+        "memory fits the worker's device (the effective batch kept with gradient accumulation; gradient "
+        "checkpointing only when needed), on GPU runs and wherever device_memory_gb is set; off: as configured")
+    device_memory_gb: float | None = Field(
+        None, gt=0, description="the worker device's memory where torch cannot read it (and on CPU, to plan as if "
+        "for that device)")
 
 
 class RayConfig(Section):
@@ -239,6 +260,8 @@ class TrainStageConfig(StageSection):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less "
+                                         "memory, ~30 % more time (resources.fit turns it on when only it fits)")
     logging_steps: int = Field(10, ge=1)
     save_steps: int = Field(250, ge=1)
     lora: LoraConfig = Field(default_factory=LoraConfig)

@@ -4,8 +4,8 @@
   tensor storage a step allocates to a category (parameters, buffers, gradients, activations, temporaries, optimizer
   state) and keeps the peak. torch has no public equivalent that works on CPU (``torch.cuda.memory`` needs a GPU).
   Subclassed for two cases it refuses: a root module called twice in one step (TRL's DPO runs the model once for
-  the policy and once, adapters disabled, for the reference: the module statistics of the first call are dropped
-  there, the categories and the peak are kept), and frozen parameters (LoRA, frozen towers: no gradient hook is
+  the policy and once, adapters disabled, for the reference: the second call is recorded as MemTracker records a
+  submodule's second call), and frozen parameters (LoRA, frozen towers: no gradient hook is
   put on a parameter that gets no gradient).
 
 tests/test_torch_private.py imports what this module uses and checks it, so a torch upgrade that moves it fails
@@ -13,7 +13,9 @@ there, by name, before any run does.
 """
 from __future__ import annotations
 
-from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+from copy import deepcopy
+
+from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType, _ModState
 
 WRITTEN_FOR = "2.13"
 
@@ -37,9 +39,15 @@ def step_memory_tracker():
         def _pre_fw_hook(self, module, inputs):
             name = self._mod_tracker.get_known_fqn(module)
             again = module in self.memory_tracking and not self._mod_tracker.is_bw
-            if again and set(self._mod_tracker.parents) - {name} == {"Global"}:
-                self.reset_mod_stats()  # per-module stats only: categories and the peak are kept
-            super()._pre_fw_hook(module, inputs)
+            if not (again and set(self._mod_tracker.parents) - {name} == {"Global"}):
+                return super()._pre_fw_hook(module, inputs)
+            # what MemTracker does for a submodule called twice in one step, for the root: its stats go on
+            stats = self.memory_tracking[module]
+            stats.input_mem = self._track_inputs_or_outputs(inputs)
+            snapshot = self.get_tracker_snapshot()
+            stats.local_peak = {device: snap[_TOTAL_KEY] for device, snap in snapshot.items()}
+            stats.snapshots.setdefault(_ModState.PEAK_FW, []).append(snapshot)
+            stats.snapshots.setdefault(_ModState.PRE_FW, []).append(deepcopy(snapshot))
 
     return StepMemoryTracker()
 

@@ -4,7 +4,9 @@ stage 1), with the SFT objective on the task data. Typically follows a composed 
 from __future__ import annotations
 
 from stages import StageContext, StageOutput, StepCost
-from stages.sft import train_loop
+from stages.sft import make_trainer, plan_rows, train_loop
+
+__all__ = ["CONFIG_KEYS", "check", "make_trainer", "plan_rows", "run", "section", "step_cost"]  # SFT's trainer
 from stages.support import launch
 
 CONFIG_KEYS = ("seed", "align", "resources")
@@ -20,9 +22,14 @@ def check(cfg) -> None:
     launch.check_grades(cfg, "align")
 
 
-def run(ctx: StageContext) -> StageOutput:
-    stage_cfg = ctx.cfg.align.model_copy(deep=True)
+def section(cfg):
+    """The align section as it trains: vision and language frozen, the connector trained, whatever is configured."""
+    stage_cfg = cfg.align.model_copy(deep=True)
     stage_cfg.components.vision.freeze = True
     stage_cfg.components.language.freeze = True
     stage_cfg.components.connector.freeze = False
-    return launch.run_stage(ctx, train_loop, stage_cfg)
+    return stage_cfg
+
+
+def run(ctx: StageContext) -> StageOutput:
+    return launch.run_stage(ctx, train_loop, section(ctx.cfg))

@@ -65,11 +65,18 @@ def synthetic_source(task: str, spec, seed: int, image_size: int, raw_dir: Path)
     return out
 
 
+def generated(spec, raw: Path):
+    """A synthetic task's spec as the loader reads the generator's output (``raw``): the generator makes both
+    splits, so the keys that describe a hub or local source (format, hub_config, revision, train_from, the split
+    names: a hub preset's, with only `source` overridden) do not apply."""
+    return spec.model_copy(update={"source": str(raw), "format": "parquet", "hub_config": None, "revision": None,
+                                   "train_from": None, "train_split": "train", "test_split": "test"})
+
+
 def task_splits(task: str, spec, seed: int, image_size: int, raw_dir: Path) -> dict[str, list[dict]]:
     """A task's train and test rows in canonical form, from its generator or its source."""
     if spec.source == "synthetic":
-        raw = synthetic_source(task, spec, seed, image_size, raw_dir)
-        spec = spec.model_copy(update={"source": str(raw), "format": "parquet"})
+        spec = generated(spec, synthetic_source(task, spec, seed, image_size, raw_dir))
     splits = {}
     for split_key in ("train", "test"):
         limit = getattr(spec, f"{split_key}_size")
@@ -119,7 +126,8 @@ def run(ctx: StageContext) -> StageOutput:
 def source_record(task: str, spec) -> dict:
     """Where a task's splits came from, with the hub commit each resolved to (the manifest's data pins)."""
     record = {}
-    for role, src in (("test", spec), ("train", spec.train_from or spec)):
+    train = spec if spec.source == "synthetic" else spec.train_from or spec  # the generator makes both splits
+    for role, src in (("test", spec), ("train", train)):
         if src.source == "synthetic":
             record[role] = {"source": "synthetic", "generator": TASKS[task].generator}
         elif dsets.looks_local(src.source):

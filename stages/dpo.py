@@ -181,19 +181,35 @@ def loss_args(stage) -> dict:
     return {"loss_type": [stage.loss_type]}
 
 
+def plan_rows(rows: list[dict]) -> list[dict]:
+    """Canonical rows as this stage's trainer reads pairs (the memory plan's step): the row's answer chosen, the
+    longest other answer rejected (a padded pair costs its longer side)."""
+    longest = max((r["answer"] for r in rows), key=len)
+    return [{"image": r["image"], **to_preference({"question": r["question"], "chosen": r["answer"],
+                                                   "rejected": longest})} for r in rows]
+
+
+def make_trainer(settings, model, processor, data, output_dir):
+    """The stage's TRL trainer: what the Ray workers train with, and what the memory plan traces a step of. With
+    LoRA the reference is the adapter-disabled model; without, TRL keeps a frozen copy."""
+    from trl import DPOConfig, DPOTrainer
+
+    stage = settings.stage
+    args = DPOConfig(**training.common_args(settings, output_dir), max_length=None, beta=stage.beta,
+                     **loss_args(stage))
+    return DPOTrainer(model=model, ref_model=None, args=args, train_dataset=data, processing_class=processor,
+                      peft_config=training.peft_config(stage.lora))
+
+
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
     from datasets import load_dataset
-    from trl import DPOConfig, DPOTrainer
 
     settings = config["settings"]
-    stage = settings.stage
     scratch, model, processor, _ = training.start_worker(settings)
     data = load_dataset("parquet", data_files=settings.inputs["pairs"], split="train").shuffle(seed=settings.seed)
     data = data.map(to_preference, remove_columns=["question", "chosen", "rejected"])
-    args = DPOConfig(**training.common_args(settings, scratch), max_length=None, beta=stage.beta, **loss_args(stage))
-    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=data, processing_class=processor,
-                         peft_config=training.peft_config(stage.lora))
+    trainer = make_trainer(settings, model, processor, data, scratch)
     training.train_and_save(trainer, processor, settings, scratch, summarize=summarize)
 
 

@@ -44,24 +44,40 @@ def summarize(history: list[dict], main_reward: str) -> dict[str, float]:
     return {"grpo/reward_start": start, "grpo/reward_end": end}
 
 
-def train_loop(config: dict) -> None:
-    """Runs on every Ray Train worker."""
+def plan_rows(rows: list[dict]) -> list[dict]:
+    """Canonical rows as this stage's trainer reads prompts (the memory plan's step)."""
+    return [{"image": r["image"], "prompt": training.user_turn(r["question"]), "answer": r["answer"],
+             "answers": r.get("answers", [r["answer"]]), "task": r.get("task", "vqa"),
+             "question_type": r.get("question_type", "all")} for r in rows]
+
+
+def make_trainer(settings, model, processor, data, output_dir, funcs=None):
+    """The stage's TRL trainer: what the Ray workers train with, and what the memory plan traces a step of (with
+    the built-in accuracy reward: what a reward computes does not change the memory, and the plan runs no user
+    code)."""
     from trl import GRPOConfig, GRPOTrainer
 
+    stage = settings.stage
+    funcs = funcs or [rewards.BUILTIN["accuracy"]]
+    processor.tokenizer.padding_side = "left"
+    weights = stage.reward_weights if stage.reward_weights and len(stage.reward_weights) == len(funcs) else None
+    args = GRPOConfig(
+        **training.common_args(settings, output_dir), num_generations=stage.num_generations,
+        max_completion_length=stage.max_completion_length, temperature=stage.temperature, beta=stage.beta,
+        loss_type=stage.loss_type, reward_weights=weights, remove_unused_columns=False, log_completions=False)
+    return GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=data, processing_class=processor,
+                       peft_config=training.peft_config(stage.lora))
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
     settings = config["settings"]
     stage = settings.stage
     scratch, model, processor, _ = training.start_worker(settings)
-    processor.tokenizer.padding_side = "left"
     data = training.load_tasks(settings.tasks, "train", settings.seed, with_task=True)
     data = data.map(lambda r: {"prompt": training.user_turn(r["question"])}, remove_columns=["question"])
     funcs = [rewards.resolve(spec) for spec in stage.rewards]
-    args = GRPOConfig(
-        **training.common_args(settings, scratch), num_generations=stage.num_generations,
-        max_completion_length=stage.max_completion_length, temperature=stage.temperature, beta=stage.beta,
-        loss_type=stage.loss_type, reward_weights=stage.reward_weights, remove_unused_columns=False,
-        log_completions=False)
-    trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=data,
-                          processing_class=processor, peft_config=training.peft_config(stage.lora))
+    trainer = make_trainer(settings, model, processor, data, scratch, funcs)
     main = reward_name(funcs[0])
     training.train_and_save(trainer, processor, settings, scratch, summarize=lambda h: summarize(h, main))
 

@@ -1,17 +1,19 @@
 """Stage `model`: the base checkpoint every later stage starts from.
 
-`model.source: tiny` builds the tiny Idefics3 VLM (tokenizer trained on this run's training text);
-anything else must be a local directory or hub id of an `AutoModelForImageTextToText` checkpoint.
+`model.source: tiny` builds the tiny Idefics3 VLM (tokenizer trained on this run's training text), `random` a published
+architecture (runtime/architectures.py) with seeded random weights, `compose` a VLM from two backbones; anything else
+must be a local directory or hub id of an `AutoModelForImageTextToText` checkpoint.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+from runtime.architectures import architecture
 from runtime.errors import ConfigError, UserError
 from runtime.manifest import sha256_file
 from stages import StageContext, StageOutput
-from stages.support import compose, tinyvlm
+from stages.support import compose, smolvlm, tinyvlm
 
 CONFIG_KEYS = ("seed", "model", "data.image_size")
 SOURCE_KEYS = ("model.source", "model.compose.vision", "model.compose.language")
@@ -22,6 +24,14 @@ def check(cfg) -> None:
     if source == "compose":
 
         compose.check(cfg.model.compose, cfg.model.trust_remote_code)
+        return
+    if source == "random":
+        arch = architecture(cfg.model.architecture)
+        edge = cfg.model.image_longest_edge
+        if edge is not None and edge % arch.tile:
+            raise ConfigError(f"model.image_longest_edge: {edge} is not a multiple of {arch.name}'s {arch.tile}-pixel "
+                              f"tile (images are cut into whole tiles); use {arch.tile * max(1, edge // arch.tile)} or "
+                              f"{arch.tile * (edge // arch.tile + 1)}")
         return
     if source == "tiny":
         t = cfg.model.tiny
@@ -88,6 +98,11 @@ def run(ctx: StageContext) -> StageOutput:
         model_dir = tinyvlm.build(_training_text(ctx), cfg.model.tiny, cfg.data.image_size, cfg.seed,
                                   ctx.stage_dir / "model")
         source = "tiny"
+    elif cfg.model.source == "random":
+        arch = architecture(cfg.model.architecture)
+        model_dir = smolvlm.build(arch, _training_text(ctx), cfg.seed, ctx.stage_dir / "model",
+                                  cfg.model.image_longest_edge)
+        source = f"random:{arch.name}"
     elif cfg.model.source == "compose":
 
         spec = cfg.model.compose

@@ -17,7 +17,7 @@ def test_torch_is_the_version_the_adapter_was_written_for():
 
 
 def test_the_private_names_it_uses_are_there():
-    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType, _ModMemStats, _ModState
 
     for name in ("_pre_fw_hook", "_track_module_params_and_buffers", "_update_and_maybe_create_winfos",
                  "reset_mod_stats", "get_tracker_snapshot", "track_external"):
@@ -25,7 +25,9 @@ def test_the_private_names_it_uses_are_there():
     assert list(inspect.signature(MemTracker._pre_fw_hook).parameters) == ["self", "module", "inputs"]
     assert list(inspect.signature(MemTracker._track_module_params_and_buffers).parameters) == [
         "self", "module", "install_grad_hooks"]
-    assert _MemRefType.GRAD.value == "Gradient"
+    assert _MemRefType.GRAD.value == "Gradient" and _TOTAL_KEY == "Total"
+    assert {_ModState.PEAK_FW, _ModState.PRE_FW} <= set(_ModState)
+    assert {"local_peak", "snapshots"} <= set(vars(_ModMemStats("m"))) and callable(MemTracker._track_inputs_or_outputs)
     assert "_param_to_grad_hook_handles" in vars(MemTracker())
 
 
@@ -41,9 +43,10 @@ def test_it_counts_a_step_and_a_second_root_forward():
     tracker.track_external(model, optimizer)
     with tracker:
         for _ in range(2):
+            loss = model(batch).square().mean()
             with torch.no_grad():
-                model(batch)  # the "reference" pass
-            model(batch).square().mean().backward()
+                model(batch)  # the "reference" pass, after the policy's (as TRL's DPO runs them)
+            loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tracker.reset_mod_stats()

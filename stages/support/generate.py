@@ -6,7 +6,8 @@ import io
 from stages.support.training import user_turn
 
 
-def _pil(image):
+def pil(image):
+    """An RGB PIL image from a canonical row's image (``{"bytes": ...}``) or a PIL image."""
     from PIL import Image
 
     if isinstance(image, dict):
@@ -30,7 +31,7 @@ def generate_answers(model_dir: str, questions: list[str], images: list, batch_s
     for start in range(0, len(questions), batch_size):
         qs = questions[start:start + batch_size]
         texts = [processor.apply_chat_template(user_turn(q), add_generation_prompt=True) for q in qs]
-        batch = processor(text=texts, images=[[_pil(im)] for im in images[start:start + batch_size]],
+        batch = processor(text=texts, images=[[pil(im)] for im in images[start:start + batch_size]],
                           return_tensors="pt", padding=True).to(device)
         with torch.inference_mode():
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)

@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 
 from runtime import raytrain
+from runtime.architectures import architecture
 from runtime.atomic import atomic_write
 from runtime.cost import device_model, gpu_alias
 from runtime.errors import ConfigError, UserError
 from stages import StageOutput
 from stages.model import check_weights
-from stages.support import tinyvlm
+from stages.support import smolvlm, tinyvlm
 from stages.support.settings import TrainSettings
 
 
@@ -41,9 +42,10 @@ def parameter_names(cfg) -> list[str] | None:
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-
     if cfg.model.source == "tiny":
         config = tinyvlm.model_config(cfg.model.tiny, cfg.data.image_size, cfg.model.tiny.vocab_size)
+    elif cfg.model.source == "random":
+        config = smolvlm.model_config(architecture(cfg.model.architecture))
     else:
         try:
             config = AutoConfig.from_pretrained(cfg.model.source, trust_remote_code=cfg.model.trust_remote_code)

@@ -56,7 +56,8 @@ def common_args(settings, output_dir: Path) -> dict:
         max_grad_norm=stage.max_grad_norm, logging_steps=stage.logging_steps,
         save_strategy="steps", save_steps=stage.save_steps, save_total_limit=2,
         seed=settings.seed, data_seed=settings.seed, report_to="none", use_cpu=not use_gpu,
-        activation_checkpointing=False, dataloader_num_workers=0,  # TRL defaults gradient_checkpointing on
+        # TRL defaults gradient checkpointing on: off unless the stage (or resources.fit) asks for it
+        activation_checkpointing=stage.gradient_checkpointing, dataloader_num_workers=0,
         # GradES freezes matrices mid-run: DDP must then tolerate parameters that get no gradient
         ddp_find_unused_parameters=stage.grades.enabled, disable_tqdm=False,
         **precision_flags(stage.precision, use_gpu),
