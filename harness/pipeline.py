@@ -19,6 +19,7 @@ from harness.cache import StageCache, stage_key
 from harness.codeprint import TreeHasher
 from harness.console import Display, finished_note
 from harness.inputs import check_inputs, fit_run
+from harness.reproduce import reproduction_record
 from harness.storage import OutputDir
 from runtime.atomic import atomic_write
 from runtime.config import SCHEMA_VERSION, PipelineConfig, TrainStageConfig, config_values
@@ -227,6 +228,8 @@ class _Runner:
         if workers:  # the hardware the work ran on (Ray workers), not the driver's
             manifest = manifest | {"driver_hardware": manifest["hardware"],
                                    "hardware": workers[0] if len(workers) == 1 else workers}
+        threads = max(1, int(self.cfg.resources.cpus_per_worker))  # each worker's torch threads
+        manifest["reproduction"] = reproduction_record(records, workers or [manifest["hardware"]], threads)
         self.tracker.set_tags(self.parent, {"manifest.data_fingerprints": data_fp,
                                             "manifest.model_source": model.get("model_source")})
         fresh = [r for r in records if "reused_from" not in r]

@@ -18,6 +18,11 @@ from stages import STAGES
 
 # Metrics that measure the machine, not the result: never compared.
 TIMING_MARKERS = ("per_second", "runtime", "wall", "seconds", "cost/", "_unix")
+# How close a rerun must come, by where both ran (manifest["reproduction"]). On a 0-1 metric (eval/*) the tolerance is
+# absolute; elsewhere (losses, margins) relative to the recorded value, of the same size.
+GPU_TOLERANCE = 0.005  # cuBLAS and cuDNN pick kernels and reduction orders per card, driver and library version
+CPU_TOLERANCE = 0.02  # another CPU model or thread count: oneDNN's kernels differ across instruction sets and thread
+# counts, and a greedy answer that flips on one item of 300 moves a task's score by 0.003; two items in a hundred
 MANIFEST_FIELDS = ("git", "packages", "packages_sha256", "hardware", "data_fingerprints", "model_weights_sha256")
 
 
@@ -145,19 +150,49 @@ def code_differences(recorded: dict) -> list[str]:
     return out
 
 
+def reproduction_record(records: list[dict], workers: list[dict], threads: int) -> dict:
+    """What a run's results may be compared against again, for manifest["reproduction"]: the class of device the
+    stages ran on, its model, and (CPU) the thread count each worker's torch used."""
+    devices = sorted({r.get("device", "CPU") for r in records if r.get("device")} - {"CPU"})
+    cpus = sorted({hw.get("cpu") for hw in workers if hw.get("cpu")})
+    if devices:
+        return {"device_class": "gpu", "devices": devices, "tolerance": GPU_TOLERANCE}
+    return {"device_class": "cpu", "cpu": cpus[0] if len(cpus) == 1 else cpus, "threads": threads,
+            "tolerance": 0.0, "tolerance_elsewhere": CPU_TOLERANCE}
+
+
+def tolerance_for(recorded: dict, now: dict, given: float | None = None) -> tuple[float, str]:
+    """The tolerance a rerun is held to, and why: ``given`` (--tolerance); GPU_TOLERANCE when either ran on a GPU;
+    exact (0) on the same CPU model with the same threads; CPU_TOLERANCE on another CPU or thread count."""
+    if given is not None:
+        return given, "--tolerance"
+    old, new = recorded.get("reproduction") or {}, now.get("reproduction") or {}
+    if "gpu" in (old.get("device_class"), new.get("device_class")):
+        return GPU_TOLERANCE, (f"a GPU run ({', '.join(old.get('devices') or new.get('devices') or ['GPU'])}): "
+                               f"+-{GPU_TOLERANCE} on 0-1 metrics, as kernels and reduction orders vary")
+    if not old:
+        return CPU_TOLERANCE, "recorded before vlmlab kept where it ran: the CPU tolerance"
+    if (old.get("cpu"), old.get("threads")) == (new.get("cpu"), new.get("threads")):
+        return 0.0, f"exact: the same CPU ({old.get('cpu')}) and {old.get('threads')} threads as recorded"
+    return CPU_TOLERANCE, (f"another CPU or thread count (recorded {old.get('cpu')}, {old.get('threads')} threads; now "
+                           f"{new.get('cpu')}, {new.get('threads')}): oneDNN's kernels differ, +-{CPU_TOLERANCE}")
+
+
 def comparable(name: str) -> bool:
     return not any(marker in name for marker in TIMING_MARKERS)
 
 
 def compare_metrics(recorded: dict, now: dict, tolerance: float) -> list[dict]:
-    """One row per comparable recorded metric: recorded, now, delta, ok."""
+    """One row per comparable recorded metric: recorded, now, delta, ok (within ``tolerance``: absolute on eval/*
+    metrics, which are 0-1; relative to the recorded value on the others)."""
     rows = []
     for name, old in sorted(recorded.items()):
         if not comparable(name):
             continue
         new = now.get(name)
         delta = None if new is None else new - old
-        ok = delta is not None and math.isfinite(delta) and abs(delta) <= tolerance
+        allowed = tolerance if name.startswith("eval/") else tolerance * max(1.0, abs(old))
+        ok = delta is not None and math.isfinite(delta) and abs(delta) <= allowed
         rows.append({"metric": name, "recorded": old, "now": new, "delta": delta, "ok": ok})
     return rows
 

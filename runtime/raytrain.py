@@ -176,14 +176,29 @@ def require_resources(resources, what: str) -> None:
     _PLACEABLE.add(shape)
 
 
+def deterministic(use_gpu: bool) -> None:
+    """In a worker about to use its GPU: deterministic algorithms, as transformers' ``enable_full_determinism`` sets
+    them (cuBLAS's fixed workspace, cuDNN without autotuning), but an op with no deterministic CUDA kernel warns
+    (into the stage's log) instead of failing the stage. Before the first CUDA call: cuBLAS reads its workspace
+    setting once. On CPU nothing changes: the same config and seed already give the same metrics."""
+    if not use_gpu:
+        return
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def _on_worker(fn: Callable, shard, use_gpu: bool, threads: int, log=None) -> dict:
     """One shard of work inside a Ray task: ``fn(shard, device)``, and where it ran. ``log``: where the task's
     output goes (a runtime.output.WorkerLog; None: Ray's own worker log, forwarded to the driver)."""
     import ray
     import torch
 
-
     torch.set_num_threads(threads)
+    deterministic(use_gpu)
     start = time.perf_counter()
     with worker_output(log):
         result = fn(shard, "cuda" if use_gpu else "cpu")  # Ray made only this task's GPUs visible

@@ -36,10 +36,13 @@ def test_dry_run_without_wheels_prints_the_plan_and_names_every_missing_wheel(tm
         assert f'run(carry=[".whl-{k}"], timeout_s=180, command="PYTHONUNBUFFERED=1 python3 scripts/gpu-check ' \
                f'--device-install .whl-{k}")' in out
     sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    last = next(line for line in out.splitlines() if line.strip().startswith(f"{n}. run("))
-    assert f'carry=[".whl-{n}"], timeout_s=600' in last
-    assert f"VLMLAB_GIT_SHA={sha}" in last and f'--device .whl-{n} --out \\"$OUT\\"' in last
-    assert len(json.loads(last.split("command=", 1)[1][:-1])) <= 2000  # the device tool's limit
+    # then one call per part, in priority order: the dpo pair (one node, then the cluster layout), the real shape
+    for k, part in ((n, "dpo"), (n + 1, "real-shape")):
+        call = next(line for line in out.splitlines() if line.strip().startswith(f"{k}. run("))
+        assert f'carry=[".whl-{n}"], timeout_s=600' in call
+        assert f"VLMLAB_GIT_SHA={sha}" in call and f'--device .whl-{n} --parts {part} --out \\"$OUT\\"' in call
+        assert len(json.loads(call.split("command=", 1)[1][:-1])) <= 2000  # the device tool's limit
+    assert "parts: dpo (needs >= 240 s); real-shape (needs >= 150 s)" in out
     assert out.count("fits (planned)") == n and "TOO LARGE" not in out
 
 
@@ -124,3 +127,22 @@ def test_peak_memory_per_stage_from_samples_and_stage_rules():
     assert sampler.window(3.5, 4.5) is None  # only a failed read
     assert script.RULE.match("──────── stage sft ────────").group(1) == "sft"
     assert script.RULE.match("stage sft done in 3.1s") is None
+
+
+def test_real_shape_record_predicts_at_the_batch_the_run_used():
+    """The device's comparison: the plan made here at the batch resources.fit chose there, against the measured
+    torch.cuda.max_memory_allocated, the step time and MFU from the counted FLOPs."""
+    gib = 2 ** 30
+    estimated = {"plans": {"sft": {"fixed": 2 * gib, "per_sample": 1 * gib, "gradients": 0.5 * gib, "update": 1 * gib,
+                                   "flops_per_sample": 6e12}},
+                 "constants": {"step_floor_s": 0.029, "step_floor_per_tensor_s": 0.00013, "mfu": 0.34},
+                 "model": {"param_tensors": 471}, "peaks": {"H100": {"tflops": 756.0}, "H200": {"tflops": 989.4}}}
+    result = {"config": {"sft": {"batch_size": 4, "gradient_accumulation_steps": 2}},
+              "metrics": {"sft/steps": 30, "sft/step_seconds": 30 * 0.5, "sft/max_memory_allocated_gib": 6.25},
+              "fit": {"stages": {"sft": {"batch_size": 4}}}}
+    record = load_script().real_shape_record(estimated, result, {"gpus": [{"name": "NVIDIA H200"}]})
+    assert record["card"] == "H200" and record["predicted_peak_gib"] == pytest.approx(2 + 4 + 0.5)
+    assert record["memory_error"] == pytest.approx(6.5 / 6.25 - 1)
+    floor = 0.029 + 0.00013 * 471
+    assert record["predicted_step_s"] == pytest.approx(2 * floor + 48e12 / (989.4e12 * 0.34))
+    assert record["mfu"] == pytest.approx(48e12 / 0.5 / 989.4e12) and record["fit"] == {"batch_size": 4}

@@ -9,7 +9,9 @@ from harness.commands.common import console, err, warn
 
 def reproduce(
     target: str = typer.Argument(..., help="A run directory or its result.json."),
-    tolerance: float = typer.Option(0.01, "--tolerance", min=0, help="Largest allowed |now - recorded| per metric."),
+    tolerance: float | None = typer.Option(None, "--tolerance", min=0, help="Largest allowed |now - recorded| on a "
+                                           "0-1 metric (relative on others). Default: exact on the same CPU model and "
+                                           "thread count, 0.02 on another CPU, 0.005 on a GPU (said with the table)."),
     trust: bool = typer.Option(False, "--trust", help="Allow what the recorded config would run or change: custom "
                                "GRPO rewards (imported), model.trust_remote_code, a stage's runtime_env."),
     output_dir: str | None = typer.Option(None, "--output-dir", "-o", help="Where the rerun goes "
@@ -19,7 +21,14 @@ def reproduce(
     # the pipeline (MLflow, Ray, the stages) and the code fingerprints: only when a run is reproduced
     from harness.console import Display
     from harness.pipeline import run_pipeline
-    from harness.reproduce import code_differences, compare_metrics, load_result, manifest_differences, recorded_config
+    from harness.reproduce import (
+        code_differences,
+        compare_metrics,
+        load_result,
+        manifest_differences,
+        recorded_config,
+        tolerance_for,
+    )
 
     recorded, path = load_result(target)
     cfg = recorded_config(recorded, path, trust)
@@ -30,13 +39,15 @@ def reproduce(
                            force=True, display=display)
     for warning in manifest_differences(recorded["manifest"], now["manifest"]):
         warn(f"manifest differs: {warning}")
+    tolerance, why = tolerance_for(recorded["manifest"], now["manifest"], tolerance)
+    console.print(f"tolerance {tolerance:g}: {why}", highlight=False)
     rows = compare_metrics(recorded["metrics"], now["metrics"], tolerance)
-    console.print(comparison_table(rows, f"reproduce {recorded['run_id']} (tolerance {tolerance})"))
+    console.print(comparison_table(rows, f"reproduce {recorded['run_id']} (tolerance {tolerance:g})"))
     bad = [r["metric"] for r in rows if not r["ok"]]
     if bad:
         err.print(f"[bold red]not reproduced[/]: {', '.join(bad)}", highlight=False)
         raise typer.Exit(code=1)
-    console.print(f"[green]reproduced[/]: {len(rows)} metrics within {tolerance} (rerun: {now['run_dir']})")
+    console.print(f"[green]reproduced[/]: {len(rows)} metrics within {tolerance:g} (rerun: {now['run_dir']})")
 
 
 def _num(value) -> str:

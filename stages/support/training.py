@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+from runtime import raytrain
 from runtime.manifest import hardware
 from runtime.output import PROGRESS_ENV
 
@@ -65,11 +66,13 @@ def common_args(settings, output_dir: Path) -> dict:
 
 
 def worker_setup(settings) -> Path:
-    """Per-worker set-up every training loop starts with: its thread count; returns this rank's scratch dir."""
+    """Per-worker set-up every training loop starts with: its thread count, deterministic GPU algorithms; returns this
+    rank's scratch dir."""
     import ray.train
     import torch
 
     torch.set_num_threads(max(1, int(settings.resources.cpus_per_worker)))
+    raytrain.deterministic(settings.resources.use_gpu and torch.cuda.is_available())
     return settings.scratch(ray.train.get_context().get_world_rank())
 
 
@@ -280,6 +283,8 @@ def train_and_save(trainer, processor, settings, scratch: Path, summarize=None) 
         "busy_seconds": timer.busy, "device": torch.cuda.get_device_name(0) if use_gpu else "CPU",
         "hardware": json.dumps(hardware()), "node_ids": json.dumps(rank_nodes()),
     }
+    if use_gpu:  # what torch allocated at its peak: the number the memory plan predicts (stages/support/memory.py)
+        metrics[f"{prefix}/max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     metrics.update(loss_summary(trainer.state.log_history, prefix))
     if summarize is not None:
         metrics.update(summarize(trainer.state.log_history))
