@@ -75,6 +75,9 @@ def hardware() -> dict:
     info = {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform()}
     try:
         import torch
+        # the instruction set torch's own CPU kernels dispatch to (AVX2, AVX512...): two CPUs that print the same
+        # model name can differ here, and so can a long training run's numbers
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         info["cuda"] = torch.version.cuda
         if torch.cuda.is_available():
             info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

@@ -15,8 +15,9 @@ from harness.reproduce import (
 EPYC = {"cpu": "AMD EPYC", "cpu_count": 2}
 
 
-def cpu_run(cpu: str = "AMD EPYC", threads: int = 2) -> dict:
-    return {"reproduction": reproduction_record([{"name": "sft", "device": "CPU"}], [{"cpu": cpu}], threads)}
+def cpu_run(cpu: str = "AMD EPYC", threads: int = 2, isa: str = "AVX2") -> dict:
+    return {"reproduction": reproduction_record([{"name": "sft", "device": "CPU"}],
+                                                [{"cpu": cpu, "cpu_capability": isa}], threads)}
 
 
 def gpu_run() -> dict:
@@ -24,15 +25,16 @@ def gpu_run() -> dict:
 
 
 def test_the_record_says_where_a_run_ran():
-    assert cpu_run()["reproduction"] == {"device_class": "cpu", "cpu": "AMD EPYC", "threads": 2, "tolerance": 0.0,
-                                         "tolerance_elsewhere": CPU_TOLERANCE}
+    assert cpu_run()["reproduction"] == {"device_class": "cpu", "cpu": "AMD EPYC", "cpu_capability": "AVX2",
+                                         "threads": 2, "tolerance": 0.0, "tolerance_elsewhere": CPU_TOLERANCE}
     assert gpu_run()["reproduction"] == {"device_class": "gpu", "devices": ["H200"], "tolerance": GPU_TOLERANCE}
 
 
 @pytest.mark.parametrize(("recorded", "now", "given", "expected", "why"), [
-    (cpu_run(), cpu_run(), None, 0.0, "exact: the same CPU (AMD EPYC) and 2 threads"),
-    (cpu_run(), cpu_run("Intel Xeon"), None, CPU_TOLERANCE, "another CPU or thread count"),
-    (cpu_run(), cpu_run(threads=4), None, CPU_TOLERANCE, "another CPU or thread count"),
+    (cpu_run(), cpu_run(), None, 0.0, "exact: the same CPU as recorded, AMD EPYC (AVX2), 2 threads"),
+    (cpu_run(), cpu_run("Intel Xeon"), None, CPU_TOLERANCE, "another CPU, instruction set or thread count"),
+    (cpu_run(), cpu_run(threads=4), None, CPU_TOLERANCE, "another CPU, instruction set or thread count"),
+    (cpu_run(), cpu_run(isa="AVX512"), None, CPU_TOLERANCE, "rerun on the recorded CPU to check exactly"),
     (gpu_run(), gpu_run(), None, GPU_TOLERANCE, "a GPU run (H200)"),
     (cpu_run(), gpu_run(), None, GPU_TOLERANCE, "a GPU run"),
     ({}, cpu_run(), None, CPU_TOLERANCE, "recorded before vlmlab kept where it ran"),
