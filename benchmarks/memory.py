@@ -17,10 +17,11 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -94,11 +95,14 @@ def measure_in_process(spec: dict) -> dict:
     standin = fit.standin_rows(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         shell = fit.model_shell(cfg, standin, Path(tmp) / "model")
-        baseline = max(_rss_now(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        gc.collect()  # what the shell's build left is freed now, not during the step (RSS falling under the baseline)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")  # the kernel's high-water mark (VmHWM) restarts from here
+        baseline = _status("VmRSS")
         measured = memory.measure_training(spec["stage"], getattr(cfg, spec["stage"]), shell, standin, spec["batch"],
                                            timed=spec.get("timed", False))
-        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"tracker": measured["peak"], "rss": peak_rss - baseline, "rss_baseline": baseline,
+        peak = _status("VmHWM")
+    return {"tracker": measured["peak"], "rss": peak - baseline, "rss_baseline": baseline,
             "bytes": measured["bytes"], "flops_measured": measured["flops"], "seconds_measured": measured["seconds"],
             "tokens": measured["tokens"]}
 
@@ -115,17 +119,20 @@ def predicted(spec: dict) -> dict:
             "seconds_predicted": plan.seconds_per_sample * spec["batch"]}
 
 
-def _rss_now() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
+def _status(field: str) -> int:
+    """A /proc/self/status memory field (VmRSS: resident now; VmHWM: its peak since the last reset), in bytes."""
+    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
 
 
 def measure(spec: dict) -> dict:
     """The plan (here) and the real step (in a fresh process) of ``spec``."""
     plan = predicted(spec)
+    # glibc returns every allocation above 128 KiB to the system when freed (no dynamic threshold, no arena cache):
+    # the process's resident memory then follows the live tensors, an independent measure of the tracker's peak
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     done = subprocess.run([sys.executable, __file__, "--measure", json.dumps(spec)], cwd=ROOT, capture_output=True,
-                          text=True)
+                          text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"measurement {spec} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1]) | plan | {"spec": spec}
@@ -209,8 +216,10 @@ def write(table: list[dict], checked: list[dict], timed: list[dict], command: st
         lines += ["## The plan against real steps on this CPU", "",
                   "Each in a fresh process: the plan (traced at 1-2 layers, batch 1) against the same step with every "
                   "layer and the batch named, real tensors, fp32. Tracker: torch's MemTracker's peak (target 5 %); "
-                  "RSS: the process's peak resident memory over its resident memory before the model was built "
-                  "(target 15 %).", "",
+                  "RSS: the kernel's high-water mark of the process's resident memory (VmHWM, reset just before) over "
+                  "its resident memory then, before the model is built; glibc told to return every allocation above "
+                  "128 KiB when freed (MALLOC_MMAP_THRESHOLD_) so that it follows the live tensors (target 15 %).",
+                  "",
                   "| step | predicted GiB | tracker GiB | error | RSS GiB | error | FLOPs error |",
                   "|---|---|---|---|---|---|---|"]
         for c in checked:
@@ -235,12 +244,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-checks", action="store_true", help="the per-device table only")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # one measurement, in its own process
+    parser.add_argument("--table", type=Path, help="reuse the per-device table of an earlier run (its JSON)")
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure_in_process(json.loads(args.measure)), default=str))
         return 0
     command = "benchmarks/memory.py" + (" --skip-checks" if args.skip_checks else "")
-    table = plan_table()
+    table = json.loads(args.table.read_text())["table"] if args.table else plan_table()
+    (Path(tempfile.gettempdir()) / "vlmlab-memory-table.json").write_text(json.dumps({"table": table}))
     checked = [] if args.skip_checks else checks()
     timed = [] if args.skip_checks else step_times()
     write(table, checked, timed, command)

@@ -182,6 +182,12 @@ class ResourcesConfig(Section):
         None, gt=0, description="the worker device's memory where torch cannot read it (and on CPU, to plan as if "
         "for that device)")
 
+    @field_validator("fit", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value):
+        """YAML reads `fit: off` (and `fit=off`) as false, `on` as true."""
+        return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
+
 
 class RayConfig(Section):
     """The local Ray instance the harness starts (not used under `ray job submit`, which attaches to a cluster)."""

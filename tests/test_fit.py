@@ -80,3 +80,9 @@ def test_a_config_that_fits_at_no_batch_stops_before_any_work(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: resources.fit: stage sft does not fit the declared device")
     assert "predicted" in lines[0] and "would fit:" in lines[0] and "a larger device (T4" in lines[0]
     assert not (tmp_path / "runs").exists() and not (tmp_path / "m.db").exists()
+
+
+def test_fit_off_and_on_as_yaml_reads_them():
+    """`resources.fit=off` is YAML's false: read as the switch it names, not rejected."""
+    assert load_config(None, ["resources.fit=off"]).resources.fit == "off"
+    assert load_config(None, ["resources.fit=on"]).resources.fit == "auto"

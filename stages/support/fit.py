@@ -26,7 +26,7 @@ import yaml
 from evals.registry import TASKS
 from runtime.architectures import architecture
 from runtime.errors import ConfigError, UserError
-from stages import TRAINING
+from stages import STAGES, TRAINING
 from stages.support import datasets as dsets
 from stages.support import memory, smolvlm, synthetic, tinyvlm
 
@@ -163,9 +163,8 @@ def plans_for(cfg, stages: list[str], shell: Path, rows: list[dict], checkpointi
 
 
 def _section(cfg, name: str):
-    import importlib
-
-    module = importlib.import_module(f"stages.{name}")
+    """The section a training stage trains with (align's forces its frozen towers: its module's ``section``)."""
+    module = STAGES[name]
     return module.section(cfg) if hasattr(module, "section") else getattr(cfg, name)
 
 

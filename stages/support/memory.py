@@ -115,11 +115,15 @@ def _plan(stage: str, kind: str, points: list[dict], model_dir: Path, **extra) -
                                            vision, text)) * (0.5 if half and c in HALVED else 1.0)
                   for c in points[0]["bytes"] if c != "Total"}
     per_sample = sum(categories.get(c, 0.0) for c in BATCH_CATEGORIES)
-    seconds = _summed(points, "seconds", vision, text)  # a layer's seconds are the next layer's, as its bytes are
+    flops = _summed(points, "flops", vision, text)
+    # this machine's rate over the traced steps (all their FLOPs over all their seconds): a step's time is its FLOPs at
+    # that rate. Not the seconds extrapolated like the bytes: a layer's second or two differ by noise, which 30 layers
+    # multiply (SmolVLM-256M at a 2x2 grid: 10.6 s predicted that way, 21.8 s measured)
+    rate = sum(p["flops"] for p in points) / max(1e-9, sum(p["seconds"] for p in points))
     return Plan(stage=stage, kind=kind, fixed=sum(categories.values()) - per_sample, per_sample=per_sample,
                 gradients=max(0.0, _summed(points, "gradient_bytes", vision, text)),
                 update=max(0.0, _summed(points, "update_bytes", vision, text)),
-                flops_per_sample=_summed(points, "flops", vision, text), seconds_per_sample=max(0.0, seconds),
+                flops_per_sample=flops, seconds_per_sample=flops / rate if rate > 0 else 0.0,
                 categories=categories, traced=points, **extra)
 
 
