@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, check_default_sft_run, loopback_only, run_without_tty
+from helpers import ROOT, check_default_sft_run, loopback_only, reference_run, run_without_tty
 
 from evals.registry import TASKS
 from runtime.config import load_config
@@ -168,13 +168,15 @@ def test_harness_run_sft_then_dpo_default_preset_in_the_container(docker_env, im
     assert result["reused_stages"] == ["data", "model", "sft"]
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert result["manifest"]["git"]["sha"] == head
-    # same pins, same CPU arithmetic: the container reproduces the host's reference run of the default preset
-    reference = json.loads((ROOT / "results" / "reference" / "dpo.json").read_text())["metrics"]
+    # same pins, same CPU arithmetic: the container reproduces the host's reference run of the default preset made on
+    # its CPU (a CI host is one of two kinds so far; each has its reference)
+    path, recorded = reference_run("dpo", result["manifest"])
+    reference, where = recorded["metrics"], f"{path.relative_to(ROOT)}, here {result['manifest'].get('reproduction')}"
     metrics = result["metrics"]
     tasks = [TASKS[name] for name, spec in load_config(None).data.tasks.items() if spec is not None]  # the preset's
     keys = [f"eval/{prefix}{t.metric}" for t in tasks for prefix in ("", "sft_")] + ["dpo/reward_accuracy"]
     for key in keys:
-        assert abs(metrics[key] - reference[key]) <= 0.01, (key, metrics[key], reference[key])
+        assert abs(metrics[key] - reference[key]) <= 0.01, (key, metrics[key], reference[key], where)
     assert metrics["dpo/reward_margin_end"] > metrics["dpo/reward_margin_start"]
     # the MLflow store is on the volume: the parent run and one child per stage, all FINISHED
     with sqlite3.connect(volume / "mlflow.db") as db:

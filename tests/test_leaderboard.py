@@ -37,8 +37,9 @@ def test_pareto_front_known_points():
               (3.0, 0.70),   # dominated: costlier, not better
               (4.0, 0.90),   # front: best
               (5.0, 0.85)]   # dominated by (4.0, 0.90)
-    assert pareto_front(points) == [True, True, False, False, True, False]
-    assert pareto_front([(1.0, 0.5), (1.0, 0.5)]) == [True, True]  # ties dominate no one
+    # both axes the higher the better: the leaderboard passes costs negated
+    assert pareto_front([(-cost, acc) for cost, acc in points]) == [True, True, False, False, True, False]
+    assert pareto_front([(-1.0, 0.5), (-1.0, 0.5)]) == [True, True]  # ties dominate no one
 
 
 def test_empty_store_is_friendly(workdir):
