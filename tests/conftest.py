@@ -16,6 +16,31 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# `scripts/test --fast`, the inner loop: every test that needs no Ray, no Docker, no server and no training run. A test
+# is left out when it asks (through any fixture) for one of these, or is marked `slow` (it starts one itself).
+SLOW_FIXTURES = frozenset({"ray_session", "cluster", "docker_env", "image", "mlflow_server", "s3", "backbones",
+                           "estimated", "tiny", "hub_copies", "hub_copy", "loaded_tasks"})
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fast", action="store_true",
+                     help="only the tests that start no Ray, Docker, server or training run (the inner loop)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts Ray, Docker, a server or a training run itself (not in --fast)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--fast"):
+        return
+    slow = [item for item in items
+            if item.get_closest_marker("slow") or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        chosen = set(map(id, slow))
+        items[:] = [item for item in items if id(item) not in chosen]
+
 
 @pytest.fixture(scope="module")
 def ray_session():

@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 from helpers import ROOT, free_port, stop_session, wait_http
 
@@ -163,6 +164,7 @@ def _serve(command: list[str], log: Path, port: int) -> subprocess.Popen:
     return server
 
 
+@pytest.mark.slow  # starts an `mlflow server` (scripts/test --fast leaves it out)
 def test_mlflow_server_as_deployed_takes_the_rayjobs_writes_and_keeps_them(tmp_path):
     """The Deployment's own command, with its volume at tmp_path and 127.0.0.1 for 0.0.0.0: requests addressed to
     the RayJob's tracking URI are served (a foreign Host header is refused), and the run, its metric and an artifact

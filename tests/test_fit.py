@@ -69,6 +69,7 @@ def test_fit_picks_the_largest_batch_that_fits_and_keeps_the_effective_batch(tin
     assert rerun.resources.fit == "off" and rerun.sft.batch_size == 4  # reproduced as chosen, not re-fitted
 
 
+@pytest.mark.slow  # traces the model before it stops (scripts/test --fast leaves it out)
 def test_a_config_that_fits_at_no_batch_stops_before_any_work(tmp_path):
     args = [sys.executable, "-m", "harness.cli", "run", "sft", *tiny_overrides(**{"resources.device_memory_gb": 0.61}),
             "--output-dir", str(tmp_path / "runs")]

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from helpers import (
     SLOW_SFT,
     checkpoints,
@@ -21,6 +22,8 @@ from helpers import (
     tiny_overrides,
     wait_for,
 )
+
+pytestmark = pytest.mark.slow  # each test runs `harness` for real (scripts/test --fast leaves them out)
 
 
 def _harness(root, *args: str) -> subprocess.Popen:

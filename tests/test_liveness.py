@@ -21,6 +21,8 @@ from mlflow.tracking import MlflowClient
 from evals.registry import TASKS
 from runtime.tracking import HEARTBEAT_TAG, OUTBOX, REAPED_TAG, Tracker, sync_outbox
 
+pytestmark = pytest.mark.slow  # each test runs `harness` for real (scripts/test --fast leaves them out)
+
 OTHER_HOST = r"""
 import json, socket, sys
 from pathlib import Path

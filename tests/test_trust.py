@@ -37,6 +37,7 @@ def _result(out_dir: Path, out: str) -> dict:
     return json.loads((out_dir / Path(run_dir).name / "result.json").read_text())
 
 
+@pytest.mark.slow  # a real `harness` run (scripts/test --fast leaves it out)
 def test_code_and_source_changes_recompute_what_depends_on_them(tmp_path):
     """In a copy of the project (Ray workers import the copy): a changed scoring rule in evals/metrics.py recomputes
     eval only; a file added under a local data source recomputes data and everything after it."""
@@ -76,6 +77,7 @@ def test_code_and_source_changes_recompute_what_depends_on_them(tmp_path):
     assert third["reused_stages"] == []
 
 
+@pytest.mark.slow  # a real `harness` run (scripts/test --fast leaves it out)
 def test_concurrent_runs_and_a_forced_one_share_an_output_dir(tmp_path):
     """Two `harness run dpo` started together on one output dir and MLflow store, plus a third with --force: all
     finish with a solo run's metrics; one waits on the other's leases; --force deletes nobody's checkpoints."""

@@ -267,8 +267,6 @@ def measure_training(stage: str, section, model_dir: Path, rows: list[dict], bat
                      precision: str = "fp32", gradient_checkpointing: bool = False, timed: bool = False) -> dict:
     """The same step at full depth and micro-batch ``batch`` with real tensors: what a plan is checked against
     (bytes by category at the peak, FLOPs, seconds). Needs the memory it measures."""
-
-
     module = importlib.import_module(f"stages.{stage}")
     row = max(rows, key=lambda r: len(r["question"]) + len(r["answer"]))
     row = dict(row, image=pil(row["image"]))
