@@ -43,11 +43,6 @@ def test_the_walk_sees_imports_inside_functions(tmp_path):
         module.unlink()
 
 
-if __name__ == "__main__":  # print the graph (the closing note of the house issue shows it)
-    for floor, imported in import_graph().items():
-        print(f"{floor:8} imports {', '.join(f for f in FLOORS if f in imported)}")
-    print("violations:", violations() or "none")
-
 
 def test_the_stage_registry_is_a_whole_mapping():
     from runtime.config import STAGE_NAMES
@@ -97,3 +92,9 @@ def test_reproduce_follows_files_the_house_moved():
             assert f"{old}," not in line and f"{old} " not in line, line
             assert not any(f"{new}," in line or f"{new} " in line for new in news), line
     assert all((codeprint.PROJECT_ROOT / new).is_file() for news in LAYOUT_MOVES.values() for new in news)
+
+
+if __name__ == "__main__":  # print the graph (the closing note of the house issue shows it)
+    for floor, imported in import_graph().items():
+        print(f"{floor:8} imports {', '.join(f for f in FLOORS if f in imported)}")
+    print("violations:", violations() or "none")
