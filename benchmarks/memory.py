@@ -244,14 +244,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-checks", action="store_true", help="the per-device table only")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # one measurement, in its own process
-    parser.add_argument("--table", type=Path, help="reuse the per-device table of an earlier run (its JSON)")
+    parser.add_argument("--table", type=Path, help="reuse the table of an earlier run (results/memory.json)")
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure_in_process(json.loads(args.measure)), default=str))
         return 0
     command = "benchmarks/memory.py" + (" --skip-checks" if args.skip_checks else "")
     table = json.loads(args.table.read_text())["table"] if args.table else plan_table()
-    (Path(tempfile.gettempdir()) / "vlmlab-memory-table.json").write_text(json.dumps({"table": table}))
     checked = [] if args.skip_checks else checks()
     timed = [] if args.skip_checks else step_times()
     write(table, checked, timed, command)
