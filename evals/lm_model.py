@@ -1,6 +1,7 @@
 """lm-eval's `hf-multimodal` model, timed and shardable.
 
-Timed: the seconds spent inside generation are the eval's busy time. Shardable: as shard ``k`` of ``n`` it
+Timed: the seconds spent inside generation are the eval's busy time; when the first batch began generating marks
+the end of lm-eval's start (tasks loaded, requests built). Shardable: as shard ``k`` of ``n`` it
 generates only every n-th of lm-eval's own batches (from the k-th on) and answers "" for the rest, so every item's
 prediction comes from exactly the batch, padding and thread count a one-shard run gives it.
 """
@@ -15,8 +16,9 @@ from lm_eval.models.utils import Collator
 
 @register_model("vlmlab-hf-multimodal")
 class TimedHFMultimodalLM(HFMultimodalLM):
-    """HFMultimodalLM that accumulates wall time spent in `generate` (``busy_seconds``) and generates one shard's
-    batches; ``owned`` holds the (task, doc_id) of the items it generated."""
+    """HFMultimodalLM that accumulates wall time spent in `generate` (``busy_seconds``; ``first_generation``: the
+    perf_counter() its first batch began) and generates one shard's batches; ``owned`` holds the (task, doc_id) of the
+    items it generated."""
 
     def __init__(self, *args, shard: int = 0, num_shards: int = 1, **kwargs):
         # a decoder-only VLM: said outright, lm-eval would otherwise warn on every model that its type is "neither
@@ -24,6 +26,7 @@ class TimedHFMultimodalLM(HFMultimodalLM):
         kwargs.setdefault("backend", "causal")
         super().__init__(*args, **kwargs)
         self.busy_seconds = 0.0
+        self.first_generation: float | None = None
         self.shard, self.num_shards = shard, num_shards
         self.owned: set[tuple[str, int]] = set()
 
@@ -51,6 +54,8 @@ class TimedHFMultimodalLM(HFMultimodalLM):
 
     def _model_multimodal_generate(self, inputs, max_length, stop, **generation_kwargs):
         start = time.perf_counter()
+        if self.first_generation is None:
+            self.first_generation = start
         try:
             return super()._model_multimodal_generate(inputs, max_length, stop, **generation_kwargs)
         finally:

@@ -374,7 +374,7 @@ def measured_stages(result: dict, client, experiment_name: str, began: dict, cut
             entry |= training_timeline(record, began[name], logs, max(1, cut["steps"][name] // 2))
             entry["generated"] = sum(s["items"] for s in record["outputs"].get("generation_shards", []))
         elif name == "eval":
-            busy = record["cost"].get("cost/busy_hours", 0.0) * 3600 / max(record["devices"], 1e-9)
+            busy = sum(s["generation_seconds"] for s in record["outputs"]["shards"])  # summed over the shards
             entry |= {"busy_s": busy, "items": sum(s["items"] for s in record["outputs"]["shards"]),
                       "checkpoints": len(record["outputs"]["scored"])}
         elif name == "data":

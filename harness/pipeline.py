@@ -205,6 +205,8 @@ class _Runner:
         record = {"name": name, "metrics": out.metrics, "wall_seconds": wall,
                   "accelerator_hours": cost["cost/accelerator_hours"], "cost_usd": cost["cost/usd"],
                   "device": meter.device, "devices": meter.devices, "cost": cost, "outputs": out.outputs}
+        if meter.held_seconds:  # device-seconds per phase (runtime.cost.PHASES): what the held time went to
+            record["held"] = {phase: round(seconds, 3) for phase, seconds in meter.split().items()}
         if out.ran_on:
             record["ran_on"] = out.ran_on
         if name in self.fitted.get("stages", {}):  # what resources.fit chose for it, and why

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from evals import registry
 from runtime.config import TrackingConfig
+from runtime.cost import BUSY_PHASES, PHASES
 from runtime.errors import UserError
 from runtime.secrets import redact_text
 from runtime.tracking import cost_view_url, publish_cost_view
@@ -389,6 +390,34 @@ def cost_figure(stages: list[dict]):
     return fig
 
 
+PHASE_COLORS = {"start": "tab:gray", "steps": "tab:blue", "generation": "tab:green", "scoring": "tab:olive",
+                "saving": "tab:orange", "idle": "lightgray"}
+
+
+def held_figure(stages: list[dict]):
+    """One bar per stage that held devices: the share of its held device-seconds per phase (runtime.cost.PHASES),
+    the busy ones blue-green, utilization at the right."""
+    held = [s for s in stages if s.get("held") and sum(s["held"].values()) > 0][::-1]
+    if not held:
+        return None
+    fig, (ax,) = _grid(1, width=7, height=0.45 * len(held) + 1.9)
+    left = [0.0] * len(held)
+    for phase in PHASES:
+        share = [s["held"].get(phase, 0.0) / sum(s["held"].values()) for s in held]
+        ax.barh([s["name"] for s in held], share, left=left, color=PHASE_COLORS[phase], edgecolor="black", lw=0.4,
+                label=phase)
+        left = [a + b for a, b in zip(left, share, strict=True)]
+    for i, s in enumerate(held):
+        busy = sum(s["held"].get(p, 0.0) for p in BUSY_PHASES) / sum(s["held"].values())
+        ax.annotate(f" busy {busy:.2f} of {sum(s['held'].values()):.0f} device-s", (1.0, i), va="center", fontsize=8)
+    ax.set_xlim(0, 1.4)
+    ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
+    ax.set(title="Where each stage's held device time went (busy: steps, generation, scoring)",
+           xlabel="share of held device-seconds")
+    ax.legend(fontsize=7, ncol=len(PHASES), loc="upper center", bbox_to_anchor=(0.5, -0.25), frameon=False)
+    return fig
+
+
 def grades_figure(frozen: dict):
     if not frozen:
         return None
@@ -411,6 +440,7 @@ def figures(run: Run) -> dict[str, tuple[str, object]]:
         "grpo_rewards": ("GRPO rewards", grpo_figure(stage_curves.get("grpo", {}))),
         "accuracy": ("Accuracy per question type", accuracy_figure(accuracy_table(run.result))),
         "cost": ("Cost per stage", cost_figure(run.result["stages"])),
+        "held": ("Held device time per stage", held_figure(run.result["stages"])),
         "grades": ("GradES: frozen weight matrices", grades_figure(grades_curves(run, stage_curves))),
     }
     return {stem: (title, fig) for stem, (title, fig) in made.items() if fig is not None}

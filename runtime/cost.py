@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from runtime.errors import ConfigError
 
@@ -81,23 +81,38 @@ def price_per_hour(device: str, prices: dict[str, float], override: float | None
     return prices[device]
 
 
+# Where a stage's held device time goes (device-seconds; they add up to what it held). **Busy** is the device at work:
+# inside training steps (forward, backward, optimizer update), generation, and scoring forward passes (likelihoods of
+# given answers; lm-eval's hf-multimodal model has none, so today's protocols score nothing on the device). Not busy:
+# start (placement, process start, imports, model and task load), saving (checkpoints, the final model, their
+# upload), idle (the rest of the held time: logging, collating inputs between batches, lm-eval's filters and metrics,
+# waiting on another worker's tail, teardown). Utilization = busy / held, so no target is met by redefinition.
+PHASES = ("start", "steps", "generation", "scoring", "saving", "idle")
+BUSY_PHASES = ("steps", "generation", "scoring")
+
+
 @dataclass
 class Meter:
-    """Collects a stage's device time: `held` while devices are acquired, `busy` inside steps."""
+    """Collects a stage's device time: `held` while devices are acquired, and what the held device-seconds were
+    spent on (``PHASES``), as the workers measured it."""
     devices: float = 0.0
     device: str = "CPU"  # the priced device model (a price-table key): CPU, T4, A100-80GB...
     held_seconds: float = 0.0
-    busy_seconds: float = 0.0
     holding_since: float | None = None  # perf_counter() when the current hold began
+    hold_began: float = 0.0  # time.time() when the current (or last) hold began: workers report Unix times
+    hold_ended: float = 0.0
+    spent: dict[str, float] = field(default_factory=dict)  # device-seconds per phase, idle left out
 
     @contextmanager
     def hold(self, devices: float, device: str):
         self.devices, self.device = devices, device
         start = self.holding_since = time.perf_counter()
+        self.hold_began = time.time()
         try:
             yield self
         finally:
             self.held_seconds += time.perf_counter() - start
+            self.hold_ended = time.time()
             self.holding_since = None
 
     def usd_so_far(self, prices: dict[str, float], override: float | None) -> float:
@@ -106,14 +121,30 @@ class Meter:
         seconds = self.held_seconds + (time.perf_counter() - since if since is not None else 0.0)
         return seconds * self.devices / 3600.0 * price_per_hour(self.device, prices, override) if seconds else 0.0
 
-    def add_busy(self, seconds: float) -> None:
-        self.busy_seconds += seconds
+    def add(self, phase: str, device_seconds: float) -> None:
+        if phase not in PHASES or phase == "idle":
+            raise ValueError(f"unknown phase {phase!r}: one of {PHASES[:-1]} (idle is what is left)")
+        self.spent[phase] = self.spent.get(phase, 0.0) + max(0.0, device_seconds)
+
+    def add_worker(self, began: float, phases: dict[str, float], devices: float) -> None:
+        """One worker's report from the last hold: the seconds it spent per phase since it ``began`` (Unix time), on
+        ``devices`` devices. Between the hold's start and ``began`` the worker was being placed and started."""
+        self.add("start", (began - self.hold_began) * devices)
+        for phase, seconds in phases.items():
+            self.add(phase, seconds * devices)
+
+    def split(self) -> dict[str, float]:
+        """Device-seconds per phase; ``idle`` is the held time no phase accounts for."""
+        held = self.held_seconds * self.devices
+        out = {phase: self.spent.get(phase, 0.0) for phase in PHASES[:-1]}
+        out["idle"] = max(0.0, held - sum(out.values()))
+        return out
 
     def summary(self, prices: dict[str, float], override: float | None) -> dict[str, float]:
         hours = self.held_seconds * self.devices / 3600.0
-        busy = self.busy_seconds * self.devices / 3600.0
+        busy = sum(self.spent.get(phase, 0.0) for phase in BUSY_PHASES) / 3600.0
         usd = hours * price_per_hour(self.device, prices, override) if hours else 0.0
         out = {"cost/accelerator_hours": hours, "cost/usd": usd}
-        if self.busy_seconds:  # only stages that time their steps report busy time and utilization
-            out |= {"cost/busy_hours": busy, "cost/utilization": busy / hours}
+        if busy and hours:  # only stages that hold devices and time their work report busy time and utilization
+            out |= {"cost/busy_hours": busy, "cost/utilization": min(1.0, busy / hours)}
         return out

@@ -191,26 +191,55 @@ def deterministic(use_gpu: bool) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def _on_worker(fn: Callable, shard, use_gpu: bool, threads: int, log=None) -> dict:
-    """One shard of work inside a Ray task: ``fn(shard, device)``, and where it ran. ``log``: where the task's
-    output goes (a runtime.output.WorkerLog; None: Ray's own worker log, forwarded to the driver)."""
-    import ray
-    import torch
+_task_phases: dict[str, float] | None = None  # the running shard's seconds per phase (a Ray task process runs one
+# task at a time); None outside run_shards' tasks, where phase() and add_phase() record nothing
 
-    torch.set_num_threads(threads)
-    deterministic(use_gpu)
+
+def add_phase(name: str, seconds: float) -> None:
+    """Inside a shard run by ``run_shards``: ``seconds`` of this task went to phase ``name`` (runtime.cost.PHASES),
+    for the stage's split of its held time."""
+    if _task_phases is not None:
+        _task_phases[name] = _task_phases.get(name, 0.0) + seconds
+
+
+@contextlib.contextmanager
+def phase(name: str):
+    """Time the block as phase ``name`` of the running shard (see add_phase)."""
     start = time.perf_counter()
-    with worker_output(log):
-        result = fn(shard, "cuda" if use_gpu else "cpu")  # Ray made only this task's GPUs visible
-    return {"result": result, "seconds": time.perf_counter() - start,
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "device": torch.cuda.get_device_name(0) if use_gpu else "CPU", "hardware": hardware()}
+    try:
+        yield
+    finally:
+        add_phase(name, time.perf_counter() - start)
+
+
+def _on_worker(fn: Callable, shard, use_gpu: bool, threads: int, log=None) -> dict:
+    """One shard of work inside a Ray task: ``fn(shard, device)``, where it ran, when it began (Unix time) and its
+    seconds per phase. ``log``: where the task's output goes (a runtime.output.WorkerLog; None: Ray's own worker log,
+    forwarded to the driver)."""
+    global _task_phases
+    began, _task_phases = time.time(), {}
+    try:
+        with phase("start"):  # a fresh worker process imports torch here
+            import ray
+            import torch
+
+            torch.set_num_threads(threads)
+            deterministic(use_gpu)
+        start = time.perf_counter()
+        with worker_output(log):
+            result = fn(shard, "cuda" if use_gpu else "cpu")  # Ray made only this task's GPUs visible
+        return {"result": result, "seconds": time.perf_counter() - start, "began": began,
+                "phases": dict(_task_phases), "node_id": ray.get_runtime_context().get_node_id(),
+                "device": torch.cuda.get_device_name(0) if use_gpu else "CPU", "hardware": hardware()}
+    finally:
+        _task_phases = None
 
 
 def run_shards(fn: Callable, shards: list, resources, stage: str, max_retries: int = 3) -> list[dict]:
     """Run ``fn(shard, device)`` once per shard as Ray tasks, each holding one worker's resources, so that a
     cluster's head (which has none) never runs one and the driver never loads a model. A task whose worker dies
-    is retried (``max_retries``). Returns, in shard order, ``{result, seconds, node_id, device, hardware}``."""
+    is retried (``max_retries``). Returns, in shard order, ``{result, seconds, began, phases, node_id, device,
+    hardware}``."""
     import ray
 
     ensure_ray()
@@ -242,11 +271,17 @@ def run_shards(fn: Callable, shards: list, resources, stage: str, max_retries: i
 
 def run_held(fn: Callable, jobs: list, cfg, meter, stage: str) -> list[dict]:
     """``run_shards`` for a stage: Ray started first (starting it holds no device), then the stage's devices held on
-    ``meter`` while the shards run, and the device model they actually ran on recorded (``meter.device``)."""
+    ``meter`` while the shards run, their phases added to it, and the device model they actually ran on recorded
+    (``meter.device``)."""
 
     ensure_ray(cfg.ray.dashboard)
     with meter.hold(devices_held(cfg.resources), "CPU"):
         done = run_shards(fn, jobs, cfg.resources, stage)
+    per_worker = meter.devices / cfg.resources.workers
+    # The first task on each of the `workers` slots waited for its placement and process since the hold began (start);
+    # a later task's wait for its slot is the tail of another task, counted as idle.
+    for rank, d in enumerate(sorted(done, key=lambda d: d["began"])):
+        meter.add_worker(d["began"] if rank < cfg.resources.workers else meter.hold_began, d["phases"], per_worker)
     if done:
         meter.device = gpu_alias(done[0]["device"])
     return done
@@ -282,7 +317,6 @@ def _logged(loop: Callable[[dict], None], live, stage: str, ranks: int) -> Calla
     def train_loop_with_logs(config: dict) -> None:
         import ray.train
 
-
         with worker_output(logs[ray.train.get_context().get_world_rank()]):
             loop(config)
 
@@ -295,7 +329,6 @@ def fit(loop: Callable[[dict], None], settings, storage: Path | str, name: str, 
     ``model_out``. Returns the last report's metrics. ``storage`` is a directory or a bucket URI (s3://...).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
-
 
     ensure_ray()  # normally already started by the stage, with its config
     require_resources(settings.resources, f"stage '{settings.prefix}'")

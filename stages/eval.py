@@ -10,6 +10,7 @@ driver merges the items' scores.
 from __future__ import annotations
 
 import json
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -79,29 +80,35 @@ def prior_scores(tasks: dict, limit: int | None, samples: int, seed: int) -> dic
 def score_shard(job: dict, device: str) -> dict:
     """On a Ray worker: lm-eval over every task's items with one checkpoint, generating only this shard's batches.
 
-    Returns the items this shard generated (question, answers, type, subset, prediction, score) and its busy
-    seconds.
+    Returns the items this shard generated (question, answers, type, subset, prediction, score); its seconds of
+    start and generation go to the stage's held-time split (runtime.raytrain.add_phase).
     """
     import tempfile
 
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+    with raytrain.phase("start"):  # lm-eval's imports and the model's load
+        import lm_eval
+        from lm_eval.tasks import TaskManager
 
-    from evals.lm_model import TimedHFMultimodalLM
+        from evals.lm_model import TimedHFMultimodalLM
 
-    lm = TimedHFMultimodalLM(pretrained=job["model_dir"], dtype="float32" if device == "cpu" else "auto",
-                             max_images=1, convert_img_format=True, device=device, batch_size=job["batch_size"],
-                             trust_remote_code=job["trust_remote_code"], shard=job["shard"],
-                             num_shards=job["num_shards"])
+        lm = TimedHFMultimodalLM(pretrained=job["model_dir"], dtype="float32" if device == "cpu" else "auto",
+                                 max_images=1, convert_img_format=True, device=device, batch_size=job["batch_size"],
+                                 trust_remote_code=job["trust_remote_code"], shard=job["shard"],
+                                 num_shards=job["num_shards"])
     task_names, protocol = [k for k in TASKS if k in job["tasks"]], job["protocol"]
     with tempfile.TemporaryDirectory() as task_dir:
         write_task_configs(job["tasks"], Path(task_dir), protocol, job["max_new_tokens"])
         seed = job["seed"]
+        evaluating = time.perf_counter()
         results = lm_eval.simple_evaluate(
             model=lm, tasks=[TASKS[k].lm_eval_name(protocol) for k in task_names],
             task_manager=TaskManager(include_path=task_dir, include_defaults=False), limit=job["limit"],
             apply_chat_template=True, log_samples=True, random_seed=seed, numpy_random_seed=seed,
             torch_random_seed=seed, fewshot_random_seed=seed)
+    # before its first batch lm-eval loads the tasks and builds their requests (start); the rest not spent generating
+    # (collating batches, filters, metrics) is idle
+    raytrain.add_phase("start", (lm.first_generation or time.perf_counter()) - evaluating)
+    raytrain.add_phase("generation", lm.busy_seconds)
     items = []
     for task in task_names:
         name = TASKS[task].lm_eval_name(protocol)
@@ -112,7 +119,7 @@ def score_shard(job: dict, device: str) -> dict:
                               "answers": list(doc["answers"]), "question_type": doc["question_type"],
                               "subset": doc["subset"], "prediction": s["filtered_resps"][0],
                               "score": float(s[TASKS[task].metric])})
-    return {"items": items, "busy_seconds": lm.busy_seconds}
+    return {"items": items}
 
 
 def main_metrics(items: list[dict], task_names: list[str], samples: int, seed: int) -> dict[str, float]:
@@ -176,7 +183,6 @@ def run(ctx: StageContext) -> StageOutput:
              "limit": cfg.eval.limit, "seed": cfg.seed, "trust_remote_code": cfg.model.trust_remote_code}
             for label, model_dir in targets for k in range(n)]
     done = raytrain.run_held(score_shard, jobs, cfg, ctx.meter, "eval")
-    ctx.meter.add_busy(sum(d["result"]["busy_seconds"] for d in done))
     shards = []
     for i, (label, _) in enumerate(targets):
         mine = [(job, d) for job, d in zip(jobs, done, strict=True) if job["label"] == label]
@@ -188,7 +194,8 @@ def run(ctx: StageContext) -> StageOutput:
         prefix = "eval/" if i == len(targets) - 1 else f"eval/{label}_"
         metrics.update({f"{prefix}{k}": v for k, v in scores.items()})
         shards += [{"checkpoint": label, "shard": job["shard"], "node_id": d["node_id"], "device": d["device"],
-                    "items": len(d["result"]["items"]), "seconds": round(d["seconds"], 3)} for job, d in mine]
+                    "items": len(d["result"]["items"]), "seconds": round(d["seconds"], 3),
+                    "generation_seconds": round(d["phases"].get("generation", 0.0), 3)} for job, d in mine]
     files = task_files(task_names, protocol)
     ctx.tracker.set_tags(ctx.mlflow_run_id, {"eval.protocol": protocol, "eval.task_files": json.dumps(files)})
     return StageOutput(metrics=metrics, outputs={"scored": [label for label, _ in targets], "shards": shards,

@@ -213,12 +213,12 @@ def test_report_renders_in_chromium(in_three_runs, tmp_path):
     assert out.exit_code == 0 and "report written to" in out.output, out.output
     page = (run_dir / "report" / "report.html").read_text()
     pngs = {p.stem: p.read_bytes() for p in (run_dir / "report").glob("*.png")}
-    assert set(pngs) == {"loss", "dpo_rewards", "grpo_rewards", "accuracy", "cost", "grades"}
+    assert set(pngs) == {"loss", "dpo_rewards", "grpo_rewards", "accuracy", "cost", "held", "grades"}
     embedded = [base64.b64decode(data) for data in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
     assert sorted(embedded) == sorted(pngs.values())  # the same figures, each once
     assert not re.search(r'(src|href)="(?!data:)', page)  # nothing fetched from elsewhere
     for section in ("Training loss", "DPO reward margin and accuracy", "GRPO rewards", "Accuracy per question type",
-                    "Cost per stage", "GradES: frozen weight matrices", run_dir.name):
+                    "Cost per stage", "Held device time per stage", "GradES: frozen weight matrices", run_dir.name):
         assert section in page, section
     result = json.loads((run_dir / "result.json").read_text())
     logged = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).list_artifacts(result["mlflow_run_id"], "report")

@@ -40,6 +40,17 @@ def test_sft_pipeline_end_to_end(ray_session, workdir):
     sft = next(s for s in on_disk["stages"] if s["name"] == "sft")
     assert sft["accelerator_hours"] > 0 and sft["cost_usd"] > 0
     assert sft["cost"]["cost/utilization"] > 0
+    # every held device-second is in one phase: start, steps, generation, scoring, saving or idle (runtime.cost)
+    for stage in [s for s in on_disk["stages"] if s["accelerator_hours"]]:
+        held = stage["held"]
+        assert set(held) == {"start", "steps", "generation", "scoring", "saving", "idle"}, stage["name"]
+        assert sum(held.values()) == pytest.approx(stage["accelerator_hours"] * 3600, rel=1e-3, abs=1e-2)
+        assert held["start"] > 0, stage["name"]  # placement, process start, imports, model load: never free
+        busy = held["steps"] + held["generation"] + held["scoring"]
+        assert busy / sum(held.values()) == pytest.approx(stage["cost"]["cost/utilization"], abs=1e-3)
+    by_name = {s["name"]: s["held"] for s in on_disk["stages"] if "held" in s}
+    assert by_name["sft"]["steps"] > 0 and by_name["sft"]["saving"] > 0 and by_name["sft"]["generation"] == 0
+    assert by_name["eval"]["generation"] > 0 and by_name["eval"]["steps"] == 0
     assert on_disk["cost_usd"] == pytest.approx(sum(s["cost_usd"] for s in on_disk["stages"]))
     manifest = on_disk["manifest"]
     assert manifest["seed"] == 0 and manifest["packages"]["trl"] == "1.16.0"

@@ -14,7 +14,9 @@ from runtime.tracking import BackgroundStepLogger
 
 
 class StepTimer(TrainerCallback):
-    """Seconds spent inside optimizer steps (forward, backward, update): the stage's busy time.
+    """Seconds spent inside optimizer steps (forward, backward, update): the stage's busy time (``busy``), and in
+    checkpoint saves between them (``saving``: from a step's end to the save's last callback, Ray's upload included
+    when this callback comes after RayTrainReportCallback).
 
     ``instrument(trainer)`` also times the backward passes (``backward`` seconds); ``first_step_at`` is the
     wall-clock time (Unix seconds) the first step began, for time-to-first-step.
@@ -23,8 +25,10 @@ class StepTimer(TrainerCallback):
     def __init__(self):
         self.busy = 0.0
         self.backward = 0.0
+        self.saving = 0.0
         self.first_step_at = None
         self._t0 = None
+        self._step_ended = None
 
     def instrument(self, trainer) -> None:
         inner = trainer.accelerator.backward
@@ -45,8 +49,14 @@ class StepTimer(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._t0 is not None:
-            self.busy += time.perf_counter() - self._t0
+            self._step_ended = time.perf_counter()
+            self.busy += self._step_ended - self._t0
             self._t0 = None
+
+    def on_save(self, args, state, control, **kwargs):
+        if self._step_ended is not None:
+            self.saving += time.perf_counter() - self._step_ended
+            self._step_ended = None
 
 
 class MlflowStepLogger(TrainerCallback):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 
+from runtime import raytrain
 from stages.support.training import user_turn
 
 
@@ -18,22 +19,23 @@ def pil(image):
 def generate_answers(model_dir: str, questions: list[str], images: list, batch_size: int = 64,
                      max_new_tokens: int = 8, device: str = "cpu", trust_remote_code: bool = False,
                      progress=None) -> list[str]:
-    """Greedy short answers for (image, question) pairs, in order."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    """Greedy short answers for (image, question) pairs, in order. In a Ray shard, loading is its start and
+    ``generate`` its generation (runtime.cost.PHASES)."""
+    with raytrain.phase("start"):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
-
-    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    processor.tokenizer.padding_side = "left"
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=trust_remote_code,
-                                                        use_safetensors=True).to(device).eval()
+        processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        processor.tokenizer.padding_side = "left"
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=trust_remote_code,
+                                                            use_safetensors=True).to(device).eval()
     answers: list[str] = []
     for start in range(0, len(questions), batch_size):
         qs = questions[start:start + batch_size]
         texts = [processor.apply_chat_template(user_turn(q), add_generation_prompt=True) for q in qs]
         batch = processor(text=texts, images=[[pil(im)] for im in images[start:start + batch_size]],
                           return_tensors="pt", padding=True).to(device)
-        with torch.inference_mode():
+        with torch.inference_mode(), raytrain.phase("generation"):
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
         answers += processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         if progress is not None:

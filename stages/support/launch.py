@@ -121,7 +121,15 @@ def run_stage(ctx, loop, stage_cfg, inputs: dict[str, str] | None = None):
         metrics = raytrain.fit(loop, settings, ctx.ray_storage, ctx.ray_name, model_out,
                                max_failures=cfg.failure.max_failures,
                                runtime_env=raytrain.worker_runtime_env(stage_cfg))
-    ctx.meter.add_busy(float(metrics.pop("busy_seconds", 0.0)))
+    # rank 0's phases stand for every rank's (they step in lockstep); the hold's tail after training is saving
+    phases = json.loads(metrics.pop("phases"))
+    began, ended, loop_began = phases.pop("began"), phases.pop("ended"), phases.pop("loop_began")
+    ctx.meter.add_worker(began, phases, devices)
+    ctx.meter.add("saving", (ctx.meter.hold_ended - ended) * devices)
+    # start, in two: Ray Train placing the worker group and starting its processes, then the loop's imports, model
+    # and data load and trainer build up to the first step (wall seconds; held device-seconds are these x devices)
+    metrics[f"{ctx.name}/start_placement_seconds"] = loop_began - ctx.meter.hold_began
+    metrics[f"{ctx.name}/start_load_seconds"] = began - loop_began
     ctx.meter.device = gpu_alias(metrics.pop("device", "CPU"))  # what the workers actually ran on
     hardware = json.loads(metrics.pop("hardware", "null"))
     node_ids = json.loads(metrics.pop("node_ids", "[]"))

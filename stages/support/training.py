@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 from runtime import raytrain
@@ -65,9 +66,14 @@ def common_args(settings, output_dir: Path) -> dict:
     )
 
 
+_loop_began: float | None = None  # time.time() this worker process entered its training loop (one loop a process)
+
+
 def worker_setup(settings) -> Path:
     """Per-worker set-up every training loop starts with: its thread count, deterministic GPU algorithms; returns this
     rank's scratch dir."""
+    global _loop_began
+    _loop_began = time.time()
     import ray.train
     import torch
 
@@ -274,13 +280,14 @@ def train_and_save(trainer, processor, settings, scratch: Path, summarize=None) 
     finally:
         if logger:
             logger.close()
+    trained_at = time.time()
     use_gpu = settings.resources.use_gpu and torch.cuda.is_available()
     metrics = {
         f"{prefix}/train_loss": out.training_loss, f"{prefix}/steps": out.global_step,
         f"{prefix}/train_samples_per_second": out.metrics.get("train_samples_per_second", 0.0),
         f"{prefix}/backward_seconds": timer.backward, f"{prefix}/step_seconds": timer.busy,
         f"{prefix}/resumed_from_step": resumed_step(resume), f"{prefix}/first_step_unix": timer.first_step_at or 0.0,
-        "busy_seconds": timer.busy, "device": torch.cuda.get_device_name(0) if use_gpu else "CPU",
+        "device": torch.cuda.get_device_name(0) if use_gpu else "CPU",
         "hardware": json.dumps(hardware()), "node_ids": json.dumps(rank_nodes()),
     }
     if use_gpu:  # what torch allocated at its peak: the number the memory plan predicts (stages/support/memory.py)
@@ -297,6 +304,12 @@ def train_and_save(trainer, processor, settings, scratch: Path, summarize=None) 
     model = trainer.model
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+    # this rank's held time (runtime.cost.PHASES): stepping began at first_step_at (all before it is start); after
+    # training ended, the driver counts the rest of the hold (the final model's merge and save, Ray's upload, the copy
+    # to the stage directory) as saving
+    metrics["phases"] = json.dumps({"began": timer.first_step_at or trained_at, "ended": trained_at,
+                                    "loop_began": _loop_began or trained_at, "steps": timer.busy,
+                                    "saving": timer.saving})
     with tempfile.TemporaryDirectory() as tmp:  # node-local: Ray uploads it to the stage's storage
         getattr(model, "module", model).save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
