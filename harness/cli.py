@@ -2,7 +2,9 @@
 
 This is also the one place where bad input becomes what a user sees: a `UserError` raised by any command (or by
 anything under it) is printed as one line (`error: ...`, redacted, markup off) and exits 2; a usage error
-(unknown command or option, bad option value) likewise, instead of click's usage box.
+(unknown command or option, bad option value) likewise, instead of click's usage box. Anything else is a bug of
+vlmlab's or of a library: one `internal error:` line, exit 1, the traceback in a log file (harness/commands/common.py
+internal_error), never a traceback box.
 """
 from __future__ import annotations
 
@@ -14,14 +16,14 @@ from typer.core import TyperGroup
 
 from harness.commands import env, estimate, gc, leaderboard, report, reproduce, run, runs, sweep, sync, ui, validate
 from harness.commands import eval as eval_command
-from harness.commands.common import error_line
+from harness.commands.common import error_line, internal_error
 from runtime.errors import UserError
 from runtime.secrets import RedactingStream
 
 try:  # typer 0.29 carries its own click
-    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 except ImportError:  # pragma: no cover
-    from click.exceptions import NoArgsIsHelpError, UsageError
+    from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
 
 class _Commands(TyperGroup):
@@ -45,6 +47,10 @@ class _Commands(TyperGroup):
         except UserError as exc:
             error_line(str(exc))
             raise typer.Exit(code=2) from None
+        except (typer.Exit, typer.Abort, ClickException):  # a command's own exit code; Ctrl-C at a prompt
+            raise
+        except Exception as exc:
+            internal_error(exc)
 
     @staticmethod
     def _usage(exc: UsageError):

@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
+from rich.text import Text
 
 from runtime.errors import UserError
 from runtime.output import (
@@ -239,7 +239,6 @@ class Display:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None and self.failed_stage and self.logs is not None:
-
             if not issubclass(exc_type, (UserError, KeyboardInterrupt)):  # a crash: where its full story is
                 self.say(f"stage {self.failed_stage} failed: its output is in {self.logs / self.failed_stage}.log, "
                          f"its Ray workers' in {self.logs / 'ray'}/")
@@ -254,7 +253,7 @@ class Display:
             # the console keeps the real stdout; the process's fds 1 and 2 go to the logs
             self._out = os.fdopen(os.dup(1), "w", encoding=getattr(sys.stdout, "encoding", None) or "utf-8",
                                   errors="replace", buffering=1)
-            self.console = Console(file=RedactingStream(self._out), soft_wrap=True)
+            self.console = Console(file=RedactingStream(self._out), soft_wrap=True, markup=False, emoji=False)
             self.live = self.console.is_terminal
         self._saved = [os.dup(1), os.dup(2)]
         self._file = tempfile.TemporaryFile()  # until the run directory is known
@@ -299,10 +298,10 @@ class Display:
         self.logs = run_dir / "logs"
         self._log_to(self.logs / "run.log")
         if self.live and self.console is not None and self._progress is None:
-
             self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=24),
-                                      TextColumn("{task.fields[info]}"), console=self.console, transient=True,
-                                      redirect_stdout=False, redirect_stderr=False, refresh_per_second=4)
+                                      TextColumn("{task.fields[info]}", markup=False), console=self.console,
+                                      transient=True, redirect_stdout=False, redirect_stderr=False,
+                                      refresh_per_second=4)
             self._progress.start()
         if self._thread is None:
             self._thread = threading.Thread(target=self._poll, name="vlmlab-progress", daemon=True)
@@ -350,9 +349,11 @@ class Display:
         return files
 
     # -- printing
-    def say(self, text: str) -> None:
+    def say(self, text: str, label: str | None = None, style: str = "yellow") -> None:
+        """One line of plain text (paths, names and messages are shown as they are: no markup, no emoji), after a
+        ``label`` in ``style`` when given."""
         if self.console is not None:
-            self.console.print(text, highlight=False)
+            self.console.print(Text.assemble((f"{label}: ", style) if label else "", text), highlight=False)
 
     def warn(self, message: str, source: str | None = None, level: str = "WARNING") -> None:
         """A library's warning or error, shown once, as one vlmlab line (the full text is in the logs)."""
@@ -362,7 +363,7 @@ class Display:
         self.shown.add(line)
         kind = "error" if level in ("ERROR", "CRITICAL") else "warning"
         where = f" (see {self.logs})" if self.logs is not None and kind == "error" else ""
-        self.say(f"[yellow]{kind}:[/] {source + ': ' if source else ''}{_escape(line)}{where}")
+        self.say(f"{source + ': ' if source else ''}{line}{where}", label=kind)
 
     def begin_stage(self, name: str, progress_from=None) -> _Stage:
         """Stage ``name`` starts: its driver output goes to logs/<stage>.log, its progress to the console.
@@ -429,7 +430,7 @@ class Display:
             if bucket <= stage.printed_bucket or stage.step >= stage.total or now - stage.printed_at < PLAIN_EVERY_S:
                 return
             stage.printed_bucket, stage.printed_at = bucket, now
-        self.say(_escape(stage.line()))
+        self.say(stage.line())
 
 
 
@@ -446,6 +447,3 @@ def finished_note(metrics: dict, name: str, cost: float) -> str:
         parts.append(usd(cost))
     return f" ({', '.join(parts)})" if parts else ""
 
-
-def _escape(text: str) -> str:
-    return escape(text)

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from rich.text import Text
 
 from harness.console import Display, duration
 from harness.pipeline import run_pipeline
@@ -932,10 +933,10 @@ def render(result: dict, console) -> None:
         console.print(memory)
     for d in devices.values():
         if "warning" in d:
-            console.print(f"[yellow]warning:[/] {d['device']}: {d['warning']}")
+            console.print(Text.assemble(("warning:", "yellow"), f" {d['device']}: {d['warning']}"), highlight=False)
         if not d.get("fits", True):
-            console.print(f"[yellow]warning:[/] {d['device']}: a stage does not fit at batch 1 (see the memory "
-                          "table): the run would stop before any work", highlight=False)
+            console.print(Text.assemble(("warning:", "yellow"), f" {d['device']}: a stage does not fit at batch 1 (see "
+                                        "the memory table): the run would stop before any work"), highlight=False)
     console.print("assumptions:")
     for line in result["assumptions"]:
         console.print(f"  - {line}", highlight=False, soft_wrap=True)

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
+from rich.text import Text
 
 from harness import codeprint
 from harness.cache import StageCache, stage_key
@@ -155,7 +156,7 @@ class _Runner:
         stage_dir.mkdir(parents=True, exist_ok=True)
         child = self.tracker.start(name, parent_id=self.parent, tags={"vlmlab.stage": name, "vlmlab.key": key})
         if self.console and self.display.verbose:
-            self.console.rule(f"[bold]stage {name}")
+            self.console.rule(Text(f"stage {name}", style="bold"))
         lease = None
         entry = None if self.force else self.cache.lookup(name, key)
         if entry is None and not self.force:  # one run computes a key at a time; the others then reuse it

@@ -20,7 +20,7 @@ from evals.registry import PROTOCOLS, TASKS
 from runtime.architectures import ARCHITECTURES
 from runtime.cost import DEFAULT_PRICES
 from runtime.errors import ConfigError
-from runtime.secrets import redact
+from runtime.secrets import is_secret_key, redact, redact_text
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # The layout of config.yaml / result.json this vlmlab writes. 1: before schema_version existed (read as is: 2 only
@@ -391,6 +391,16 @@ class PipelineConfig(Section):
     seed: int = Field(0, ge=0, le=2**32 - 1, description="numpy's range")
     output_dir: str = "runs"
     run_name: str | None = Field(None, max_length=100, pattern=NAME)
+
+    @field_validator("run_name")
+    @classmethod
+    def _not_a_secret(cls, name: str | None) -> str | None:
+        # a run name becomes directory, lease and MLflow run names and tags: a token pasted here would be in all
+        if name is not None and redact_text(name) != name:
+            raise ValueError("looks like a secret (a token or key), and a run name is written in paths and MLflow "
+                             "names; pick another name")
+        return name
+
     pipelines: dict[str, list[str]] = Field(default_factory=lambda: {"sft": ["data", "model", "sft", "eval"]})
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -606,10 +616,14 @@ def format_errors(exc: ValidationError, origin: str,
             if tuple(err["loc"][:-1]) == ("data",) and err["loc"][-1] in TASKS:
                 close = [f"tasks.{err['loc'][-1]}"]  # schema 2's place for a task
             msg = "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
+        elif any(is_secret_key(str(part)) for part in err["loc"]):
+            msg += " (the value is not shown: the key holds a secret)"
         elif "input" in err and not isinstance(err["input"], dict):
-            got = repr(err["input"])
+            got = redact_text(repr(err["input"]))  # redacted before it is cut: a cut never leaves half a secret
             msg += f" (got {got if len(got) <= 60 else got[:57] + '...'})"
-        problems.append(msg if key == "<root>" else f"{key}: {msg}")  # a model check names its own keys
+        # a model check names its own keys; after a secret-named key a ':' would read as its value to the redactor
+        sep = ", " if any(is_secret_key(str(part)) for part in err["loc"]) else ": "
+        problems.append(msg if key == "<root>" else f"{key}{sep}{msg}")
     return f"invalid config ({origin}): {'; '.join(problems)}; {fix}"
 
 

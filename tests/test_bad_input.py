@@ -134,6 +134,13 @@ CASES = [
     ("zero-new-tokens", [*RUN, "eval.max_new_tokens=0"], {}, "eval.max_new_tokens: Input should be greater than",
      "fix it"),
     ("missing-data-dir", [*RUN, "data.tasks.vqa.source=/no/such/dir"], {}, "data directory not found", "fix it"),
+    # secrets: a token-shaped run name (it becomes paths and MLflow names), a secret-named key's value never echoed
+    ("secret-run-name", [*RUN, "run_name=ghp_" + "a" * 36], {}, "run_name: looks like a secret", "pick another name"),
+    ("secret-key-value", [*RUN, "sft.runtime_env.env_vars={HF_TOKEN: [hunter2]}"], {},
+     "HF_TOKEN, Input should be a valid string (the value is not shown", "fix it"),
+    # text is text: rich would draw ':train:' as an emoji and eat '[bold]' as markup
+    ("markup-in-path", [*RUN, "data.tasks.vqa.source=/no/such/vqav2:train:[bold]x[/]"], {},
+     "data directory not found: /no/such/vqav2:train:[bold]x[/]", "fix it"),
     # data files (checked before the first stage)
     ("vqa-corrupt-json", [*RUN, VQA_DIR], _vqa('{"questions": [1,'),
      "v2_questions_train.json: not valid JSON at line 1", "repair or re-download the file"),
@@ -225,5 +232,36 @@ def test_bad_input_exits_2_with_one_line_before_any_work(workdir, case, argv, fi
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert problem in lines[0], lines[0]
     assert lines[0].find(fix, lines[0].index(problem)) > 0, lines[0]  # the fix, after the problem
+    assert "hunter2" not in result.output and "ghp_" not in result.output  # no case's secret echoed
     # nothing written: no run directory, no MLflow store (so no run left RUNNING), no result.json, no user code ran
     assert sorted(workdir.rglob("*")) == before
+
+
+def test_a_bug_is_one_line_and_exit_1_with_the_traceback_in_a_redacted_log(tmp_path, monkeypatch):
+    """The CLI's last line of defence, for what is not bad input (bad input is exit 2, above): any other exception is
+    one `internal error:` line naming the log file, exit 1; the log holds the traceback, redacted, owner-only."""
+    import typer
+
+    from harness.cli import _Commands
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    cli = typer.Typer(cls=_Commands)
+
+    @cli.command()
+    def boom():
+        raise RuntimeError("store http://bob:hunter2@db.example/x failed: " + "y" * 500)
+
+    @cli.command()
+    def fine():  # two commands: typer makes a group of them, the harness's own kind of app
+        pass
+
+    result = CliRunner().invoke(cli, ["boom"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert lines[0].startswith("internal error: RuntimeError: store http://***@db.example/x failed: yyy")
+    assert "hunter2" not in result.output and len(lines[0]) < 500
+    log = next((tmp_path / "state" / "vlmlab" / "logs").glob("harness-*.log"))
+    assert str(log) in lines[0] and log.stat().st_mode & 0o077 == 0
+    text = log.read_text()
+    assert "Traceback (most recent call last)" in text and 'raise RuntimeError("store' in text
+    assert "hunter2" not in text and "http://***@db.example/x" in text

@@ -5,7 +5,7 @@ import json
 
 import typer
 
-from harness.commands.common import CONFIG_HELP, console, err, interruptible, load
+from harness.commands.common import CONFIG_HELP, console, err, interruptible, load, styled
 
 # calibration steps per training stage: with 20, the first steps' warm-up and a log every 5 steps made the default
 # sft step 40 % slower than in the real run (results/estimate.md)
@@ -35,7 +35,8 @@ def estimate(
     try:
         result = predict(cfg, pipeline, devices, steps, console=None if as_json else console)
     except KeyboardInterrupt:
-        err.print("[bold red]interrupted[/]: nothing was kept (the calibration ran in a temporary directory)")
+        err.print(styled(("interrupted", "bold red"), ": nothing was kept (the calibration ran in a temporary "
+                         "directory)"))
         raise typer.Exit(code=130) from None
     if as_json:
         print(json.dumps(result, indent=2, default=str))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from harness.commands.common import console, warn
+from harness.commands.common import console, styled, warn
 
 
 def report(
@@ -25,4 +25,4 @@ def report(
     for note in run.notes:
         warn(note)
     logged = " and logged to its MLflow run (artifacts: report/)" if run.mlflow_run_id else ""
-    console.print(f"report written to [bold]{path}[/]{logged}", soft_wrap=True, highlight=False)
+    console.print(styled("report written to ", (str(path), "bold"), logged), soft_wrap=True, highlight=False)

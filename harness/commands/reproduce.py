@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
-from harness.commands.common import console, err, warn
+from harness.commands.common import console, err, styled, warn
 
 
 def reproduce(
@@ -45,9 +46,10 @@ def reproduce(
     console.print(comparison_table(rows, f"reproduce {recorded['run_id']} (tolerance {tolerance:g})"))
     bad = [r["metric"] for r in rows if not r["ok"]]
     if bad:
-        err.print(f"[bold red]not reproduced[/]: {', '.join(bad)}", highlight=False)
+        err.print(styled(("not reproduced", "bold red"), f": {', '.join(bad)}"), highlight=False)
         raise typer.Exit(code=1)
-    console.print(f"[green]reproduced[/]: {len(rows)} metrics within {tolerance:g} (rerun: {now['run_dir']})")
+    console.print(styled(("reproduced", "green"), f": {len(rows)} metrics within {tolerance:g} (rerun: "
+                                                  f"{now['run_dir']})"), highlight=False)
 
 
 def _num(value) -> str:
@@ -60,5 +62,5 @@ def comparison_table(rows: list[dict], title: str) -> Table:
         table.add_column(col, justify="left" if col == "metric" else "right")
     for r in rows:
         table.add_row(r["metric"], _num(r["recorded"]), _num(r["now"]), _num(r["delta"]),
-                      "[green]ok[/]" if r["ok"] else "[red]DIFFERS[/]")
+                      Text("ok", style="green") if r["ok"] else Text("DIFFERS", style="red"))
     return table

@@ -6,9 +6,10 @@ from collections.abc import Callable
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from evals.registry import TASKS
-from harness.commands.common import CONFIG_HELP, VERBOSE_HELP, console, disk_full, err, interruptible, load
+from harness.commands.common import CONFIG_HELP, VERBOSE_HELP, console, disk_full, err, interruptible, load, styled
 
 
 def run(
@@ -44,20 +45,21 @@ def run_and_summarize(load_config: Callable, pipeline: str, output_dir: str | No
         with Display(console, capture=True) as display:  # library output to the run's logs until it closes
             result = run_pipeline(cfg, pipeline, output_dir, console=console, force=force, display=display)
     except KeyboardInterrupt:
-        err.print("[bold red]interrupted[/]: MLflow runs marked KILLED; finished stages are cached and training "
-                  "resumes from its last checkpoint: rerun the same command to resume.")
+        err.print(styled(("interrupted", "bold red"), ": MLflow runs marked KILLED; finished stages are cached and "
+                         "training resumes from its last checkpoint: rerun the same command to resume."))
         raise typer.Exit(code=130) from None
     except Exception as exc:
         where = disk_full(exc)
         if not where:
             raise
-        err.print(f"[bold red]error:[/] disk full ({where}). Earlier results and cached stages are intact (every "
-                  "write is atomic); free some space and rerun the same command to resume.", highlight=False)
+        err.print(styled(("error:", "bold red"), f" disk full ({where}). Earlier results and cached stages are intact "
+                         "(every write is atomic); free some space and rerun the same command to resume."),
+                  highlight=False)
         raise typer.Exit(code=1) from None
     console.print(summary_table(result))
     for line in metric_lines(result["metrics"]):
         console.print(line)
-    console.print(f"run directory: [bold]{result['run_dir']}[/]")
+    console.print(styled("run directory: ", (str(result["run_dir"]), "bold")), highlight=False)
 
 
 def with_interval(metrics: dict, key: str) -> str:
@@ -99,13 +101,13 @@ def summary_table(result: dict) -> Table:
     return table
 
 
-def metric_lines(m: dict) -> list[str]:
+def metric_lines(m: dict) -> list[Text]:
     """Each task's score with its interval, beside the base model's and the question-only prior's."""
     lines = []
     for task in TASKS.values():
         if f"eval/{task.metric}" in m:
             others = [f"{label} {m[f'eval/{key}_{task.metric}']:.3f}" for label, key in
                       (("base", "base"), ("question-only prior", "prior")) if f"eval/{key}_{task.metric}" in m]
-            lines.append(f"{task.metric}: [bold]{with_interval(m, f'eval/{task.metric}')}[/]"
-                         + (f" ({', '.join(others)})" if others else ""))
+            lines.append(styled(f"{task.metric}: ", (with_interval(m, f"eval/{task.metric}"), "bold"),
+                                f" ({', '.join(others)})" if others else ""))
     return lines

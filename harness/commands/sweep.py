@@ -6,7 +6,7 @@ import os
 import typer
 from rich.table import Table
 
-from harness.commands.common import CONFIG_HELP, console, load
+from harness.commands.common import CONFIG_HELP, console, load, styled
 
 
 def sweep(
@@ -44,7 +44,8 @@ def sweep(
         console.print(f"best: {result['best']['params']} -> {asked.objective} = {result['best']['objective']:.4g}")
     if result.get("grades"):
         console.print(grades_line(result["grades"]))
-    console.print(f"sweep directory: [bold]{result['sweep_dir']}[/] (total cost {result['cost_usd']:.5f} USD)")
+    console.print(styled("sweep directory: ", (str(result["sweep_dir"]), "bold"),
+                         f" (total cost {result['cost_usd']:.5f} USD)"), highlight=False)
 
 
 def trials_table(result: dict, swept: list[str], objective: str) -> Table:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from harness.commands.common import console, warn
+from harness.commands.common import console, styled, warn
 from runtime.errors import UserError
 
 
@@ -36,4 +36,5 @@ def sync(
     except Exception as exc:  # unreachable, refused part-way (progress kept), unreadable files
         raise UserError(f"sync to {uri} failed: {exc}") from None
     set_aside = f"; {len(notes)} warning(s) above" if notes else ""
-    console.print(f"[green]synced[/] {done} MLflow writes from {root} to {uri}{set_aside}", highlight=False)
+    console.print(styled(("synced", "green"), f" {done} MLflow writes from {root} to {uri}{set_aside}"),
+                  highlight=False)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from harness.commands.common import CONFIG_HELP, console, load, warn
+from harness.commands.common import CONFIG_HELP, console, load, styled, warn
 
 
 def validate(
@@ -20,5 +20,5 @@ def validate(
     for name in stages:
         STAGES[name].check(cfg)
     check_inputs(cfg, stages, say=warn)
-    console.print(f"[green]ok[/]: {config} (pipelines: {', '.join(cfg.pipelines)}; "
-                  f"config sha256 {cfg.config_hash()[:12]})", highlight=False)
+    console.print(styled(("ok", "green"), f": {config} (pipelines: {', '.join(cfg.pipelines)}; "
+                         f"config sha256 {cfg.config_hash()[:12]})"), highlight=False)
