@@ -69,6 +69,9 @@ def _module_file(module: str) -> Path:
     return origin
 
 
+MAX_SOURCE_BYTES = 4 << 20  # a reward module read (never run) to find its function
+
+
 def check(spec: str) -> None:
     """Check a reward spec without running user code: a built-in, or a file/module (found, not imported) whose
     source defines ``function`` at top level (def, assignment or import). Raises ValueError."""
@@ -81,10 +84,15 @@ def check(spec: str) -> None:
         raise ValueError(f"reward '{spec}': {exc}") from None
     if not path.is_file():
         raise ValueError(f"reward '{spec}': file not found: {path}")
+    if path.stat().st_size > MAX_SOURCE_BYTES:
+        raise ValueError(f"reward '{spec}': {path} is {path.stat().st_size / 2 ** 20:.1f} MiB, more than a reward "
+                         f"module needs (at most {MAX_SOURCE_BYTES // 2 ** 20} MiB); give the file that defines it")
     try:
         tree = ast.parse(path.read_bytes(), filename=str(path))
     except (SyntaxError, ValueError) as exc:
         raise ValueError(f"reward '{spec}': {path} is not valid Python ({exc}); fix the file") from None
+    except (RecursionError, MemoryError):  # nested past what the parser holds: no reward module looks like that
+        raise ValueError(f"reward '{spec}': {path} is nested too deep to parse; fix the file") from None
     defined = set()
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):

@@ -12,10 +12,14 @@ import json
 import shutil
 from pathlib import Path
 
+from pydantic import Field
+
 from runtime.atomic import atomic_write
 from runtime.config import config_values
+from runtime.errors import UserError
 from runtime.lease import Lease
 from runtime.manifest import sha256_file
+from runtime.records import Record, StageRecord, read_json
 
 CACHE_VERSION = 2  # 2: keys cover code, packages and local sources' content
 SKIP_DIRS = {"ray", "trainer"}  # Ray's own storage and TRL's scratch dir are not stage outputs
@@ -23,6 +27,15 @@ SKIP_DIRS = {"ray", "trainer"}  # Ray's own storage and TRL's scratch dir are no
 
 # Fields a stage reads that never change what it computes: how long to wait for a cluster to have room
 NOT_IN_KEY = {"resources": ("placement_timeout_s",)}
+
+
+class CacheEntry(Record):
+    """A finished stage's cache entry (.cache/<stage>-<key>.json): what lookup() hands back to the pipeline."""
+    key: str
+    stage_dir: str
+    record: StageRecord
+    outputs: dict
+    files: dict[str, str] = Field(default_factory=dict)
 
 
 def _key_fields(key: str, value):
@@ -91,10 +104,10 @@ class StageCache:
         if not path.exists():
             return None
         try:
-            entry = json.loads(path.read_text())
-            problem = None if entry.get("key") == key else "key mismatch"
-        except (OSError, ValueError) as exc:
-            entry, problem = None, f"unreadable entry ({exc})"
+            entry = read_json(path, CacheEntry, "cache entry", "")
+            problem = None if entry["key"] == key else "key mismatch"
+        except UserError as exc:  # damaged: reported below, deleted, recomputed
+            entry, problem = None, str(exc).removeprefix(f"{path}: ")
         for file, digest in (entry or {}).get("files", {}).items():
             if problem:
                 break

@@ -107,6 +107,9 @@ CPU_MFU_IF_NOT_MEASURED = 0.3  # a CPU estimate from a GPU calibration (not meas
 def parse_devices(values: list[str] | None) -> list[str]:
     """Device names from ``--device`` (repeatable, comma-separated; case-insensitive); all when none given."""
     names = [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+    if values and not names:
+        raise UserError(f"--device: no device named (give one or more of {', '.join(DEVICES)}, or leave --device out "
+                        "for all)")
     if not names:
         return list(DEVICES)
     known = {d.lower(): d for d in DEVICES} | {k: v for k, v in ALIASES.items()}

@@ -7,12 +7,14 @@ oldest kept run (a rerun resumes from it). Nothing a live run holds (its lease) 
 """
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.cache import CacheEntry
+from runtime.errors import UserError
 from runtime.lease import Lease
+from runtime.records import read_json, read_result
 
 
 @dataclass
@@ -37,11 +39,18 @@ def _size(path: Path) -> int:
 
 
 def _read(path: Path) -> dict:
+    """A cache entry; a damaged one is read as empty (it names no run and no file to keep, and is freed)."""
     try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+        return read_json(path, CacheEntry, "cache entry", "")
+    except UserError:
         return {}
+
+
+def _result(run: Path) -> dict:
+    """A run's result.json ({} before it finishes), checked: gc decides what to delete from it, so a damaged one stops
+    it before anything is deleted."""
+    path = run / "result.json"
+    return read_result(path, "repair it, or delete that run directory yourself") if path.exists() else {}
 
 
 def _run_of(stage_dir: str, root: Path) -> Path | None:
@@ -58,15 +67,15 @@ def plan(root: Path, keep: int) -> Plan:
     live = {d for d in runs if Lease(cache / "leases" / f"run-{d.name}").holder() is not None}
     by_pipeline: dict[str, list[Path]] = {}
     for run in runs:
-        pipeline = _read(run / "result.json").get("pipeline", "(unfinished)")
+        pipeline = _result(run).get("pipeline", "(unfinished)")
         by_pipeline.setdefault(pipeline, []).append(run)
     kept = set(live)
     for group in by_pipeline.values():
         kept |= set(sorted(group, key=lambda d: d.stat().st_mtime, reverse=True)[:keep])
     for run in list(kept):  # the runs whose stage results a kept run reused, or whose files its config names
-        result = _read(run / "result.json")
-        named = [stage.get("reused_from") or "" for stage in result.get("stages", []) if isinstance(stage, dict)]
-        config = (run / "config.yaml").read_text() if (run / "config.yaml").exists() else ""
+        result = _result(run)
+        named = [stage.get("reused_from") or "" for stage in result.get("stages", [])]
+        config = (run / "config.yaml").read_text(errors="replace") if (run / "config.yaml").is_file() else ""
         named += [str(other) for other in runs if f"{other}/" in config]
         for path in named:
             owner = _run_of(path, root)

@@ -8,7 +8,7 @@ from pathlib import Path
 from runtime.config import TRAINING_STAGES
 from runtime.cost import cluster_gpus, gpu_alias
 from runtime.errors import ConfigError
-from runtime.raytrain import ensure_ray, require_resources
+from runtime.raytrain import ensure_ray, require_resources, room_for, worker_bundle
 from runtime.secrets import is_secret_key, redact_text
 from stages.support import datasets as dsets
 from stages.support import fit
@@ -51,9 +51,29 @@ def check_placement(cfg) -> None:
     import ray  # Ray (~1.5 s of imports): for the pre-flight of a run, not of `harness --help`
 
     if not (os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
+        check_local_room(cfg.resources)
         return
     ensure_ray(cfg.ray.dashboard)
     require_resources(cfg.resources, "this run")
+
+
+def check_local_room(resources) -> None:
+    """A local Ray is this machine and never grows: workers it cannot hold are bad input now, not after Ray started
+    (and, on a cluster, the placement wait stays: an autoscaler may grow it)."""
+    machine = {"CPU": float(os.cpu_count() or 1)}
+    if resources.use_gpu:
+        import torch
+
+        machine["GPU"] = float(torch.cuda.device_count())
+        if not machine["GPU"]:
+            return  # no GPU at all: the device check names that, with its own fix
+    bundle = worker_bundle(resources)
+    if room_for(bundle, [machine]) < resources.workers:
+        want = ", ".join(f"{k}: {v:g}" for k, v in bundle.items())
+        have = ", ".join(f"{k} {v:g}" for k, v in machine.items())
+        raise ConfigError(f"resources.workers: {resources.workers} worker(s) of {{{want}}} do not fit this machine "
+                          f"({have}), and a local Ray never grows; lower resources.workers / cpus_per_worker / "
+                          "gpus_per_worker, or submit to a cluster (RAY_ADDRESS)")
 
 
 def planned_devices(cfg) -> set[str]:

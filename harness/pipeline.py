@@ -23,9 +23,9 @@ from harness.inputs import check_inputs, fit_run
 from harness.reproduce import reproduction_record
 from harness.storage import OutputDir
 from runtime.atomic import atomic_write
-from runtime.config import SCHEMA_VERSION, PipelineConfig, TrainStageConfig, config_values
+from runtime.config import SCHEMA_VERSION, PipelineConfig, TrainStageConfig, config_values, output_dir_problem
 from runtime.cost import Meter
-from runtime.errors import UserError
+from runtime.errors import ConfigError, UserError
 from runtime.lease import Lease
 from runtime.manifest import build_manifest
 from runtime.output import active_stage
@@ -266,6 +266,9 @@ def run_pipeline(cfg: PipelineConfig, pipeline: str, output_dir: str | None = No
     ``cost_usd_this_run`` is what this invocation spent. ``parent_run_id`` nests the pipeline's MLflow run
     (e.g. under a sweep). ``display`` (harness/console.py) is the console of `harness run`: live progress, logs.
     """
+    problem = output_dir_problem(output_dir) if output_dir else None  # --output-dir (the config's is validated)
+    if problem:
+        raise ConfigError(f"--output-dir: {problem}")
     for name in cfg.stages_of(pipeline):
         STAGES[name].check(cfg)
     say = display.say if display is not None else console.print if console else print

@@ -21,6 +21,7 @@ from evals import registry
 from runtime.config import TrackingConfig
 from runtime.cost import BUSY_PHASES, PHASES
 from runtime.errors import UserError
+from runtime.records import read_result
 from runtime.secrets import redact_text
 from runtime.tracking import cost_view_url, publish_cost_view
 
@@ -101,8 +102,9 @@ def _num(value, fmt: str) -> str:
 
 
 def _read_result(run_dir: Path) -> dict:
+    """The run's result.json, checked (runtime.records); {} for a run that has not finished."""
     path = run_dir / "result.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_result(path, "delete or repair the run directory's result.json") if path.exists() else {}
 
 
 @dataclass
@@ -119,7 +121,7 @@ def resolve(target: str, tracking_uri: str | None, experiment: str | None, outpu
     and experiment default to the run's own (its config's tracking section)."""
 
     dirs = [p.parent if p.name == "result.json" else p for p in (Path(target), Path(output_dir) / target)]
-    run_dir = next((p for p in dirs if (p / "result.json").is_file()), None)
+    run_dir = next((p for p in dirs if (p / "result.json").exists()), None)
     recorded = _read_result(run_dir).get("config", {}).get("tracking", {}) if run_dir else {}
     uri = TrackingConfig(uri=tracking_uri or recorded.get("uri")).resolved_uri()
     experiment = experiment or recorded.get("experiment") or "vlmlab"
@@ -132,7 +134,7 @@ def resolve(target: str, tracking_uri: str | None, experiment: str | None, outpu
             client = None
     if run_dir is None and parent is not None and parent.data.tags.get("vlmlab.run_dir"):
         run_dir = Path(parent.data.tags["vlmlab.run_dir"])
-    if run_dir is None or not (run_dir / "result.json").is_file():
+    if run_dir is None or not (run_dir / "result.json").exists():
         where = f" (MLflow knows it: its directory {run_dir} has no result.json; did it finish?)" if parent else ""
         raise UserError(f"no finished run '{target}': give a run directory, or a run id under {output_dir}/ or in "
                         f"MLflow experiment '{experiment}' at {uri}{where}; `harness runs` lists them")
@@ -167,7 +169,7 @@ def _stage_source(run: Run, record: dict):
     """The MLflow run that computed ``record``'s stage: this run's child, or for a cached stage the child run of
     the run that computed it (same stage key, not itself reused)."""
     client = run.client
-    if "reused_from" in record and record.get("key"):  # the cache is shared by every experiment
+    if record.get("reused_from") and record.get("key"):  # the cache is shared by every experiment
         experiments = [e.experiment_id for e in client.search_experiments()]
         query = f"tags.`vlmlab.key` = '{record['key']}' and tags.`vlmlab.reused` = 'False'"
     else:
@@ -378,7 +380,7 @@ def cost_figure(stages: list[dict]):
     fig, (ax,) = _grid(1, width=7, height=0.5 * len(stages) + 1.6)
     names = [s["name"] for s in stages][::-1]
     usd = [s["cost_usd"] for s in stages][::-1]
-    cached = ["reused_from" in s for s in stages][::-1]
+    cached = [bool(s.get("reused_from")) for s in stages][::-1]
     bars = ax.barh(names, usd, color=["lightsteelblue" if c else "tab:blue" for c in cached], edgecolor="black",
                    lw=0.5)
     for bar, s, c in zip(bars, stages[::-1], cached, strict=True):
@@ -480,7 +482,7 @@ def _page(run: Run, sections: list[str]) -> str:
         head.append(("mean accuracy", f"{m['eval/mean_accuracy']:.3f}"))
     rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in head)
     stages = "".join(
-        f"<tr><td>{esc(s['name'])}{' (cached)' if 'reused_from' in s else ''}</td><td>{s['wall_seconds']:.1f}</td>"
+        f"<tr><td>{esc(s['name'])}{' (cached)' if s.get('reused_from') else ''}</td><td>{s['wall_seconds']:.1f}</td>"
         f"<td>{s['accelerator_hours']:.5f}</td><td>{s['cost_usd']:.5f}</td><td>{esc(s.get('device', ''))}</td></tr>"
         for s in r["stages"])
     notes = "".join(f"<p class=note>{esc(n)}</p>" for n in run.notes)

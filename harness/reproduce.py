@@ -1,18 +1,18 @@
 """`harness reproduce`: rerun a recorded run's config from scratch and compare metric by metric."""
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from evals.registry import TASKS
 from evals.rewards import BUILTIN
 from harness.codeprint import code_manifest, dependency_versions
-from runtime.config import SCHEMA_VERSION, PipelineConfig, format_errors
+from runtime.config import PipelineConfig, format_errors
 from runtime.errors import ConfigError, UserError
+from runtime.records import read_result
 from runtime.secrets import placeholders, restore
 from stages import STAGES
 
@@ -29,43 +29,13 @@ CPU_TOLERANCE = 0.02  # another CPU model, instruction set or thread count: oneD
 MANIFEST_FIELDS = ("git", "packages", "packages_sha256", "hardware", "data_fingerprints", "model_weights_sha256")
 
 
-class RecordedRun(BaseModel):
-    """The parts of a result.json that `harness reproduce` reads."""
-    model_config = ConfigDict(extra="allow")
-    run_id: str
-    pipeline: str
-    config: dict
-    metrics: dict[str, float]
-    manifest: dict
-
-
 def load_result(target: str) -> tuple[dict, Path]:
     path = Path(target).expanduser()
     if path.is_dir():
         path = path / "result.json"
     if not path.is_file():
         raise UserError(f"no result.json at {target}: give a run directory or its result.json")
-    hint = "give the result.json a `harness run` wrote"
-    try:
-        recorded = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); {hint}") from None
-    except ValueError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc}); {hint}") from None
-    if not isinstance(recorded, dict):
-        raise UserError(f"{path}: not a vlmlab result (the top level is a {type(recorded).__name__}, not an object); "
-                        f"{hint}")
-
-    version = recorded.get("schema_version", 1)
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
-        raise UserError(f"{path}: written by a newer vlmlab (schema {version}; this one reads up to {SCHEMA_VERSION}):"
-                        " upgrade vlmlab to reproduce it")
-    try:
-        RecordedRun.model_validate(recorded)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].lower()}" for e in exc.errors()[:5])
-        raise UserError(f"{path}: not a vlmlab result ({problems}); {hint}") from None
-    return recorded, path
+    return read_result(path), path
 
 
 def untrusted(config: dict) -> list[str]:

@@ -30,6 +30,7 @@ from runtime.atomic import atomic_write
 from runtime.config import PipelineConfig, format_errors, merge, parse_overrides
 from runtime.errors import UserError
 from runtime.raytrain import ensure_ray
+from runtime.records import read_result
 from runtime.tracking import Tracker
 from stages import STAGES
 
@@ -62,6 +63,8 @@ def parse_space(terms: list[str]) -> dict[str, tuple[str, list]]:
         if (want is not None and len(args) != want) or not args:
             raise UserError(f"--space '{term}': {sampler} takes {want or 'one or more'} arguments")
         values = [_value(a) for a in args]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise UserError(f"--space '{term}': every value must be a finite number or a word (no nan, no inf)")
         if sampler in ("loguniform", "uniform", "randint"):
             if not all(isinstance(v, (int, float)) for v in values) or values[0] >= values[1]:
                 raise UserError(f"--space '{term}': {sampler} needs two numbers, low < high")
@@ -373,7 +376,7 @@ def compare_with_reference(rows: list[dict], reference: dict, stage: str, metric
     """Each finished trial's GradES view: its stage wall, steps and frozen fraction, speed-up and accuracy delta."""
     for r in rows:
         done = r["run_dir"] and (Path(r["run_dir"]) / "result.json").is_file()
-        view = done and stage_view(json.loads((Path(r["run_dir"]) / "result.json").read_text()), stage, metric)
+        view = done and stage_view(read_result(Path(r["run_dir"]) / "result.json"), stage, metric)
         if r["status"] == "TERMINATED" and view and None not in (view["metric"], reference["metric"]):
             r["grades"] = view | {"speedup": reference["stage_wall_seconds"] / view["stage_wall_seconds"],
                                   "accuracy_delta": view["metric"] - reference["metric"]}

@@ -51,11 +51,44 @@ def looks_like_path(source: str) -> bool:
     return source.startswith(("/", "./", "../", "~"))
 
 
+def local_path(value: str, what: str) -> Path:
+    """``value`` as the OS will take it: ``~``/``~user`` expanded, each name and the whole within the OS's limits
+    (255 and 4096 bytes); ValueError, one line with the fix, otherwise."""
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:  # ~user for a user this machine does not know
+        raise ValueError(f"{what} {value}: no user '{value.split('/')[0][1:]}' here; give the path in full") from None
+    if len(os.fsencode(str(path))) >= 4096 or any(len(os.fsencode(part)) > 255 for part in path.parts):
+        raise ValueError(f"{what} {value[:40]}...: longer than the OS allows (255 bytes a name, 4096 in all); use a "
+                         "shorter path")
+    return path
+
+
+def output_dir_problem(value: str) -> str | None:
+    """Why a local output directory cannot hold runs (a path too long, an unknown ~user, a file where a directory
+    must be), or None; a bucket URI is the object store's to judge."""
+    if "://" in value and not value.startswith("file://"):
+        return None
+    try:
+        path = local_path(value.removeprefix("file://"), "output directory")
+    except ValueError as exc:
+        return str(exc)
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            return f"output directory {value}: {part} is a file, not a directory; give a directory"
+    return None
+
+
 def _existing(what: str):
     """A validator: a value written as a path (/, ./, ../, ~) must exist; hub ids and names pass."""
     def check(v: str) -> str:
-        if looks_like_path(v) and not Path(v).expanduser().exists():
-            raise ValueError(f"{what} not found: {v}")
+        if looks_like_path(v):
+            try:
+                found = local_path(v, what).exists()
+            except OSError as exc:
+                raise ValueError(f"{what} {v}: cannot be read ({exc.strerror})") from None
+            if not found:
+                raise ValueError(f"{what} not found: {v}")
         return v
     return AfterValidator(check)
 
@@ -392,6 +425,14 @@ class PipelineConfig(Section):
     output_dir: str = "runs"
     run_name: str | None = Field(None, max_length=100, pattern=NAME)
 
+    @field_validator("output_dir")
+    @classmethod
+    def _usable_output_dir(cls, value: str) -> str:
+        problem = output_dir_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
     @field_validator("run_name")
     @classmethod
     def _not_a_secret(cls, name: str | None) -> str | None:
@@ -490,9 +531,13 @@ def eval_overrides(model: str, config: str | None, tasks: str | None, protocol: 
     saved (``<run>/<stage>/model``, so data and eval settings match that run's) and no --config is given; a
     pipeline `eval: [data, model, eval]` scoring ``model``."""
     found = None
-    run_config = Path(model).expanduser().resolve().parent.parent / "config.yaml"
-    if config is None and Path(model).expanduser().is_dir() and run_config.is_file():
-        found = str(run_config)
+    try:
+        path = local_path(model, "model")
+        run_config = path.resolve().parent.parent / "config.yaml"
+        if config is None and path.is_dir() and run_config.is_file():
+            found = str(run_config)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"MODEL: {exc}") from None
     extra = [f"model.source={model}", "pipelines={eval: [data, model, eval]}", "run_name=null"]
     if protocol is not None:
         extra.append(f"eval.protocol={protocol}")
@@ -539,15 +584,52 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# Bounds on a YAML document (a config file, an override), checked on its node graph before anything is built from
+# it: the deepest real config nests 6 levels, and a whole preset expands to ~600 nodes; an alias bomb (a few lines that
+# expand to hundreds of MB) or thousands of nested brackets stop here with one line.
+MAX_YAML_DEPTH = 64
+MAX_YAML_NODES = 200_000
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _expanded(node, origin: str, depth: int = 0, memo: dict | None = None) -> int:
+    """Nodes in ``node`` with every alias expanded (what constructing it would build); ConfigError past the bounds."""
+    memo = {} if memo is None else memo
+    if depth > MAX_YAML_DEPTH:
+        raise ConfigError(f"{origin}: nested more than {MAX_YAML_DEPTH} levels deep; a vlmlab config nests a few")
+    if id(node) in memo:
+        return memo[id(node)]
+    count = 1
+    if isinstance(node, yaml.SequenceNode):
+        count += sum(_expanded(child, origin, depth + 1, memo) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        count += sum(_expanded(k, origin, depth + 1, memo) + _expanded(v, origin, depth + 1, memo)
+                     for k, v in node.value)
+    if count > MAX_YAML_NODES:
+        raise ConfigError(f"{origin}: expands to more than {MAX_YAML_NODES:,} values (aliases included); a vlmlab "
+                          "config has a few hundred")
+    memo[id(node)] = count
+    return count
+
+
 def _yaml(text: str, origin: str):
+    loader = _StrictLoader(text)  # a SafeLoader: no Python objects
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no Python objects
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded(node, origin)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{origin}: nested too deep to read; a vlmlab config nests a few levels") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{origin}: not valid YAML: {exc.problem or exc.context}{where}; fix it there") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{origin}: not valid YAML ({' '.join(str(exc).split())}); fix it there") from None
+    finally:
+        loader.dispose()
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -630,6 +712,9 @@ def format_errors(exc: ValidationError, origin: str,
 def load_config(config: str | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """Load a preset or YAML file, apply `key=value` overrides and validate. Raises ConfigError."""
     path = resolve_config_path(config)
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size / 2 ** 20:.1f} MiB, too large for a config (at most "
+                          f"{MAX_CONFIG_BYTES // 2 ** 20} MiB); give the YAML file of a vlmlab config")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")

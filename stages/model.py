@@ -22,7 +22,6 @@ SOURCE_KEYS = ("model.source", "model.compose.vision", "model.compose.language")
 def check(cfg) -> None:
     source = cfg.model.source
     if source == "compose":
-
         compose.check(cfg.model.compose, cfg.model.trust_remote_code)
         return
     if source == "random":
@@ -46,7 +45,43 @@ def check(cfg) -> None:
     if path.exists():
         if not (path / "config.json").is_file():
             raise ConfigError(f"model.source: {path} has no config.json (not a Hugging Face checkpoint)")
+        check_config(path, cfg.model.trust_remote_code)
         check_weights(path)
+    elif source.startswith(("/", ".", "~")) or source.count("/") > 1:
+        raise ConfigError(f"model.source: {source} is neither a directory here nor a hub id (owner/name); give a "
+                          "checkpoint directory, a hub id, tiny, random or compose")
+    elif offline() and not in_hub_cache(source, cfg.model.revision):
+        raise ConfigError(f"model.source: {source} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                          "download it first (huggingface-cli download) or unset HF_HUB_OFFLINE")
+
+
+def offline() -> bool:
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def in_hub_cache(repo_id: str, revision: str | None) -> bool:
+    """The hub checkpoint's config.json is in the local cache (what an offline run can load)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except ValueError:  # not a valid repo id
+        return False
+    return isinstance(found, str)
+
+
+def check_config(path: Path, trust_remote_code: bool) -> None:
+    """The checkpoint's config.json loads as a transformers config (what every later stage builds the model from)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # JSON, unknown model_type, remote code refused: the library's own words
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"model.source: {path / 'config.json'} does not load ({first}); give a Hugging Face "
+                          "checkpoint directory") from None
 
 
 def check_weights(path: Path) -> None:
@@ -58,7 +93,11 @@ def check_weights(path: Path) -> None:
     index = path / "model.safetensors.index.json"
     shards = sorted(path.glob("*.safetensors"))
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"model.source: {index} is not a safetensors index (a 'weight_map' of names to shard "
+                            "files); restore it or re-save the checkpoint") from None
         for name in names:
             if not (path / name).is_file():
                 raise UserError(f"model.source: shard {path / name} listed in {index.name} is missing")

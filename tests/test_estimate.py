@@ -83,6 +83,7 @@ def test_table_and_assumptions(estimated):
 @pytest.mark.parametrize("argv, problem", [
     (["estimate", "sft", "--device", "X100"], "unknown device 'X100'"),
     (["estimate", "nope", "--device", "T4"], "unknown pipeline 'nope'"),
+    (["estimate", "sft", "--device", " , "], "--device: no device named"),
     (["estimate", "sft", "--device", "T4", "cost.prices={CPU: 1}"], "no price for device T4"),
 ])
 def test_bad_input_is_one_line_before_any_work(argv, problem, tmp_path, monkeypatch):

@@ -22,6 +22,8 @@ PREF = {"dpo.max_steps": 2, "dpo.batch_size": 4, "dpo.save_steps": 2, "dpo.loggi
     ("dpo.beta=loguniform(0,1)", "positive lower bound"),
     ("dpo.beta=uniform(2,1)", "low < high"),
     ("dpo.beta=choice()", "one or more"),
+    ("dpo.beta=uniform(nan,1)", "finite number"),
+    ("dpo.beta=grid(0.1,inf)", "finite number"),
 ])
 def test_malformed_space_names_the_term(term, message):
     with pytest.raises(UserError, match=message):

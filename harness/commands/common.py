@@ -36,9 +36,15 @@ VERBOSE_HELP = ("Also print Ray's, TRL's, lm-eval's and datasets' own output her
                 "otherwise).")
 
 
+def one_line(text: str) -> str:
+    """Text as one printable line: line breaks and other control characters a file or value carried are shown as
+    escapes (``\\n``, ``\\x1e``), so a message is always the one line it claims to be."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def error_line(text: str) -> None:
-    """``error: <text>`` on stderr, redacted, markup-free: the one line a user gets for bad input."""
-    err.print(styled(("error:", "bold red"), " ", redact_text(text)), highlight=False)
+    """``error: <text>`` on stderr, redacted, markup-free, one line: what a user gets for bad input."""
+    err.print(styled(("error:", "bold red"), " ", one_line(redact_text(text))), highlight=False)
 
 
 def log_dir() -> Path:
@@ -61,7 +67,7 @@ def internal_error(exc: BaseException) -> NoReturn:
             f.write(details)
     except OSError:  # no writable home: the details go to the console instead
         path = None
-    first = redact_text(f"{type(exc).__name__}: {exc}").splitlines()[0] if str(exc) else type(exc).__name__
+    first = one_line(redact_text(f"{type(exc).__name__}: {exc}".strip().splitlines()[0]))
     first = first if len(first) <= 300 else first[:297] + "..."
     if path is None or {"-v", "--verbose"} & set(sys.argv[1:]):
         err.print(details, highlight=False)
@@ -71,7 +77,8 @@ def internal_error(exc: BaseException) -> NoReturn:
 
 
 def warn(text: str) -> None:
-    err.print(styled(("warning:", "yellow"), " ", redact_text(text.removeprefix("warning: "))), highlight=False)
+    err.print(styled(("warning:", "yellow"), " ", one_line(redact_text(text.removeprefix("warning: ")))),
+              highlight=False)
 
 
 def load(config: str | None, overrides: list[str] | None) -> PipelineConfig:

@@ -16,9 +16,10 @@ def sync(
 ):
     """Replay the MLflow writes a run kept locally while the tracking store was unreachable (safe to rerun: a
     sync stopped part-way resumes, and nothing is written twice)."""
-    import yaml
+    from pydantic import ValidationError
 
     from runtime.config import TrackingConfig  # pydantic, and MLflow's client below: only when a run is synced
+    from runtime.records import read_mapping_yaml
     from runtime.tracking import outbox_files, sync_outbox
 
     root = Path(run_dir)
@@ -27,9 +28,13 @@ def sync(
     if not outbox_files(root):
         console.print(f"nothing to sync in {root}", highlight=False)
         return
-    recorded = (yaml.safe_load((root / "config.yaml").read_text()) or {}).get("tracking", {}) \
-        if (root / "config.yaml").exists() else {}
-    uri = TrackingConfig(uri=tracking_uri or recorded.get("uri")).resolved_uri()
+    config = read_mapping_yaml(root / "config.yaml", "run config", "give --tracking-uri, or restore the file") \
+        if (root / "config.yaml").exists() and not tracking_uri else {}
+    recorded = config.get("tracking") if isinstance(config.get("tracking"), dict) else {}
+    try:
+        uri = TrackingConfig(uri=tracking_uri or recorded.get("uri")).resolved_uri()
+    except ValidationError:
+        raise UserError(f"{root / 'config.yaml'}: tracking.uri is not a tracking URI; give --tracking-uri") from None
     notes: list[str] = []
     try:
         done = sync_outbox(uri, root, warn=lambda text: (notes.append(text), warn(text)))

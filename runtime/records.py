@@ -1,0 +1,142 @@
+"""Typed readers for the files vlmlab writes and later reads back: a run's `result.json`, a stage's `stage.json`, a
+run's `config.yaml`. Every command reads them through here, so that a truncated, empty, wrong-typed or wrong-kind file
+(a directory, binary, a list, a string where a number goes, a newer schema) is one UserError naming the file and the
+field, and never a traceback: files in a run directory are user input once they have sat on a disk.
+
+The models name what the commands read; anything else in the file is kept as written (``extra="allow"``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from runtime.config import SCHEMA_VERSION
+from runtime.errors import UserError
+
+MAX_BYTES = 64 * 2 ** 20  # the largest record read back (a five-task run's result.json: ~60 KB)
+
+
+class Record(BaseModel):
+    """A file vlmlab wrote: the fields a reader needs are typed, the rest kept as written."""
+    model_config = ConfigDict(extra="allow")
+
+
+class StageRecord(Record):
+    """A stage as `harness run` recorded it (stage.json, and each entry of result.json's ``stages``)."""
+    name: str
+    metrics: dict[str, float] = Field(default_factory=dict)
+    wall_seconds: float = 0.0
+    accelerator_hours: float = 0.0
+    cost_usd: float = 0.0
+    device: str = "CPU"
+    devices: float = 0.0
+    cost: dict[str, float] = Field(default_factory=dict)
+    outputs: dict[str, Any] = Field(default_factory=dict)
+    held: dict[str, float] | None = None
+    reused_from: str | None = None
+
+
+class TrackingRecord(Record):
+    uri: str | None = None
+    experiment: str | None = None
+
+
+class ConfigRecord(Record):
+    """The resolved config a run recorded: what commands read from it without rerunning it (the whole of it is
+    validated by PipelineConfig when it is rerun)."""
+    tracking: TrackingRecord = Field(default_factory=TrackingRecord)
+
+
+class ResultRecord(Record):
+    """A finished run's result.json."""
+    schema_version: int = 1
+    run_id: str
+    pipeline: str
+    config: ConfigRecord
+    metrics: dict[str, float]
+    manifest: dict[str, Any]
+    stages: list[StageRecord] = Field(default_factory=list)
+    cost_usd: float = 0.0
+    accelerator_hours: float = 0.0
+    wall_seconds: float = 0.0
+    reused_stages: list[str] = Field(default_factory=list)
+    mlflow_run_id: str | None = None
+
+
+def _fix(hint: str) -> str:
+    return f"; {hint}" if hint else ""
+
+
+def _text(path: Path, what: str, hint: str) -> str:
+    if path.is_dir():
+        raise UserError(f"{path}: a directory, not a {what} file{_fix(hint)}")
+    try:
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            raise UserError(f"{path}: {size / 2 ** 20:.0f} MiB, too large for a {what} file (at most "
+                            f"{MAX_BYTES // 2 ** 20} MiB){_fix(hint)}")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot be read ({exc.strerror or exc}){_fix(hint)}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}){_fix(hint)}") from None
+
+
+def _validated(model: type[BaseModel], data: Any, path: Path, what: str, hint: str, newest: int | None) -> dict:
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a vlmlab {what} (the top level is a {type(data).__name__}, not an object)"
+                        f"{_fix(hint)}")
+    version = data.get("schema_version", 1)
+    if newest and isinstance(version, int) and not isinstance(version, bool) and version > newest:
+        raise UserError(f"{path}: written by a newer vlmlab (schema {version}; this one reads up to {SCHEMA_VERSION})"
+                        ": upgrade vlmlab to read it")
+    try:
+        return model.model_validate(data).model_dump()  # coerced, defaults filled in, other keys as written
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<top level>'}: {e['msg'].lower()}"
+                             for e in exc.errors()[:3])
+        raise UserError(f"{path}: not a vlmlab {what} ({problems}){_fix(hint)}") from None
+
+
+def read_json(path: Path, model: type[BaseModel], what: str, hint: str, newest: int | None = None) -> dict:
+    """The JSON file at ``path`` checked against ``model`` (a dict of its fields, the file's other keys kept), or a
+    UserError naming the file, the field and ``hint`` (the fix). ``newest``: the highest schema_version this vlmlab
+    reads."""
+    text = _text(path, what, hint)
+    try:
+        data = json.loads(text)
+    except ValueError as exc:  # also a number too deep or too large to parse
+        raise UserError(f"{path}: not valid JSON ({exc}){_fix(hint)}") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deep to be a {what}{_fix(hint)}") from None
+    return _validated(model, data, path, what, hint, newest)
+
+
+def read_result(path: Path, hint: str = "give the result.json a `harness run` wrote") -> dict:
+    return read_json(path, ResultRecord, "result", hint, newest=SCHEMA_VERSION)
+
+
+def read_stage(path: Path, hint: str = "rerun the stage (delete its directory) or restore the file") -> dict:
+    return read_json(path, StageRecord, "stage record", hint)
+
+
+def read_mapping_yaml(path: Path, what: str, hint: str) -> dict:
+    """A YAML file whose top level must be a mapping (a run's config.yaml), safely loaded and bounded."""
+    text = _text(path, what, hint)
+    try:
+        data = yaml.safe_load(text) if text.strip() else {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}{_fix(hint)}") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deep to be a {what}{_fix(hint)}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a {what} (the top level is a {type(data).__name__}, not a mapping){_fix(hint)}")
+    return data

@@ -1,0 +1,173 @@
+"""Files vlmlab reads back (#39): a run's result.json, mutated every way Hypothesis finds (cut short, a value of
+another type anywhere, a key dropped or added, another top level, bytes that are not UTF-8, a directory), read by every
+command that reads it: `harness runs`, `gc` and `report` (`reproduce`'s bad files are test_bad_input's table: a
+usable file would rerun for real). Each must exit 0 (the mutation left a usable
+file) or 2 with one `error:` line naming the file; never 1, never a traceback, never a file created by a failure.
+Seeded, Hypothesis's database off, no Ray, no server: a few seconds each."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from harness.cli import app
+from runtime.config import load_config
+from runtime.errors import UserError
+from runtime.records import read_result, read_stage
+
+RUN = "20261206-120000-sft-abc123"
+SETTINGS = settings(max_examples=200, derandomize=True, database=None, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def _stage(name: str) -> dict:
+    return {"name": name, "metrics": {f"{name}/steps": 4, f"{name}/train_loss": 1.5}, "wall_seconds": 12.5,
+            "accelerator_hours": 0.01, "cost_usd": 0.0004, "device": "CPU", "devices": 2.0,
+            "cost": {"cost/accelerator_hours": 0.01, "cost/usd": 0.0004, "cost/utilization": 0.5},
+            "held": {"start": 10.0, "steps": 20.0, "generation": 0.0, "scoring": 0.0, "saving": 4.0, "idle": 2.0},
+            "outputs": {"model_dir": f"runs/{RUN}/{name}/model"}, "key": "0" * 64}
+
+
+VALID = {"schema_version": 2, "run_id": RUN, "pipeline": "sft", "config": load_config("tiny").model_dump(mode="json"),
+         "metrics": {"eval/vqa_accuracy": 0.25, "eval/mean_accuracy": 0.3, "sft/steps": 4},
+         "manifest": {"git": {"sha": "0" * 40}, "seed": 0}, "stages": [_stage("sft")], "cost_usd": 0.0004,
+         "accelerator_hours": 0.01, "wall_seconds": 30.0, "reused_stages": [], "mlflow_run_id": None}
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                       max_size=3), max_leaves=6)
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _paths(v, (*prefix, i))
+
+
+PATHS = [p for p in _paths(VALID) if p and not (len(p) > 2 and p[0] == "config")] + \
+        [("config", "sft", "max_steps"), ("config", "tracking")]
+
+
+def _set(doc, path, value=None, delete=False):
+    doc = json.loads(json.dumps(doc))
+    node = doc
+    for part in path[:-1]:
+        node = node[part]
+    if delete:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return doc
+
+
+@st.composite
+def mutated(draw) -> bytes:
+    """The bytes of a result.json after one hostile change."""
+    kind = draw(st.sampled_from(["retype", "drop", "add", "cut", "top", "bytes"]))
+    text = json.dumps(VALID)
+    if kind == "retype":
+        return json.dumps(_set(VALID, draw(st.sampled_from(PATHS)), draw(json_values))).encode()
+    if kind == "drop":
+        return json.dumps(_set(VALID, draw(st.sampled_from(PATHS)), delete=True)).encode()
+    if kind == "add":
+        path = draw(st.sampled_from([p for p in PATHS if isinstance(_get(VALID, p), dict)] or [()]))
+        return json.dumps(_set(VALID, (*path, draw(st.text(min_size=1, max_size=6))), draw(json_values))).encode()
+    if kind == "cut":
+        return text[:draw(st.integers(0, len(text) - 1))].encode()
+    if kind == "top":
+        return json.dumps(draw(json_values)).encode()
+    return draw(st.binary(max_size=64))
+
+
+def _get(doc, path):
+    for part in path:
+        doc = doc[part]
+    return doc
+
+
+@pytest.fixture
+def runs_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'no-store.db'}")  # none made: nothing to read
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # where an internal error's log would go
+    run = tmp_path / "runs" / RUN
+    (run / "sft").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")
+    return run
+
+
+def _check(argv: list[str], run: Path, body: bytes, allow_created: tuple[str, ...] = ()) -> None:
+    (run / "result.json").write_bytes(body)
+    root = run.parent.parent
+    before = set(root.rglob("*"))
+    out = CliRunner().invoke(app, argv)
+    lines = out.output.strip().splitlines()
+    assert out.exit_code in (0, 2), (out.exit_code, out.output[-2000:], body[:300])
+    assert "Traceback" not in out.output
+    before = {p for p in before if "state" not in p.relative_to(root).parts}
+    if out.exit_code == 2:
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "result.json" in lines[0], out.output
+        assert set(root.rglob("*")) == before, "a failure created files"
+    else:
+        assert all(any(part in allow_created for part in p.relative_to(root).parts) for p in set(root.rglob("*"))
+                   - before), "created something"  # an internal error's log (under state/) would be one
+
+
+@SETTINGS
+@given(body=mutated())
+def test_the_reader_returns_a_result_or_one_user_error(tmp_path, body):
+    path = tmp_path / "result.json"
+    path.write_bytes(body)
+    try:
+        result = read_result(path)
+    except UserError as exc:
+        assert str(exc).startswith(f"{path}: ") and "\n" not in str(exc)
+        return
+    assert isinstance(result["metrics"], dict) and all(isinstance(v, float) for v in result["metrics"].values())
+    assert all(isinstance(s["name"], str) for s in result.get("stages", []))
+    stage = tmp_path / "stage.json"  # each of its stages is a stage record
+    for record in result.get("stages", []):
+        stage.write_text(json.dumps(record))
+        assert read_stage(stage)["name"] == record["name"]
+
+
+@SETTINGS
+@given(body=mutated())
+def test_runs_lists_or_names_the_bad_file(runs_dir, body):
+    _check(["runs"], runs_dir, body)
+
+
+@SETTINGS
+@given(body=mutated())
+def test_gc_plans_or_names_the_bad_file_before_deleting_anything(runs_dir, body):
+    _check(["gc", "--apply"], runs_dir, body)
+    assert runs_dir.exists()
+
+
+@settings(SETTINGS, max_examples=60)  # a usable file draws six figures (~1 s)
+@given(body=mutated())
+def test_report_draws_or_names_the_bad_file(runs_dir, body):
+    _check(["report", RUN], runs_dir, body, allow_created=("report",))
+    shutil.rmtree(runs_dir / "report", ignore_errors=True)
+
+
+def test_a_directory_or_an_unreadable_file_is_named(tmp_path):
+    (tmp_path / "result.json").mkdir()
+    with pytest.raises(UserError, match="a directory, not a result file"):
+        read_result(tmp_path / "result.json")
+    if os.geteuid() != 0:  # root reads anything
+        secret = tmp_path / "other.json"
+        secret.write_text("{}")
+        secret.chmod(0)
+        with pytest.raises(UserError, match="cannot be read"):
+            read_result(secret)
