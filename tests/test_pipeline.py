@@ -278,7 +278,7 @@ def test_gc_keeps_the_last_runs_and_what_they_reuse(ray_session, first_run):
     from harness.cli import app
 
     root, _ = first_run
-    newest = run_pipeline(load_config(None, tiny_overrides(**LEARNS)), "sft", force=True)  # reuses nothing
+    newest = run_pipeline(load_config(None, tiny_overrides()), "sft", force=True)  # 4 steps; reuses nothing
     runs = root / "runs"
     before = {p.parent.name for p in runs.glob("*/config.yaml")}
     dry = CliRunner().invoke(app, ["gc", "--keep", "1", "--output-dir", str(runs)])
@@ -292,5 +292,5 @@ def test_gc_keeps_the_last_runs_and_what_they_reuse(ray_session, first_run):
         config = (runs / run / "config.yaml").read_text()
         assert all(name in left for name in before if f"{runs}/{name}/" in config)
     assert not list((runs / ".cache" / "ray").glob("sft-*"))  # finished stages need no checkpoints
-    again = run_pipeline(load_config(None, tiny_overrides(**LEARNS)), "sft")
+    again = run_pipeline(load_config(None, tiny_overrides()), "sft")  # the kept run's stages, all reused
     assert again["reused_stages"] == ["data", "model", "sft", "eval"]

@@ -80,13 +80,16 @@ def test_code_and_source_changes_recompute_what_depends_on_them(tmp_path):
 @pytest.mark.slow  # a real `harness` run (scripts/test --fast leaves it out)
 def test_concurrent_runs_and_a_forced_one_share_an_output_dir(tmp_path):
     """Two `harness run dpo` started together on one output dir and MLflow store, plus a third with --force: all
-    finish with a solo run's metrics; one waits on the other's leases; --force deletes nobody's checkpoints."""
+    finish with the same metrics (the forced one computed every stage itself, side by side with the first: a solo run
+    of its own would only repeat that); one waits on the other's leases; --force deletes nobody's checkpoints."""
     from mlflow.tracking import MlflowClient
 
+    from runtime.tracking import Tracker
+
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    Tracker(env["MLFLOW_TRACKING_URI"], "vlmlab")  # the store and experiment exist before three runs race for them
     args = ["run", "dpo", *tiny_overrides(**{"dpo.max_steps": 4, "dpo.save_steps": 2, "dpo.batch_size": 4,
                                              "dpo.warmup_steps": 0, "dpo.logging_steps": 1, "eval.limit": 8})]
-    solo = _result(tmp_path / "solo", _harness(tmp_path, *args, "--output-dir", "solo", env=env))  # creates the DB
     procs = [_harness(tmp_path, *args, *extra, "--output-dir", "shared", env=env, wait=False)
              for extra in ([], [], ["--force"])]
     outs = []
@@ -94,9 +97,12 @@ def test_concurrent_runs_and_a_forced_one_share_an_output_dir(tmp_path):
         out, err = proc.communicate(timeout=1200)
         assert proc.returncode == 0, out[-3000:] + err[-3000:]
         outs.append(out)
-    evals = {k: v for k, v in solo["metrics"].items() if k.startswith(("eval/", "dpo/train_loss", "sft/train_loss"))}
-    for out in outs:
-        result = _result(tmp_path / "shared", out)
+    results = [_result(tmp_path / "shared", out) for out in outs]
+    assert results[2]["reused_stages"] == []  # --force: computed, not reused
+    evals = {k: v for k, v in results[2]["metrics"].items()
+             if k.startswith(("eval/", "dpo/train_loss", "sft/train_loss"))}
+    assert evals["eval/mean_accuracy"] >= 0 and "dpo/train_loss" in evals
+    for result in results[:2]:
         assert {k: result["metrics"][k] for k in evals} == evals
     assert any("waiting for the run computing the same stage" in out for out in outs[:2])
     ray_dirs = sorted(p.name for p in (tmp_path / "shared" / ".cache" / "ray").iterdir())
