@@ -349,11 +349,11 @@ class Display:
         return files
 
     # -- printing
-    def say(self, text: str, label: str | None = None, style: str = "yellow") -> None:
+    def say(self, text: str, label: str | None = None) -> None:
         """One line of plain text (paths, names and messages are shown as they are: no markup, no emoji), after a
-        ``label`` in ``style`` when given."""
+        yellow ``label`` when given."""
         if self.console is not None:
-            self.console.print(Text.assemble((f"{label}: ", style) if label else "", text), highlight=False)
+            self.console.print(Text.assemble((f"{label}: ", "yellow") if label else "", text), highlight=False)
 
     def warn(self, message: str, source: str | None = None, level: str = "WARNING") -> None:
         """A library's warning or error, shown once, as one vlmlab line (the full text is in the logs)."""

@@ -65,16 +65,16 @@ def plan(root: Path, keep: int) -> Plan:
     cache = root / ".cache"
     runs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and (d / "config.yaml").exists()]
     live = {d for d in runs if Lease(cache / "leases" / f"run-{d.name}").holder() is not None}
+    results = {run: _result(run) for run in runs}  # every one checked before anything is planned
     by_pipeline: dict[str, list[Path]] = {}
     for run in runs:
-        pipeline = _result(run).get("pipeline", "(unfinished)")
+        pipeline = results[run].get("pipeline", "(unfinished)")
         by_pipeline.setdefault(pipeline, []).append(run)
     kept = set(live)
     for group in by_pipeline.values():
         kept |= set(sorted(group, key=lambda d: d.stat().st_mtime, reverse=True)[:keep])
     for run in list(kept):  # the runs whose stage results a kept run reused, or whose files its config names
-        result = _result(run)
-        named = [stage.get("reused_from") or "" for stage in result.get("stages", [])]
+        named = [stage.get("reused_from") or "" for stage in results[run].get("stages", [])]
         config = (run / "config.yaml").read_text(errors="replace") if (run / "config.yaml").is_file() else ""
         named += [str(other) for other in runs if f"{other}/" in config]
         for path in named:

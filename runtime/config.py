@@ -612,7 +612,9 @@ def _expanded(node, origin: str, depth: int = 0, memo: dict | None = None) -> in
     return count
 
 
-def _yaml(text: str, origin: str):
+def load_yaml(text: str, origin: str):
+    """A YAML document, safely and strictly loaded (no duplicate keys) within MAX_YAML_DEPTH and MAX_YAML_NODES;
+    ConfigError naming ``origin`` otherwise."""
     loader = _StrictLoader(text)  # a SafeLoader: no Python objects
     try:
         node = loader.get_single_node()
@@ -645,7 +647,7 @@ def parse_overrides(overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}' conflicts with an earlier override; give each key once")
-        node[parts[-1]] = _yaml(raw, f"override '{item}'") if raw != "" else ""
+        node[parts[-1]] = load_yaml(raw, f"override '{item}'") if raw != "" else ""
     return tree
 
 
@@ -692,19 +694,20 @@ def format_errors(exc: ValidationError, origin: str,
     problems = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        secret = any(is_secret_key(str(part)) for part in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             close = difflib.get_close_matches(str(err["loc"][-1]), _known_keys(err["loc"][:-1]), n=1)
             if tuple(err["loc"][:-1]) == ("data",) and err["loc"][-1] in TASKS:
                 close = [f"tasks.{err['loc'][-1]}"]  # schema 2's place for a task
             msg = "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
-        elif any(is_secret_key(str(part)) for part in err["loc"]):
+        elif secret:
             msg += " (the value is not shown: the key holds a secret)"
         elif "input" in err and not isinstance(err["input"], dict):
             got = redact_text(repr(err["input"]))  # redacted before it is cut: a cut never leaves half a secret
             msg += f" (got {got if len(got) <= 60 else got[:57] + '...'})"
         # a model check names its own keys; after a secret-named key a ':' would read as its value to the redactor
-        sep = ", " if any(is_secret_key(str(part)) for part in err["loc"]) else ": "
+        sep = ", " if secret else ": "
         problems.append(msg if key == "<root>" else f"{key}{sep}{msg}")
     return f"invalid config ({origin}): {'; '.join(problems)}; {fix}"
 
@@ -721,7 +724,7 @@ def load_config(config: str | None = None, overrides: list[str] | None = None) -
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); save the "
                           "file as UTF-8") from None
-    raw = _yaml(text, str(path)) or {}
+    raw = load_yaml(text, str(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of config keys (seed: 0, sft: {{...}}), "
                           f"not a {type(raw).__name__}")

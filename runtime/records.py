@@ -11,11 +11,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from runtime.config import SCHEMA_VERSION
-from runtime.errors import UserError
+from runtime.config import SCHEMA_VERSION, load_yaml
+from runtime.errors import ConfigError, UserError
 
 MAX_BYTES = 64 * 2 ** 20  # the largest record read back (a five-task run's result.json: ~60 KB)
 
@@ -94,8 +93,8 @@ def _validated(model: type[BaseModel], data: Any, path: Path, what: str, hint: s
                         f"{_fix(hint)}")
     version = data.get("schema_version", 1)
     if newest and isinstance(version, int) and not isinstance(version, bool) and version > newest:
-        raise UserError(f"{path}: written by a newer vlmlab (schema {version}; this one reads up to {SCHEMA_VERSION})"
-                        ": upgrade vlmlab to read it")
+        raise UserError(f"{path}: written by a newer vlmlab (schema {version}; this one reads up to {newest}): "
+                        "upgrade vlmlab to read it")
     try:
         return model.model_validate(data).model_dump()  # coerced, defaults filled in, other keys as written
     except ValidationError as exc:
@@ -127,16 +126,13 @@ def read_stage(path: Path, hint: str = "rerun the stage (delete its directory) o
 
 
 def read_mapping_yaml(path: Path, what: str, hint: str) -> dict:
-    """A YAML file whose top level must be a mapping (a run's config.yaml), safely loaded and bounded."""
+    """A YAML file whose top level must be a mapping (a run's config.yaml), loaded as configs are (load_yaml: safe,
+    strict, bounded in depth and alias expansion)."""
     text = _text(path, what, hint)
     try:
-        data = yaml.safe_load(text) if text.strip() else {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}: not valid YAML{where}{_fix(hint)}") from None
-    except RecursionError:
-        raise UserError(f"{path}: nested too deep to be a {what}{_fix(hint)}") from None
+        data = load_yaml(text, str(path)) if text.strip() else {}
+    except ConfigError as exc:
+        raise UserError(f"{exc}{_fix(hint)}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: not a {what} (the top level is a {type(data).__name__}, not a mapping){_fix(hint)}")
     return data

@@ -50,15 +50,16 @@ def check(cfg) -> None:
     elif source.startswith(("/", ".", "~")) or source.count("/") > 1:
         raise ConfigError(f"model.source: {source} is neither a directory here nor a hub id (owner/name); give a "
                           "checkpoint directory, a hub id, tiny, random or compose")
-    elif offline() and not in_hub_cache(source, cfg.model.revision):
+    elif hub_offline() and not in_hub_cache(source, cfg.model.revision):
         raise ConfigError(f"model.source: {source} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
                           "download it first (huggingface-cli download) or unset HF_HUB_OFFLINE")
 
 
-def offline() -> bool:
-    import os
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub itself reads it (the switch its downloads obey)."""
+    from huggingface_hub import is_offline_mode
 
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return is_offline_mode()
 
 
 def in_hub_cache(repo_id: str, revision: str | None) -> bool:
