@@ -13,7 +13,29 @@ def references(doc: dict) -> list[str]:
     return [r["answer"] if isinstance(r, dict) else str(r) for r in refs]
 
 
+# lmms-eval's command line (`--reasoning_tags`, default in lmms_eval/__main__.py) has its evaluator cut these blocks
+# out of every generation before any task scores it (lmms_eval/evaluator.py, lmms_eval/api/reasoning.py)
+REASONING_TAGS = (("<think>", "</think>"), ("<analysis>", "</analysis>"))
+
+
+def strip_reasoning_tags(text: str, tag_pairs=REASONING_TAGS) -> str:
+    """lmms-eval's ``strip_reasoning_tags``, rule for rule: every complete start...end block is cut (case-sensitive,
+    pair by pair, in order); a closing tag left without its opening one (a chat template that pre-fills the opening
+    tag) keeps only what follows the last closing tag; an opening tag never closed stays; then strip."""
+    for start_tag, end_tag in tag_pairs:
+        while start_tag in text and end_tag in text:
+            start = text.find(start_tag)
+            end = text.find(end_tag, start)
+            if end == -1:
+                break
+            text = text[:start] + text[end + len(end_tag):]
+        if end_tag in text and start_tag not in text:
+            text = text.rsplit(end_tag, 1)[-1]
+    return text.strip()
+
+
 def lmms_prediction(results: list[str]) -> str:
-    """lmms-eval strips every generation (ConfigurableTask.process_results) before scoring it; lm-eval does not, so
-    each `lmms` hook strips first. No short-answer extraction: lmms-eval scores the raw (stripped) generation."""
-    return results[0].strip() if results[0] is not None else ""
+    """The generation as lmms-eval scores it: reasoning blocks cut (strip_reasoning_tags, as its CLI does by default),
+    then stripped (ConfigurableTask.process_results; lm-eval does not strip, so each `lmms` hook does). No
+    short-answer extraction: lmms-eval scores the whole remaining generation."""
+    return strip_reasoning_tags(results[0]) if results[0] is not None else ""

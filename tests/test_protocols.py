@@ -49,12 +49,30 @@ def test_scores_match_lmms_eval(task, item):
     assert got == expected, (item["prediction"], item["doc"]["answers"])
 
 
+def _reasoning_cases():
+    for task in TASKS:
+        for i, item in enumerate(FIXTURE["reasoning_items"]["tasks"][task]):
+            yield pytest.param(task, item, id=f"{task}-{i}")
+
+
+@pytest.mark.parametrize(("task", "item"), list(_reasoning_cases()))
+def test_reasoning_blocks_are_cut_as_lmms_evals_cli_does(task, item):
+    """lmms-eval's evaluator cuts <think>/<analysis> blocks out of a generation before the task scores it (its CLI's
+    default --reasoning_tags): closed blocks, a pre-filled opening tag, an unclosed or upper-case tag left as is."""
+    expected = {METRICS[task][k]: v for k, v in item["lmms_result"].items() if k in METRICS[task]}
+    hook = getattr(task_hooks(task), f"process_{task}_lmms")
+    assert hook(dict(item["doc"]), [item["prediction"]]) == expected, item["prediction"]
+
+
 def test_fixture_is_the_followed_lmms_eval_commit():
     commit = FIXTURE["lmms_eval"]["commit"]
     assert len(commit) == 40
     for task in TASKS:
         assert commit in (TASK_DIR / task / "lmms.yaml").read_text(), task
         assert len(FIXTURE["tasks"][task]["items"]) >= 30
+        results = FIXTURE["reasoning_items"]["tasks"][task]
+        best = {max(v for k, v in r["lmms_result"].items() if k in METRICS[task]) for r in results}
+        assert len(results) >= 15 and {0, 1} <= best  # tagged generations that score, and that do not
     assert commit in (ROOT / "docs" / "protocols.md").read_text()
 
 
