@@ -22,6 +22,7 @@ from typing import NamedTuple
 import yaml
 from pydantic import ValidationError
 
+from evals.registry import TASKS
 from harness.leaderboard import pareto_front
 from harness.pipeline import new_run_id, run_pipeline
 from harness.report import stage_record
@@ -62,7 +63,10 @@ def parse_space(terms: list[str]) -> dict[str, tuple[str, list]]:
         want = SAMPLERS[sampler]
         if (want is not None and len(args) != want) or not args:
             raise UserError(f"--space '{term}': {sampler} takes {want or 'one or more'} arguments")
-        values = [_value(a) for a in args]
+        try:
+            values = [_value(a) for a in args]
+        except yaml.YAMLError:
+            raise UserError(f"--space '{term}': every value must be a number or a word") from None
         if any(isinstance(v, float) and not math.isfinite(v) for v in values):
             raise UserError(f"--space '{term}': every value must be a finite number or a word (no nan, no inf)")
         if sampler in ("loguniform", "uniform", "randint"):
@@ -303,6 +307,69 @@ def sweep_base(cfg, fixed: list[str], space: dict[str, tuple[str, list]]) -> tup
     return base, stage
 
 
+MAX_CHECKED_COMBINATIONS = 256  # more than this: each key's values are checked alone (the others at the base's)
+
+
+def space_extremes(sampler: str, values: list) -> list:
+    """The values that bound what ``sampler`` can draw: each value of a grid or choice; both ends of a range (Tune's
+    randint excludes its upper end), and for a continuous range one inner, non-integer point, so that a float range
+    over an integer key is refused too. Every schema constraint is an interval or a type, so passing these means
+    every draw passes."""
+    if sampler in ("grid", "choice"):
+        return list(values)
+    low, high = values
+    if sampler == "randint":
+        return [int(low), int(high) - 1] if int(high) - 1 > int(low) else [int(low)]
+    inner = low * (high / low) ** 0.381966 if sampler == "loguniform" else low + (high - low) * 0.381966
+    return [low, float(f"{inner:.6g}") if inner != int(inner) else inner + 0.5 * (high - inner), high]
+
+
+def check_space(base: PipelineConfig, pipeline: str, space: dict[str, tuple[str, list]]) -> None:
+    """Pre-flight of the trials' configs, before any directory, store or Ray process exists: every value a trial can
+    draw (``space_extremes``) laid over ``base`` passes the config schema, in every combination (or key by key where
+    the combinations exceed MAX_CHECKED_COMBINATIONS), and the own check of each stage the trials run (the shared
+    stages are checked by their one run). Raises UserError naming the values."""
+    import itertools
+
+    tree = base.model_dump(mode="json")
+    points = {key: space_extremes(sampler, values) for key, (sampler, values) in space.items()}
+    if math.prod(len(v) for v in points.values()) <= MAX_CHECKED_COMBINATIONS:
+        combos = [dict(zip(points, combo, strict=True)) for combo in itertools.product(*points.values())]
+    else:
+        combos = [{key: value} for key, values in points.items() for value in values]
+    for combo in combos:
+        assigned = ", ".join(f"{k}={v}" for k, v in combo.items())
+        try:
+            cfg = PipelineConfig.model_validate(merge(tree, parse_overrides([f"{k}={v}" for k, v in combo.items()])))
+        except ValidationError as exc:
+            raise UserError(format_errors(exc, f"--space, a trial with {assigned}",
+                                          fix="narrow the --space range to values the config allows")) from None
+        stages = cfg.stages_of(pipeline)
+        for name in stages[len(shared_prefix(stages, list(space))):]:
+            try:
+                STAGES[name].check(cfg)
+            except UserError as exc:
+                raise UserError(f"--space, a trial with {assigned}: {exc}") from None
+
+
+def check_objective(base: PipelineConfig, pipeline: str, objective: str) -> None:
+    """The objective names a metric the pipeline's eval stage writes: ``eval/`` + an optional checkpoint or prior
+    prefix + ``mean_accuracy`` or an enabled task's metric (with an interval end, a subset or a question type)."""
+    stages = base.stages_of(pipeline)
+    if "eval" not in stages:
+        raise UserError(f"harness sweep: pipeline '{pipeline}' ({' -> '.join(stages)}) has no eval stage to score "
+                        "the trials; sweep a pipeline that ends in eval")
+    metrics = ["mean_accuracy", *(TASKS[name].metric for name, spec in base.data.tasks.items() if spec is not None)]
+    prefixes = ["", "prior_", "base_", *(f"{s}_" for s in stages)]
+    name = objective_metric(objective).removeprefix("eval/")
+    known = objective_metric(objective).startswith("eval/") and any(
+        name.removeprefix(prefix) == metric or name.removeprefix(prefix).startswith((f"{metric}_", f"{metric}/"))
+        for prefix in prefixes for metric in metrics)
+    if not known:
+        raise UserError(f"--objective '{objective}': not a metric this pipeline's eval writes; use eval/<metric> or "
+                        f"gain_per_usd:eval/<metric>, <metric> one of {', '.join(metrics)}")
+
+
 def sweep_root(output_dir: str | None, cfg) -> Path:
     if is_remote(output_dir or cfg.output_dir):  # Tune's trials and sweep.json are written to local paths
         raise UserError("harness sweep: --output-dir must be a local directory; object storage (s3://, gs://) is "
@@ -414,6 +481,8 @@ def run_sweep(cfg, pipeline: str, fixed: list[str], space: dict[str, tuple[str, 
               objective: str, mode: str, output_dir: str | None, console=None, scheduler: str | None = None) -> dict:
     """Run the sweep; write and return sweep.json's content."""
     base, stage = sweep_base(cfg, fixed, space)
+    check_objective(base, pipeline, objective)
+    check_space(base, pipeline, space)
     prefix = shared_prefix(base.stages_of(pipeline), list(space))
     root = sweep_root(output_dir, cfg)
     sweep_id = new_run_id(f"sweep-{pipeline}")

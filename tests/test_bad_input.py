@@ -221,6 +221,22 @@ CASES = [
     ("sweep-sampler", ["sweep", "--space", "dpo.beta=bogus(1)"], {}, "unknown sampler 'bogus'", "use "),
     ("sweep-scheduler", ["sweep", "dpo-beta", "--scheduler", "hyperband"], {}, "--scheduler must be asha",
      "must be"),
+    # a sweep's space is checked against the schema over the whole range a trial can draw, before any trial
+    ("sweep-value-out-of-schema", ["sweep", "-p", "dpo", "--space", "dpo.beta=grid(0.1,1.0,0)"], {},
+     "a trial with dpo.beta=0): dpo.beta: Input should be greater than 0", "narrow the --space range"),
+    ("sweep-float-range-on-int", ["sweep", "-p", "dpo", "--space", "dpo.max_steps=uniform(200,300)"], {},
+     "dpo.max_steps: Input should be a valid integer", "narrow the --space range"),
+    ("sweep-range-end-breaks-a-rule", ["sweep", "--space", "sft.save_steps=randint(100,5000)"], {},
+     "sft.save_steps: more than max_steps (1200)", "narrow the --space range"),
+    ("sweep-choice-not-allowed", ["sweep", "-p", "dpo", "--space", "dpo.loss_type=choice(sigmoid,bogus)"], {},
+     "dpo.loss_type: Input should be 'sigmoid'", "narrow the --space range"),
+    ("sweep-unknown-objective", ["sweep", "dpo-beta", "--objective", "eval/nosuch"], {},
+     "--objective 'eval/nosuch': not a metric", "use eval/<metric>"),
+    ("sweep-objective-of-a-dropped-task", ["sweep", "dpo-beta", "data.tasks.vqa=null", "--objective",
+                                           "eval/vqa_accuracy"], {}, "not a metric this pipeline's eval writes",
+     "use eval/<metric>"),
+    ("sweep-pipeline-without-eval", ["sweep", "-p", "nev", "--space", "sft.learning_rate=grid(1e-3,1e-4)",
+                                     "pipelines.nev=[data,model,sft]"], {}, "has no eval stage", "sweep a pipeline"),
 ]
 
 

@@ -1,13 +1,25 @@
-"""Ray Tune sweeps on the real stack: shared stages once, trials scored by eval, failures recorded."""
+"""Ray Tune sweeps on the real stack: shared stages once, trials scored by eval; a space checked before any work."""
 from __future__ import annotations
 
 import json
 
 import pytest
 from helpers import tiny_overrides
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
 
-from harness.sweep import COST_AWARE, log_grid, parse_space, run_sweep, shared_prefix
+from harness.sweep import (
+    COST_AWARE,
+    check_objective,
+    check_space,
+    log_grid,
+    parse_space,
+    run_sweep,
+    shared_prefix,
+    space_extremes,
+    sweep_base,
+)
 from runtime.config import load_config
 from runtime.errors import UserError
 
@@ -47,16 +59,59 @@ def test_unknown_space_key_fails_before_anything_runs(workdir):
     assert not (workdir / "runs").exists()
 
 
+SWEPT = ["dpo.beta", "dpo.max_steps", "dpo.learning_rate", "dpo.loss_type", "dpo.save_steps", "sft.save_steps",
+         "sft.grades.alpha", "sft.grades.compute_interval", "eval.batch_size", "seed"]
+NUMBERS = st.one_of(st.integers(-10, 3000), st.floats(-10, 3000, allow_nan=False), st.sampled_from([0, 1e-9, 1e9]))
+VALUES = st.one_of(NUMBERS, st.sampled_from(["sigmoid", "ipo", "bogus", "true", "[1, 2]", "nan", "{a: 1}"]))
+TERMS = st.lists(st.tuples(st.sampled_from(SWEPT), st.sampled_from(["uniform", "loguniform", "randint", "grid",
+                                                                   "choice"]),
+                           st.lists(VALUES, min_size=1, max_size=4)), min_size=1, max_size=3, unique_by=lambda t: t[0])
+
+
+@settings(max_examples=200, derandomize=True, database=None, deadline=None)
+@given(terms=TERMS, objective=st.sampled_from(["eval/mean_accuracy", "eval/sft_vqa_accuracy", "eval/nosuch",
+                                               "gain_per_usd:eval/docvqa_anls", "mean_accuracy"]))
+def test_any_space_is_refused_in_one_line_or_every_draw_is_a_valid_config(terms, objective):
+    """Random --space terms over real keys: parse_space, the objective's and the space's pre-flight either refuse
+    with a UserError or pass, and when they pass every value a trial can draw (random draws from each range, beyond
+    the extremes the check uses) gives a config the schema accepts."""
+    import random
+
+    from runtime.config import PipelineConfig, merge, parse_overrides
+
+    cfg = load_config(None, [])
+    text = [f"{key}={sampler}({','.join(map(str, values))})" for key, sampler, values in terms]
+    try:
+        space = parse_space(text)
+        base, _ = sweep_base(cfg, [], space)
+        check_objective(base, "dpo", objective)
+        check_space(base, "dpo", space)
+    except UserError as exc:
+        assert len(str(exc).splitlines()) == 1 and str(exc)
+        return
+    rng = random.Random(0)
+    for _ in range(20):
+        draw = {}
+        for key, (sampler, values) in space.items():
+            if sampler in ("grid", "choice"):
+                draw[key] = rng.choice(values)
+            elif sampler == "randint":
+                draw[key] = rng.randrange(int(values[0]), int(values[1]))
+            else:
+                low, high = values
+                draw[key] = low * (high / low) ** rng.random() if sampler == "loguniform" else rng.uniform(low, high)
+                assert draw[key] in space_extremes(sampler, values) or not float(draw[key]).is_integer()
+        tree = merge(base.model_dump(mode="json"), parse_overrides([f"{k}={v}" for k, v in draw.items()]))
+        PipelineConfig.model_validate(tree)  # raises if the pre-flight let a bad draw through
+
+
 def test_dpo_beta_sweep(ray_session, workdir):
     cfg = load_config(None, tiny_overrides(**PREF))
-    space = parse_space(["dpo.beta=grid(0.1, 1.0, 0)"])  # beta=0 is invalid: that trial must fail
-    sweep = run_sweep(cfg, "dpo", [], space, 3, "eval/mean_accuracy", "max", None)
+    space = parse_space(["dpo.beta=grid(0.1, 1.0)"])  # (a value the schema refuses stops the sweep before any work)
+    sweep = run_sweep(cfg, "dpo", [], space, 2, "eval/mean_accuracy", "max", None)
 
     on_disk = json.loads((workdir / "runs" / sweep["sweep_id"] / "sweep.json").read_text())
-    assert len(on_disk["trials"]) == 3 and on_disk["shared_stages"] == ["data", "model", "sft"]
-    failed = [t for t in on_disk["trials"] if t["status"] == "ERROR"]
-    assert len(failed) == 1 and failed[0]["params"]["dpo.beta"] == 0
-    assert "dpo.beta" in failed[0]["error"] and "greater than 0" in failed[0]["error"]
+    assert len(on_disk["trials"]) == 2 and on_disk["shared_stages"] == ["data", "model", "sft"]
     ok = [t for t in on_disk["trials"] if t["status"] == "TERMINATED"]
     assert {t["params"]["dpo.beta"] for t in ok} == {0.1, 1.0}
     assert on_disk["best"]["params"]["dpo.beta"] in {0.1, 1.0}
@@ -72,7 +127,7 @@ def test_dpo_beta_sweep(ray_session, workdir):
     assert parent.data.params["best.dpo.beta"] == str(on_disk["best"]["params"]["dpo.beta"])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     trial_runs = [r for r in children if r.info.run_name.startswith("trial-")]
-    assert len(trial_runs) == 2  # the failed trial never got as far as MLflow
+    assert len(trial_runs) == 2
     assert all("eval/vqa_accuracy" in r.data.metrics and r.data.metrics["cost/usd"] > 0 for r in trial_runs)
     # the shared stages ran once: one computed (not reused) sft stage run in the whole store
     sft_runs = [r for r in runs if r.data.tags.get("vlmlab.stage") == "sft"]
