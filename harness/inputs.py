@@ -17,22 +17,15 @@ from stages.support import fit
 def check_data_sources(cfg) -> None:
     """Every local task source: each split loads and its first row maps onto the canonical columns (image decoded).
     JSON layouts are read whole, so a bad entry anywhere is named by file and row. Raises DataError."""
-    import datasets  # Hugging Face datasets (~1 s of imports): only where there is local data to read
-
     def local(src) -> bool:  # synthetic data is generated, hub data checked on fetch
         return src.source != "synthetic" and src.format != "hub" and Path(src.source).expanduser().exists()
 
-    bars_were_on = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # a check prints nothing but its error
-    try:
+    with dsets.quiet():  # a check prints nothing but its error
         for task, spec in cfg.data.tasks.items():
             for split_key in ("train", "test"):
                 if local(spec.train_from if split_key == "train" and spec.train_from else spec):
                     rows, origin, layout = dsets.load_split(spec, split_key, None)
                     dsets.canonicalize(rows, task, spec.columns, origin, 1, layout)
-    finally:
-        if bars_were_on:
-            datasets.enable_progress_bars()
 
 
 def runtime_env_secrets(cfg, stages: list[str]) -> list[str]:

@@ -562,7 +562,7 @@ def resolve_config_path(config: str | None) -> Path:
     """A preset name (`tiny`) or a file path; None means the default preset."""
     name = config or DEFAULT_PRESET
     path = Path(name)
-    if not path.suffix and not path.exists():
+    if not path.suffix and not path.is_file():  # a folder named like a preset does not hide it
         path = CONFIG_DIR / f"{name}.yaml"
     if not path.is_file():
         presets = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))

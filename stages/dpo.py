@@ -43,21 +43,13 @@ def check(cfg) -> None:
     pref = cfg.dpo.preference
     if pref.source == "tasks" or not Path(pref.source).expanduser().exists():
         return
-    columns = set(_source_columns(pref))
-    for name in PREFERENCE_COLUMNS:
-        wanted = pref.columns.get(name, name)
-        if wanted not in columns:
-            raise ConfigError(f"dpo.preference.source: {pref.source} has no column '{wanted}' (needed for "
-                              f"'{name}'; columns present: {', '.join(sorted(columns))})")
+    with dsets.quiet():
+        read_pairs(pref, 1)  # columns, the image column's type and the first row, as the stage reads them
 
 
 def _load_preference_source(pref, limit: int | None = None):
     """The preference split, through the same loader the task data uses (hub id, save_to_disk, parquet)."""
     return dsets.load_rows(pref.source, pref.format, pref.split, limit)[0]
-
-
-def _source_columns(pref) -> list[str]:
-    return _load_preference_source(pref).column_names
 
 
 def _sentence(answer: str, style: str) -> str:
@@ -108,24 +100,38 @@ def pairs_from_tasks(tasks: dict, pref, seed: int, wrong_answers: dict[int, str]
 
 def pairs_from_source(pref) -> list[dict]:
     """A preference dataset in the RLAIF-V layout, every row checked."""
+    return read_pairs(pref, pref.size)
+
+
+def read_pairs(pref, limit: int | None) -> list[dict]:
+    """The first ``limit`` rows (all where None) of a preference dataset, checked: the columns, the image column's
+    type, then each row's text and image (raises DataError naming the row)."""
     from datasets import Image
 
-    ds = _load_preference_source(pref, pref.size)
+    ds = _load_preference_source(pref, limit)
     mapping = {name: pref.columns.get(name, name) for name in PREFERENCE_COLUMNS}
     for name, col in mapping.items():
         if col not in ds.column_names:
-            raise DataError(f"{pref.source}: preference data has no column '{col}' (needed for '{name}')")
+            raise ConfigError(f"dpo.preference.source: {pref.source} has no column '{col}' (needed for '{name}'; "
+                              f"columns present: {', '.join(sorted(ds.column_names))}); remap it with "
+                              f"dpo.preference.columns.{name}")
+    problem = dsets.not_images(ds.features[mapping["image"]])
+    if problem:
+        raise DataError(f"{pref.source}: column '{mapping['image']}' holds {problem}, not images (image records, "
+                        "encoded bytes or file paths); remap dpo.preference.columns.image or fix the data")
     ds = ds.cast_column(mapping["image"], Image(decode=False))
-    n = len(ds) if pref.size is None else min(pref.size, len(ds))
+    n = len(ds) if limit is None else min(limit, len(ds))
     if n == 0:
-        raise DataError(f"{pref.source}: preference split '{pref.split}' is empty")
+        raise DataError(f"{pref.source}: preference split '{pref.split}' is empty; add rows or set "
+                        "dpo.preference.split")
     out = []
     for i in range(n):
         row = ds[i]
         where = f"{pref.source} row {i}"
         for name in ("question", "chosen", "rejected"):
             if not isinstance(row[mapping[name]], str) or not row[mapping[name]].strip():
-                raise DataError(f"{where}: empty '{mapping[name]}'")
+                raise DataError(f"{where}: '{mapping[name]}' must hold non-empty text (got "
+                                f"{dsets.short_repr(row[mapping[name]])}); fix or drop that row")
         out.append({"image": dsets.image_bytes(row[mapping["image"]], where), "question": row[mapping["question"]],
                     "chosen": row[mapping["chosen"]], "rejected": row[mapping["rejected"]]})
     return out

@@ -12,6 +12,7 @@ the_cauldron's ``images`` + ``texts`` rows), or a hub dataset id. Column names f
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from pathlib import Path
@@ -40,6 +41,8 @@ def _answer_texts(value) -> list[str]:
         return []
     if isinstance(value, str):
         return [value]
+    if isinstance(value, dict) or not isinstance(value, (list, tuple)):  # a record's keys are not answers
+        raise TypeError(type(value).__name__)
     return [a["answer"] if isinstance(a, dict) else str(a) for a in value]
 
 
@@ -55,11 +58,20 @@ def image_bytes(value, where: str) -> dict:
         return {"bytes": buf.getvalue(), "path": None}
     if isinstance(value, (str, Path)):
         value = {"bytes": None, "path": str(value)}
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: image is {type(value).__name__} {short_repr(value)}, not an image record, encoded "
+                        "bytes or a file path; fix or drop that row")
     data, path = value.get("bytes"), value.get("path")
     if data is None:
-        if not path or not Path(path).is_file():
-            raise DataError(f"{where}: image file not found: {path}; add the file or drop that row")
-        data = Path(path).read_bytes()
+        try:
+            data = Path(path).read_bytes() if isinstance(path, str) and path else None
+        except (OSError, ValueError):  # missing, a folder, a name too long for the OS, a NUL byte
+            data = None
+        if data is None:
+            shown = path if isinstance(path, str) and len(path) <= 4096 else short_repr(path)
+            raise DataError(f"{where}: image file not found: {shown}; add the file or drop that row")
+    elif not isinstance(data, bytes):
+        raise DataError(f"{where}: image bytes are {type(data).__name__}, not bytes; fix or drop that row")
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.verify()
@@ -67,6 +79,23 @@ def image_bytes(value, where: str) -> dict:
         raise DataError(f"{where}: image cannot be decoded ({path or 'embedded bytes'}: {exc}); replace it or drop "
                         "that row") from None
     return {"bytes": data, "path": Path(path).name if path else None}
+
+
+def not_images(feature) -> str | None:
+    """What a datasets column type holds where it cannot be an image (None where it can: an Image feature, bytes,
+    a path, or a {bytes, path} record of those types)."""
+    from datasets import Image, Value
+
+    def blob(f) -> bool:
+        return isinstance(f, Value) and f.dtype in ("binary", "large_binary", "string", "large_string", "null")
+
+    if isinstance(feature, Image) or blob(feature):
+        return None
+    if isinstance(feature, dict) and feature and set(feature) <= {"bytes", "path"} and all(map(blob, feature.values())):
+        return None
+    kind = feature.dtype if isinstance(feature, Value) else f"{type(feature).__name__.lower()} values"
+    return kind if not isinstance(feature, dict) else (
+        "records of " + ", ".join(f"{k}: {getattr(v, 'dtype', type(v).__name__)}" for k, v in feature.items()))
 
 
 def column_names(rows) -> set[str]:
@@ -96,6 +125,11 @@ def canonicalize(rows, task: str, columns: dict[str, str], origin: str, limit: i
     if hasattr(rows, "cast_column"):
         from datasets import Image
         if mapping["image"] in available:
+            image_column_problem = not_images(rows.features[mapping["image"]])
+            if image_column_problem:
+                raise DataError(f"{origin}: column '{mapping['image']}' holds {image_column_problem}, not images "
+                                f"(image records, encoded bytes or file paths); remap data.tasks.{task}.columns.image "
+                                "or fix the file")
             rows = rows.cast_column(mapping["image"], Image(decode=False))
     n = len(rows) if limit is None else min(limit, len(rows))
     out = []
@@ -116,11 +150,21 @@ def canonicalize(rows, task: str, columns: dict[str, str], origin: str, limit: i
                             "{'answer': ...} records") from None
         if not answers:
             raise DataError(f"{where}: no answers in column '{mapping['answers']}'; add one or drop that row")
-        target = _answer_texts(f.get("answer"))
+        try:
+            target = _answer_texts(f.get("answer"))
+        except (KeyError, TypeError):
+            raise DataError(f"{where}: column '{mapping.get('answer')}' must hold an answer string") from None
         target = target[0] if target else answers[0]
         question = f["question"]
-        if not isinstance(question, str) or not question.strip():
+        if not isinstance(question, (str, type(None))):
+            raise DataError(f"{where}: column '{mapping['question']}' must hold text (got {type(question).__name__} "
+                            f"{short_repr(question)}); fix it or remap data.tasks.{task}.columns.question")
+        if not question or not question.strip():
             raise DataError(f"{where}: empty question in column '{mapping['question']}'; fill it or drop that row")
+        for name in ("question_type", "subset"):  # names, or a ClassLabel's integers (ChartQA's human_or_machine)
+            if f.get(name) is not None and (not isinstance(f[name], (str, int)) or isinstance(f[name], bool)):
+                raise DataError(f"{where}: column '{mapping[name]}' must hold a name (got {type(f[name]).__name__} "
+                                f"{short_repr(f[name])}); fix it or remap data.tasks.{task}.columns.{name}")
         qtype = f.get("question_type")
         if qtype in entry.numeric_types and not all(_is_number(a) for a in answers):
             raise DataError(f"{where}: question type '{qtype}' needs a numeric answer, got {answers!r} "
@@ -147,11 +191,25 @@ def _read_json(path: Path):
                         "re-download the file") from None
 
 
-def _field(entry, key: str, where: str, hint: str):
-    """``entry[key]``, or a DataError naming the file and row."""
+_KINDS = {str: "a string", int: "an integer", list: "a list", (str, int): "a string or an integer",
+          (str, int, float): "a string or a number"}
+
+
+def _field(entry, key: str, where: str, hint: str, kind: type | tuple[type, ...] | None = None):
+    """``entry[key]`` (of type ``kind`` where given: a JSON boolean is not a number), or a DataError naming the file,
+    the row and the field."""
     if not isinstance(entry, dict) or key not in entry:
         raise DataError(f"{where}: no '{key}' ({hint}); fix or drop that entry")
-    return entry[key]
+    value = entry[key]
+    if kind is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        raise DataError(f"{where}: '{key}' must be {_KINDS[kind]} (got {type(value).__name__} "
+                        f"{short_repr(value)}); fix or drop that entry")
+    return value
+
+
+def short_repr(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _entries(content, key: str | None, path: Path, layout: str) -> list:
@@ -178,24 +236,22 @@ def _vqa_official(root: Path, split: str) -> list[dict]:
     questions = _read_json(qfile)
     annotations = {}
     for i, a in enumerate(_entries(_read_json(afile), "annotations", afile, "official VQA")):
-        annotations[_field(a, "question_id", f"{afile} row {i}", "official VQA annotations")] = a
+        annotations[_field(a, "question_id", f"{afile} row {i}", "official VQA annotations", (str, int))] = a
     subtype = questions.get("data_subtype", "") if isinstance(questions, dict) else ""
     images = {p.name: p for p in root.rglob("*.jpg")} | {p.name: p for p in root.rglob("*.png")}
     rows = []
     for i, q in enumerate(_entries(questions, "questions", qfile, "official VQA")):
         where = f"{qfile} row {i}"
-        qid = _field(q, "question_id", where, "official VQA questions")
+        qid = _field(q, "question_id", where, "official VQA questions", (str, int))
         ann = annotations.get(qid)
         if ann is None:
             raise DataError(f"{afile}: no annotation for question_id {qid} ({where}); add it or drop the question")
-        image_id = _field(q, "image_id", where, "official VQA questions")
-        if not isinstance(image_id, int):
-            raise DataError(f"{where}: image_id must be an integer (got {image_id!r}); fix that entry")
+        image_id = _field(q, "image_id", where, "official VQA questions", int)
         name = f"COCO_{subtype}_{image_id:012d}.jpg"
         path = images.get(name)
         rows.append({"image": str(path) if path else str(root / name),
-                     "question": _field(q, "question", where, "official VQA questions"),
-                     "answers": _field(ann, "answers", f"{afile} question_id {qid}", "official VQA annotations"),
+                     "question": _field(q, "question", where, "official VQA questions", str),
+                     "answers": _field(ann, "answers", f"{afile} question_id {qid}", "official VQA annotations", list),
                      "multiple_choice_answer": ann.get("multiple_choice_answer"),
                      "question_type": ann.get("answer_type") or ann.get("question_type")})
     return rows
@@ -212,9 +268,10 @@ def _chartqa_json(root: Path, split: str) -> list[dict]:
     for f in files:
         for i, entry in enumerate(_entries(_read_json(f), None, f, "ChartQA")):
             where = f"{f} row {i}"
-            rows.append({"image": str(split_dir / "png" / _field(entry, "imgname", where, "the chart's file in png/")),
-                         "query": _field(entry, "query", where, "the question"),
-                         "label": [str(_field(entry, "label", where, "the answer"))],
+            rows.append({"image": str(split_dir / "png" / _field(entry, "imgname", where, "the chart's file in png/",
+                                                                 str)),
+                         "query": _field(entry, "query", where, "the question", str),
+                         "label": [str(_field(entry, "label", where, "the answer", (str, int, float)))],
                          "question_type": f.stem.split("_", 1)[1], "human_or_machine": f.stem.split("_", 1)[1]})
     return rows
 
@@ -289,6 +346,37 @@ def looks_local(source: str) -> bool:
     return Path(source).expanduser().exists()
 
 
+@contextlib.contextmanager
+def quiet():
+    """datasets' progress bars off (a pre-flight check prints nothing but its error), as they were afterwards."""
+    import datasets
+
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def _check_parquet(files: list[Path], split: str) -> None:
+    """Each file's footer read by pyarrow before datasets loads them (which logs its own error line first, and on a
+    file with no rows fails on a batch size): a DataError names the file."""
+    import pyarrow.parquet as pq
+
+    rows = 0
+    for path in files:
+        try:
+            rows += pq.ParquetFile(path).metadata.num_rows
+        except Exception as exc:  # pyarrow's ArrowInvalid, OSError: not a parquet file, cut short, a folder
+            raise DataError(f"{path}: not a readable parquet file ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:200]}); repair or re-export it") from None
+    if rows == 0:
+        raise DataError(f"{files[0].parent}: the parquet files of split '{split}' hold no rows; add rows or choose "
+                        "another split")
+
+
 def load_rows(source: str, fmt: str, split: str, limit: int | None, config: str | None = None,
               revision: str | None = None):
     """(rows, origin) of one split of a hub id or a local directory in any supported format. A hub split of which
@@ -325,6 +413,7 @@ def load_rows(source: str, fmt: str, split: str, limit: int | None, config: str 
         if not files:
             raise DataError(f"{root}: no parquet files for split '{split}' (expected {split}*.parquet or "
                             f"{split}/*.parquet); add them or set the task's train_split / test_split")
+        _check_parquet(files, split)
         try:
             return load_dataset("parquet", data_files=[str(f) for f in files], split="train"), f"{files[0]}"
         except Exception as exc:
