@@ -29,9 +29,10 @@ except ImportError:  # pragma: no cover
 class _Commands(TyperGroup):
     """Bad input of every command, on one line and exit 2."""
 
-    def make_context(self, *args, **kwargs):
+    def make_context(self, info_name, args, *rest, **kwargs):
+        self._argv = list(args)  # what the user typed: an OSError on one of these paths is bad input (invoke)
         try:
-            return super().make_context(*args, **kwargs)
+            return super().make_context(info_name, args, *rest, **kwargs)
         except NoArgsIsHelpError:
             raise
         except UsageError as exc:
@@ -49,6 +50,12 @@ class _Commands(TyperGroup):
             raise typer.Exit(code=2) from None
         except (typer.Exit, typer.Abort, ClickException):  # a command's own exit code; Ctrl-C at a prompt
             raise
+        except OSError as exc:
+            typed = _typed_path(exc, getattr(self, "_argv", []))
+            if typed is None:
+                internal_error(exc)
+            error_line(f"{typed}: {exc.strerror or type(exc).__name__}; give a path this system can open")
+            raise typer.Exit(code=2) from None
         except Exception as exc:
             internal_error(exc)
 
@@ -57,6 +64,24 @@ class _Commands(TyperGroup):
         where = exc.ctx.command_path if exc.ctx else "harness"
         error_line(f"{where}: {exc.format_message()} (see `{where} --help`)")
         raise typer.Exit(code=2) from None
+
+
+def _typed_path(exc: OSError, argv: list[str]) -> str | None:
+    """The command-line path (an argument, or an option's or override's value) that ``exc`` is about: the path
+    itself or a file below it. None where the error is about a path the user did not give (a bug, not bad input)."""
+    if exc.filename is None:
+        return None
+    failed = os.fsdecode(exc.filename)
+    for token in argv:
+        value = token.partition("=")[2] if token.startswith("-") or "=" in token else token
+        for given in {token, value} - {""}:
+            try:
+                full = os.path.abspath(os.path.expanduser(given))
+            except (ValueError, OSError):
+                full = given
+            if failed in (given, full) or failed.startswith((full.rstrip("/") + "/", given.rstrip("/") + "/")):
+                return given
+    return None
 
 
 app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True,

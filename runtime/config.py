@@ -460,8 +460,9 @@ class PipelineConfig(Section):
     @classmethod
     def _tasks_of_schema_2(cls, raw):
         """Configs written before schema 3 (a run's config.yaml) name tasks as `data.vqa` / `data.chartqa`."""
-        if isinstance(raw, dict) and raw.get("schema_version", SCHEMA_VERSION) < 3 and isinstance(raw.get("data"),
-                                                                                                    dict):
+        version = raw.get("schema_version", SCHEMA_VERSION) if isinstance(raw, dict) else None
+        # a version that is not a number is left to the field's own check (one line naming schema_version)
+        if isinstance(version, int) and version < 3 and isinstance(raw.get("data"), dict):
             data = dict(raw["data"])
             old = {name: data.pop(name) for name in ("vqa", "chartqa") if name in data}
             if old and "tasks" not in data:
@@ -615,8 +616,9 @@ def _expanded(node, origin: str, depth: int = 0, memo: dict | None = None) -> in
 def load_yaml(text: str, origin: str):
     """A YAML document, safely and strictly loaded (no duplicate keys) within MAX_YAML_DEPTH and MAX_YAML_NODES;
     ConfigError naming ``origin`` otherwise."""
-    loader = _StrictLoader(text)  # a SafeLoader: no Python objects
+    loader = None
     try:
+        loader = _StrictLoader(text)  # a SafeLoader: no Python objects; its reader refuses control characters here
         node = loader.get_single_node()
         if node is None:
             return None
@@ -631,7 +633,8 @@ def load_yaml(text: str, origin: str):
     except yaml.YAMLError as exc:
         raise ConfigError(f"{origin}: not valid YAML ({' '.join(str(exc).split())}); fix it there") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def parse_overrides(overrides: list[str]) -> dict:

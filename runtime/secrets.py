@@ -24,8 +24,9 @@ ENV_WORDS = (SECRET_WORDS - {"auth"}) | {"key"}  # RAY_AUTH_MODE=disabled is a s
 TOKEN_SHAPES = re.compile(
     r"\b(?:hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}|sk-[A-Za-z0-9_-]{20,}"
     r"|(?:AKIA|ASIA)[A-Z0-9]{16}|xox[abeprs]-[A-Za-z0-9-]{10,}|glpat-[A-Za-z0-9_-]{20,}|AIza[A-Za-z0-9_-]{35})")
-# scheme://userinfo@ ; the userinfo runs to the last '@' before whitespace or a quote (a password may hold '/' or '@')
-URL_USERINFO = re.compile(r"(?P<scheme>\b[a-z][a-z0-9+.-]*://)(?P<userinfo>[^\s\"'<>]*)@", re.IGNORECASE)
+# scheme://userinfo@ ; the userinfo runs to the last '@' before whitespace or a quote (a password may hold '/' or '@').
+# One slash counts too: a URL given where a path is expected comes back from pathlib as `http:/user:pass@host`
+URL_USERINFO = re.compile(r"(?P<scheme>\b[a-z][a-z0-9+.-]*:/{1,3})(?P<userinfo>[^\s\"'<>]*)@", re.IGNORECASE)
 # key=value, key: value, "key": "value" (a ':' only counts when followed by a space or quote: not `secret:NAME`)
 ASSIGNMENT = re.compile(r"""(?P<key>[\w.-]+)(?P<sep>["']?\s*(?:=|:(?=[\s"']))\s*["']?)(?P<value>[^\s"',;&)}\]]+)""")
 BEARER = re.compile(r"\b(?P<key>Bearer|Basic)\s+(?P<value>[A-Za-z0-9._~+/=-]{8,})")

@@ -213,6 +213,9 @@ CASES = [
     ("negative-tolerance", ["reproduce", "{d}", "--tolerance", "-1"], {}, "Invalid value for '--tolerance'",
      "--help"),
     ("unknown-command", ["frob"], {}, "No such command 'frob'", "--help"),
+    # a path the OS refuses, given to any command: one line naming it (found by tests/test_cli_properties.py)
+    ("report-name-too-long", ["report", "x" * 300], {}, "File name too long", "give a path this system can open"),
+    ("override-control-character", [*RUN, "sft.max_steps=\x1f"], {}, "not valid YAML", "fix it there"),
     ("leaderboard-format", ["leaderboard", "--format", "xml"], {}, "--format must be table, markdown, csv or json",
      "must be"),
     ("sweep-mode", ["sweep", "--space", "dpo.beta=choice(0.1,0.2)", "--mode", "sideways"], {},
