@@ -2,6 +2,8 @@
 share: the reference answers of a doc, and the prediction as lmms-eval scores it."""
 from __future__ import annotations
 
+from evals.registry import REASONING_TAGS
+
 
 def references(doc: dict) -> list[str]:
     """Reference answers from the canonical view (`answers`), VQAv2 (`answers` dicts) or ChartQA (`label`)."""
@@ -13,16 +15,21 @@ def references(doc: dict) -> list[str]:
     return [r["answer"] if isinstance(r, dict) else str(r) for r in refs]
 
 
-# lmms-eval's command line (`--reasoning_tags`, default in lmms_eval/__main__.py) has its evaluator cut these blocks
-# out of every generation before any task scores it (lmms_eval/evaluator.py, lmms_eval/api/reasoning.py)
-REASONING_TAGS = (("<think>", "</think>"), ("<analysis>", "</analysis>"))
+# The pairs the `lmms` hooks cut (eval.reasoning_tags). lm-eval calls a task's hooks with the doc and the generation
+# only, so the scoring process sets them here (stages/eval.py score_shard) before lm-eval loads the tasks.
+_active_tags: tuple[tuple[str, str], ...] = REASONING_TAGS
 
 
-def strip_reasoning_tags(text: str, tag_pairs=REASONING_TAGS) -> str:
+def use_reasoning_tags(tag_pairs) -> None:
+    global _active_tags
+    _active_tags = tuple((str(start), str(end)) for start, end in tag_pairs)
+
+
+def strip_reasoning_tags(text: str, tag_pairs=None) -> str:
     """lmms-eval's ``strip_reasoning_tags``, rule for rule: every complete start...end block is cut (case-sensitive,
     pair by pair, in order); a closing tag left without its opening one (a chat template that pre-fills the opening
     tag) keeps only what follows the last closing tag; an opening tag never closed stays; then strip."""
-    for start_tag, end_tag in tag_pairs:
+    for start_tag, end_tag in _active_tags if tag_pairs is None else tag_pairs:
         while start_tag in text and end_tag in text:
             start = text.find(start_tag)
             end = text.find(end_tag, start)

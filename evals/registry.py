@@ -16,6 +16,10 @@ from pathlib import Path
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
 TEMPLATE = "_template.yaml"  # in TASK_DIR: what every task YAML includes
 PROTOCOLS = ("short", "lmms")  # short: terse prompts for tiny models; lmms: lmms-eval's published task protocol
+# lmms-eval's command line (`--reasoning_tags`, default in lmms_eval/__main__.py) has its evaluator cut these blocks
+# out of every generation before any task scores it (lmms_eval/evaluator.py, lmms_eval/api/reasoning.py); the
+# default of eval.reasoning_tags, cut by the lmms hooks (evals/hooks.py)
+REASONING_TAGS = (("<think>", "</think>"), ("<analysis>", "</analysis>"))
 CANONICAL = ("image", "question", "answers", "answer", "question_type", "subset")
 REQUIRED = ("image", "question", "answers")
 

@@ -16,7 +16,7 @@ from typing import Annotated, ClassVar, Literal, get_args
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from evals.registry import PROTOCOLS, TASKS
+from evals.registry import PROTOCOLS, REASONING_TAGS, TASKS
 from runtime.architectures import ARCHITECTURES
 from runtime.cost import DEFAULT_PRICES
 from runtime.errors import ConfigError
@@ -391,6 +391,10 @@ class EvalConfig(StageSection):
     limit: int | None = Field(None, ge=1, description="score at most this many items per task")
     score_base: bool = True
     bootstrap_samples: int = Field(1000, ge=100, description="resamples of the items for each metric's 95% interval")
+    reasoning_tags: list[tuple[Annotated[str, Field(min_length=1)], Annotated[str, Field(min_length=1)]]] = Field(
+        default_factory=lambda: [list(pair) for pair in REASONING_TAGS], max_length=16,
+        description="lmms protocol: [start, end] tag pairs whose blocks are cut before scoring, as lmms-eval's "
+                    "command line does (--reasoning_tags, its default here); [] scores the whole generation")
 
 
 class CostConfig(Section):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from evals import hooks
 from evals.metrics import bootstrap_metric, interval, question_prior
 from evals.registry import TASKS
 from runtime import raytrain
@@ -96,6 +97,7 @@ def score_shard(job: dict, device: str) -> dict:
                                  trust_remote_code=job["trust_remote_code"], shard=job["shard"],
                                  num_shards=job["num_shards"])
     task_names, protocol = [k for k in TASKS if k in job["tasks"]], job["protocol"]
+    hooks.use_reasoning_tags(job["reasoning_tags"])  # what the lmms hooks cut (lm-eval passes them no config)
     with tempfile.TemporaryDirectory() as task_dir:
         write_task_configs(job["tasks"], Path(task_dir), protocol, job["max_new_tokens"])
         seed = job["seed"]
@@ -180,7 +182,8 @@ def run(ctx: StageContext) -> StageOutput:
     n = cfg.resources.workers
     jobs = [{"label": label, "model_dir": model_dir, "tasks": tasks, "shard": k, "num_shards": n,
              "protocol": protocol, "batch_size": cfg.eval.batch_size, "max_new_tokens": cfg.eval.max_new_tokens,
-             "limit": cfg.eval.limit, "seed": cfg.seed, "trust_remote_code": cfg.model.trust_remote_code}
+             "limit": cfg.eval.limit, "seed": cfg.seed, "trust_remote_code": cfg.model.trust_remote_code,
+             "reasoning_tags": cfg.eval.reasoning_tags}
             for label, model_dir in targets for k in range(n)]
     done = raytrain.run_held(score_shard, jobs, cfg, ctx.meter, "eval")
     shards = []

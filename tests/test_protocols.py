@@ -64,6 +64,31 @@ def test_reasoning_blocks_are_cut_as_lmms_evals_cli_does(task, item):
     assert hook(dict(item["doc"]), [item["prediction"]]) == expected, item["prediction"]
 
 
+def test_reasoning_tags_follow_the_config():
+    """eval.reasoning_tags: lmms-eval's pairs by default; [] scores the whole generation (lmms-eval's
+    --reasoning_tags none); another list cuts those pairs only. A bad pair is refused by the schema."""
+    from evals import hooks
+    from runtime.config import load_config
+    from runtime.errors import ConfigError
+
+    assert [tuple(p) for p in load_config("tiny").eval.reasoning_tags] == list(hooks.REASONING_TAGS)
+    assert load_config("tiny", ["eval.reasoning_tags=[]"]).eval.reasoning_tags == []
+    for bad in ("[[a]]", "[['', b]]", "x"):
+        with pytest.raises(ConfigError, match="eval.reasoning_tags"):
+            load_config("tiny", [f"eval.reasoning_tags={bad}"])
+    hook = task_hooks("scienceqa").process_scienceqa_lmms
+    doc = {"question": "q", "answers": ["B"], "answer": "B", "subset": "all", "question_type": "all"}
+    try:
+        assert hook(dict(doc), ["<think>A?</think>B"]) == {"scienceqa_accuracy": 1.0}
+        hooks.use_reasoning_tags([])
+        assert hook(dict(doc), ["<think>A?</think>B"]) == {"scienceqa_accuracy": 0.0}
+        hooks.use_reasoning_tags([("[r]", "[/r]")])
+        assert hook(dict(doc), ["[r]A?[/r] B"]) == {"scienceqa_accuracy": 1.0}
+        assert hook(dict(doc), ["<think>A?</think>B"]) == {"scienceqa_accuracy": 0.0}
+    finally:
+        hooks.use_reasoning_tags(hooks.REASONING_TAGS)
+
+
 def test_fixture_is_the_followed_lmms_eval_commit():
     commit = FIXTURE["lmms_eval"]["commit"]
     assert len(commit) == 40
