@@ -105,18 +105,25 @@ def test_any_space_is_refused_in_one_line_or_every_draw_is_a_valid_config(terms,
         PipelineConfig.model_validate(tree)  # raises if the pre-flight let a bad draw through
 
 
-def test_dpo_beta_sweep(ray_session, workdir):
-    cfg = load_config(None, tiny_overrides(**PREF))
-    space = parse_space(["dpo.beta=grid(0.1, 1.0)"])  # (a value the schema refuses stops the sweep before any work)
-    sweep = run_sweep(cfg, "dpo", [], space, 2, "eval/mean_accuracy", "max", None)
+def test_dpo_beta_sweep_where_identical_trials_compute_once(ray_session, workdir):
+    """dpo.beta over 0.1 (three times) and 1.0, two trials at a time: the shared stages run once before the trials;
+    the three identical trials share one stage key, so one computes each stage while the others wait on its lease
+    and reuse it, and all three report identical metrics (before leases they raced on one Ray storage); the best
+    trial, the parent run and its children land in MLflow. (A value the schema refuses stops a sweep before any
+    work: test_bad_input.)"""
+    cfg = load_config(None, tiny_overrides(**PREF, **{"resources.cpus_per_worker": 1}))
+    space = parse_space(["dpo.beta=grid(0.1, 0.1, 0.1, 1.0)"])
+    sweep = run_sweep(cfg, "dpo", [], space, 4, "eval/mean_accuracy", "max", None)
 
     on_disk = json.loads((workdir / "runs" / sweep["sweep_id"] / "sweep.json").read_text())
-    assert len(on_disk["trials"]) == 2 and on_disk["shared_stages"] == ["data", "model", "sft"]
-    ok = [t for t in on_disk["trials"] if t["status"] == "TERMINATED"]
-    assert {t["params"]["dpo.beta"] for t in ok} == {0.1, 1.0}
-    assert on_disk["best"]["params"]["dpo.beta"] in {0.1, 1.0}
-    assert on_disk["best"]["objective"] == max(t["objective"] for t in ok)
-    for t in ok:
+    trials = on_disk["trials"]
+    assert [t["status"] for t in trials] == ["TERMINATED"] * 4, [t["error"] for t in trials]
+    assert on_disk["shared_stages"] == ["data", "model", "sft"]
+    assert sorted(t["params"]["dpo.beta"] for t in trials) == [0.1, 0.1, 0.1, 1.0]
+    same = [t["metrics"] for t in trials if t["params"]["dpo.beta"] == 0.1]
+    assert same[0] and all(m == same[0] for m in same)
+    assert on_disk["best"]["objective"] == max(t["objective"] for t in trials)
+    for t in trials:
         assert {"eval/vqa_accuracy", "eval/chartqa_relaxed_accuracy"} <= set(t["metrics"]) and t["cost_usd"] > 0
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
@@ -127,30 +134,16 @@ def test_dpo_beta_sweep(ray_session, workdir):
     assert parent.data.params["best.dpo.beta"] == str(on_disk["best"]["params"]["dpo.beta"])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     trial_runs = [r for r in children if r.info.run_name.startswith("trial-")]
-    assert len(trial_runs) == 2
+    assert len(trial_runs) == 4
     assert all("eval/vqa_accuracy" in r.data.metrics and r.data.metrics["cost/usd"] > 0 for r in trial_runs)
     # the shared stages ran once: one computed (not reused) sft stage run in the whole store
     sft_runs = [r for r in runs if r.data.tags.get("vlmlab.stage") == "sft"]
     assert sum(r.data.tags.get("vlmlab.reused") == "False" for r in sft_runs) == 1
-    assert len(sft_runs) == 3  # the shared run + two trials reusing it
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"sweep.json", "sweep.png"}
-
-
-def test_identical_trials_two_at_a_time_compute_once_and_agree(ray_session, workdir):
-    """4 trials with the same overrides, 2 at a time: they share one stage key, so one computes each stage while the
-    other waits on its lease and reuses it; all 4 finish with identical metrics (before leases they raced on one
-    Ray storage)."""
-    cfg = load_config(None, tiny_overrides(**PREF, **{"resources.cpus_per_worker": 1}))
-    sweep = run_sweep(cfg, "dpo", [], parse_space(["dpo.beta=grid(0.1, 0.1, 0.1, 0.1)"]), 4, "eval/mean_accuracy",
-                      "max", None)
-    trials = sweep["trials"]
-    assert [t["status"] for t in trials] == ["TERMINATED"] * 4, [t["error"] for t in trials]
-    assert all(t["metrics"] == trials[0]["metrics"] for t in trials) and trials[0]["metrics"]
-    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("vlmlab").experiment_id], max_results=1000)
+    assert len(sft_runs) == 5  # the shared run + four trials reusing it
     dpo_runs = [r for r in runs if r.data.tags.get("vlmlab.stage") == "dpo"]
-    assert len(dpo_runs) == 4 and sum(r.data.tags.get("vlmlab.reused") == "False" for r in dpo_runs) == 1
+    assert len(dpo_runs) == 4 and sum(r.data.tags.get("vlmlab.reused") == "False" for r in dpo_runs) == 2
     assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"sweep.json", "sweep.png"}
 
 
 def test_grades_pareto_and_pick():
