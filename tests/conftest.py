@@ -9,7 +9,7 @@ import pytest
 
 pytest.register_assert_rewrite("helpers")  # its checks fail with pytest's explanations, as in a test module
 
-from helpers import loopback_only, start_mlflow_server, stop_session  # noqa: E402
+from helpers import FAST_ENV, loopback_only, start_mlflow_server, stop_session  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -29,6 +29,8 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: starts Ray, Docker, a server or a training run itself (not in --fast)")
+    if config.getoption("--fast"):
+        os.environ[FAST_ENV] = "1"  # property tests draw a quarter of their examples (helpers.property_settings)
 
 
 def pytest_collection_modifyitems(config, items):

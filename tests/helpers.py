@@ -20,6 +20,17 @@ from types import ModuleType
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+FAST_ENV = "VLMLAB_TESTS_FAST"  # set by conftest under `scripts/test --fast`
+
+
+def property_settings(examples: int = 200):
+    """Hypothesis settings of vlmlab's property tests: seeded, no example database, no deadline; ``examples`` draws
+    in the suite, a quarter of them in `scripts/test --fast` (the inner loop's two minutes)."""
+    from hypothesis import HealthCheck, settings
+
+    fast = os.environ.get(FAST_ENV) == "1"
+    return settings(max_examples=max(25, examples // 4) if fast else examples, derandomize=True, database=None,
+                    deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 REALDATA = ROOT.parent / "shared" / "realdata"
 TASK_DIR = ROOT / "evals" / "tasks"
 

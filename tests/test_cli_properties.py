@@ -11,7 +11,8 @@ import shutil
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from helpers import property_settings
+from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -19,8 +20,7 @@ from harness.cli import app
 from runtime.config import load_config
 from runtime.output import VERBOSE_ENV
 
-SETTINGS = settings(max_examples=200, derandomize=True, database=None, deadline=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+SETTINGS = property_settings(200)
 
 
 def _keys(node, prefix=""):

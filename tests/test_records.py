@@ -12,7 +12,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from helpers import property_settings
+from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -22,8 +23,7 @@ from runtime.errors import UserError
 from runtime.records import read_result, read_stage
 
 RUN = "20261206-120000-sft-abc123"
-SETTINGS = settings(max_examples=200, derandomize=True, database=None, deadline=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+SETTINGS = property_settings(200)
 
 
 def _stage(name: str) -> dict:
@@ -154,7 +154,7 @@ def test_gc_plans_or_names_the_bad_file_before_deleting_anything(runs_dir, body)
     assert runs_dir.exists()
 
 
-@settings(SETTINGS, max_examples=60)  # a usable file draws six figures (~1 s)
+@property_settings(60)  # a usable file draws six figures (~1 s)
 @given(body=mutated())
 def test_report_draws_or_names_the_bad_file(runs_dir, body):
     _check(["report", RUN], runs_dir, body, allow_created=("report",))

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import tiny_overrides
-from hypothesis import given, settings
+from helpers import property_settings, tiny_overrides
+from hypothesis import given
 from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
 
@@ -68,7 +68,7 @@ TERMS = st.lists(st.tuples(st.sampled_from(SWEPT), st.sampled_from(["uniform", "
                            st.lists(VALUES, min_size=1, max_size=4)), min_size=1, max_size=3, unique_by=lambda t: t[0])
 
 
-@settings(max_examples=200, derandomize=True, database=None, deadline=None)
+@property_settings(200)
 @given(terms=TERMS, objective=st.sampled_from(["eval/mean_accuracy", "eval/sft_vqa_accuracy", "eval/nosuch",
                                                "gain_per_usd:eval/docvqa_anls", "mean_accuracy"]))
 def test_any_space_is_refused_in_one_line_or_every_draw_is_a_valid_config(terms, objective):
