@@ -28,7 +28,7 @@ from harness.pipeline import new_run_id, run_pipeline
 from harness.report import stage_record
 from harness.storage import is_remote
 from runtime.atomic import atomic_write
-from runtime.config import PipelineConfig, format_errors, merge, parse_overrides
+from runtime.config import PipelineConfig, config_values, format_errors, merge, parse_overrides
 from runtime.errors import UserError
 from runtime.raytrain import ensure_ray
 from runtime.records import read_result
@@ -74,6 +74,8 @@ def parse_space(terms: list[str]) -> dict[str, tuple[str, list]]:
                 raise UserError(f"--space '{term}': {sampler} needs two numbers, low < high")
             if sampler == "loguniform" and values[0] <= 0:
                 raise UserError(f"--space '{term}': loguniform needs a positive lower bound")
+            if sampler == "randint" and not all(float(v).is_integer() for v in values):
+                raise UserError(f"--space '{term}': randint takes whole numbers (use uniform for a range of reals)")
         space[key] = (sampler, values)
     return space
 
@@ -337,15 +339,22 @@ def check_space(base: PipelineConfig, pipeline: str, space: dict[str, tuple[str,
         combos = [dict(zip(points, combo, strict=True)) for combo in itertools.product(*points.values())]
     else:
         combos = [{key: value} for key, values in points.items() for value in values]
+    checked: set[str] = set()  # (stage, the config values its result depends on): a stage's check runs once for each
     for combo in combos:
         assigned = ", ".join(f"{k}={v}" for k, v in combo.items())
+        trial_tree = merge(tree, parse_overrides([f"{k}={v}" for k, v in combo.items()]))
         try:
-            cfg = PipelineConfig.model_validate(merge(tree, parse_overrides([f"{k}={v}" for k, v in combo.items()])))
+            cfg = PipelineConfig.model_validate(trial_tree)
         except ValidationError as exc:
             raise UserError(format_errors(exc, f"--space, a trial with {assigned}",
                                           fix="narrow the --space range to values the config allows")) from None
         stages = cfg.stages_of(pipeline)
         for name in stages[len(shared_prefix(stages, list(space))):]:
+            seen = json.dumps([name, *(config_values(trial_tree, k) for k in STAGES[name].CONFIG_KEYS)],
+                              sort_keys=True, default=str)
+            if seen in checked:
+                continue
+            checked.add(seen)
             try:
                 STAGES[name].check(cfg)
             except UserError as exc:

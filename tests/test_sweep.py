@@ -36,6 +36,7 @@ PREF = {"dpo.max_steps": 2, "dpo.batch_size": 4, "dpo.save_steps": 2, "dpo.loggi
     ("dpo.beta=choice()", "one or more"),
     ("dpo.beta=uniform(nan,1)", "finite number"),
     ("dpo.beta=grid(0.1,inf)", "finite number"),
+    ("dpo.max_steps=randint(1.5,9)", "randint takes whole numbers"),
 ])
 def test_malformed_space_names_the_term(term, message):
     with pytest.raises(UserError, match=message):
