@@ -383,6 +383,9 @@ class GRPOConfig(TrainStageConfig):
         return self
 
 
+TagPair = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=2, max_length=2)]  # [start, end]
+
+
 class EvalConfig(StageSection):
     protocol: Literal[PROTOCOLS] = Field("short", description="short: terse prompts for tiny models; lmms: "
                                          "lmms-eval's published prompts, generation and post-processing per task")
@@ -391,7 +394,7 @@ class EvalConfig(StageSection):
     limit: int | None = Field(None, ge=1, description="score at most this many items per task")
     score_base: bool = True
     bootstrap_samples: int = Field(1000, ge=100, description="resamples of the items for each metric's 95% interval")
-    reasoning_tags: list[tuple[Annotated[str, Field(min_length=1)], Annotated[str, Field(min_length=1)]]] = Field(
+    reasoning_tags: list[TagPair] = Field(
         default_factory=lambda: [list(pair) for pair in REASONING_TAGS], max_length=16,
         description="lmms protocol: [start, end] tag pairs whose blocks are cut before scoring, as lmms-eval's "
                     "command line does (--reasoning_tags, its default here); [] scores the whole generation")

@@ -161,7 +161,8 @@ def test_a_run_marked_killed_while_offline_gets_its_status_back(mlflow_server, t
 def test_harness_run_and_sweep_mark_a_silent_run_of_another_host_killed(workdir, command):
     """The next `harness run` / `harness sweep` on this host marks the runs of a process SIGKILLed on another host
     KILLED once their heartbeat is older than VLMLAB_STALE_AFTER_S. The run is a data-only pipeline (no Ray); the
-    sweep reaps before it starts Ray, and is stopped once it has."""
+    sweep (of the sft pipeline: a sweep needs an eval to score its trials) reaps after its pre-flight and before it
+    starts Ray, and is stopped once it has."""
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     client = Tracker(uri, "vlmlab").client
     other = OtherHost(uri, "vlmlab", workdir / "other")
@@ -172,7 +173,7 @@ def test_harness_run_and_sweep_mark_a_silent_run_of_another_host_killed(workdir,
             "data.tasks.chartqa.train_size=16", "data.tasks.chartqa.test_size=8",
             *(f"data.tasks.{name}=null" for name in TASKS if name not in ("vqa", "chartqa"))]
     args = ["run", "d", *data] if command == "run" else \
-        ["sweep", "--pipeline", "d", *data, "--space", "seed=choice(0)", "--trials", "1"]
+        ["sweep", "--pipeline", "sft", *data, "--space", "seed=choice(0)", "--trials", "1"]
     proc = subprocess.Popen([sys.executable, "-m", "harness.cli", *args, "--output-dir", "runs"], cwd=workdir,
                             env=dict(os.environ, MLFLOW_TRACKING_URI=uri, VLMLAB_STALE_AFTER_S="3"), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
