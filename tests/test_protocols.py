@@ -67,11 +67,11 @@ def test_reasoning_blocks_are_cut_as_lmms_evals_cli_does(task, item):
 def test_reasoning_tags_follow_the_config():
     """eval.reasoning_tags: lmms-eval's pairs by default; [] scores the whole generation (lmms-eval's
     --reasoning_tags none); another list cuts those pairs only. A bad pair is refused by the schema."""
+    import warnings
+
     from evals import hooks
     from runtime.config import load_config
     from runtime.errors import ConfigError
-
-    import warnings
 
     with warnings.catch_warnings():  # a default the field's own type does not hold: pydantic warns on every dump
         warnings.simplefilter("error")
