@@ -106,8 +106,6 @@ def pairs_from_source(pref) -> list[dict]:
 def read_pairs(pref, limit: int | None) -> list[dict]:
     """The first ``limit`` rows (all where None) of a preference dataset, checked: the columns, the image column's
     type, then each row's text and image (raises DataError naming the row)."""
-    from datasets import Image
-
     ds = _load_preference_source(pref, limit)
     mapping = {name: pref.columns.get(name, name) for name in PREFERENCE_COLUMNS}
     for name, col in mapping.items():
@@ -115,11 +113,7 @@ def read_pairs(pref, limit: int | None) -> list[dict]:
             raise ConfigError(f"dpo.preference.source: {pref.source} has no column '{col}' (needed for '{name}'; "
                               f"columns present: {', '.join(sorted(ds.column_names))}); remap it with "
                               f"dpo.preference.columns.{name}")
-    problem = dsets.not_images(ds.features[mapping["image"]])
-    if problem:
-        raise DataError(f"{pref.source}: column '{mapping['image']}' holds {problem}, not images (image records, "
-                        "encoded bytes or file paths); remap dpo.preference.columns.image or fix the data")
-    ds = ds.cast_column(mapping["image"], Image(decode=False))
+    ds = dsets.image_column(ds, mapping["image"], pref.source, "dpo.preference.columns.image")
     n = len(ds) if limit is None else min(limit, len(ds))
     if n == 0:
         raise DataError(f"{pref.source}: preference split '{pref.split}' is empty; add rows or set "

@@ -81,6 +81,19 @@ def image_bytes(value, where: str) -> dict:
     return {"bytes": data, "path": Path(path).name if path else None}
 
 
+def image_column(ds, column: str, origin: str, remap: str):
+    """``ds`` with ``column`` read as undecoded images, once its type is checked: a column of another type (ints,
+    lists, records of other fields) raises DataError naming it and the ``remap`` key, before datasets casts it (which
+    crashed on some types and turned a list of ints into an image)."""
+    from datasets import Image
+
+    problem = not_images(ds.features[column])
+    if problem:
+        raise DataError(f"{origin}: column '{column}' holds {problem}, not images (image records, encoded bytes or "
+                        f"file paths); remap {remap} or fix the data")
+    return ds.cast_column(column, Image(decode=False))
+
+
 def not_images(feature) -> str | None:
     """What a datasets column type holds where it cannot be an image (None where it can: an Image feature, bytes,
     a path, or a {bytes, path} record of those types)."""
@@ -122,15 +135,8 @@ def canonicalize(rows, task: str, columns: dict[str, str], origin: str, limit: i
     if len(rows) == 0:
         raise DataError(f"{origin}: split is empty; add rows or choose another split")
     missing_columns(task, mapping, available, origin)
-    if hasattr(rows, "cast_column"):
-        from datasets import Image
-        if mapping["image"] in available:
-            image_column_problem = not_images(rows.features[mapping["image"]])
-            if image_column_problem:
-                raise DataError(f"{origin}: column '{mapping['image']}' holds {image_column_problem}, not images "
-                                f"(image records, encoded bytes or file paths); remap data.tasks.{task}.columns.image "
-                                "or fix the file")
-            rows = rows.cast_column(mapping["image"], Image(decode=False))
+    if hasattr(rows, "cast_column") and mapping["image"] in available:
+        rows = image_column(rows, mapping["image"], origin, f"data.tasks.{task}.columns.image")
     n = len(rows) if limit is None else min(limit, len(rows))
     out = []
     for i in range(n):
