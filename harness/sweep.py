@@ -326,11 +326,11 @@ def space_extremes(sampler: str, values: list) -> list:
     return [low, float(f"{inner:.6g}") if inner != int(inner) else inner + 0.5 * (high - inner), high]
 
 
-def check_space(base: PipelineConfig, pipeline: str, space: dict[str, tuple[str, list]]) -> None:
+def check_space(base: PipelineConfig, trial_stages: list[str], space: dict[str, tuple[str, list]]) -> None:
     """Pre-flight of the trials' configs, before any directory, store or Ray process exists: every value a trial can
     draw (``space_extremes``) laid over ``base`` passes the config schema, in every combination (or key by key where
-    the combinations exceed MAX_CHECKED_COMBINATIONS), and the own check of each stage the trials run (the shared
-    stages are checked by their one run). Raises UserError naming the values."""
+    the combinations exceed MAX_CHECKED_COMBINATIONS), and the own check of each of ``trial_stages`` (the stages after
+    the shared prefix: those are checked by their one run). Raises UserError naming the values."""
     import itertools
 
     tree = base.model_dump(mode="json")
@@ -348,8 +348,7 @@ def check_space(base: PipelineConfig, pipeline: str, space: dict[str, tuple[str,
         except ValidationError as exc:
             raise UserError(format_errors(exc, f"--space, a trial with {assigned}",
                                           fix="narrow the --space range to values the config allows")) from None
-        stages = cfg.stages_of(pipeline)
-        for name in stages[len(shared_prefix(stages, list(space))):]:
+        for name in trial_stages:
             seen = json.dumps([name, *(config_values(trial_tree, k) for k in STAGES[name].CONFIG_KEYS)],
                               sort_keys=True, default=str)
             if seen in checked:
@@ -370,8 +369,9 @@ def check_objective(base: PipelineConfig, pipeline: str, objective: str) -> None
                         "the trials; sweep a pipeline that ends in eval")
     metrics = ["mean_accuracy", *(TASKS[name].metric for name, spec in base.data.tasks.items() if spec is not None)]
     prefixes = ["", "prior_", "base_", *(f"{s}_" for s in stages)]
-    name = objective_metric(objective).removeprefix("eval/")
-    known = objective_metric(objective).startswith("eval/") and any(
+    metric_name = objective_metric(objective)
+    name = metric_name.removeprefix("eval/")
+    known = metric_name.startswith("eval/") and any(
         name.removeprefix(prefix) == metric or name.removeprefix(prefix).startswith((f"{metric}_", f"{metric}/"))
         for prefix in prefixes for metric in metrics)
     if not known:
@@ -491,8 +491,9 @@ def run_sweep(cfg, pipeline: str, fixed: list[str], space: dict[str, tuple[str, 
     """Run the sweep; write and return sweep.json's content."""
     base, stage = sweep_base(cfg, fixed, space)
     check_objective(base, pipeline, objective)
-    check_space(base, pipeline, space)
-    prefix = shared_prefix(base.stages_of(pipeline), list(space))
+    stages = base.stages_of(pipeline)
+    prefix = shared_prefix(stages, list(space))
+    check_space(base, stages[len(prefix):], space)
     root = sweep_root(output_dir, cfg)
     sweep_id = new_run_id(f"sweep-{pipeline}")
     sweep_dir = root / sweep_id
