@@ -141,10 +141,11 @@ class Meter:
         return out
 
     def summary(self, prices: dict[str, float], override: float | None) -> dict[str, float]:
-        hours = self.held_seconds * self.devices / 3600.0
-        busy = sum(self.spent.get(phase, 0.0) for phase in BUSY_PHASES) / 3600.0
+        held = self.held_seconds * self.devices
+        hours = held / 3600.0
+        busy = sum(self.spent.get(phase, 0.0) for phase in BUSY_PHASES)  # device-seconds, as split() counts them
         usd = hours * price_per_hour(self.device, prices, override) if hours else 0.0
         out = {"cost/accelerator_hours": hours, "cost/usd": usd}
-        if busy and hours:  # only stages that hold devices and time their work report busy time and utilization
-            out |= {"cost/busy_hours": busy, "cost/utilization": min(1.0, busy / hours)}
+        if busy and held:  # only stages that hold devices and time their work report busy time and utilization
+            out |= {"cost/busy_hours": busy / 3600.0, "cost/utilization": min(1.0, busy / held)}
         return out

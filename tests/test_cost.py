@@ -3,6 +3,7 @@ the busy phases over held, whatever the workers report."""
 from __future__ import annotations
 
 import pytest
+from helpers import property_settings
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -13,6 +14,7 @@ reports = st.lists(st.tuples(seconds, st.dictionaries(st.sampled_from(PHASES[:-1
                    max_size=6)
 
 
+@property_settings(200)
 @given(held=st.floats(min_value=1e-3, max_value=1e5), devices=st.sampled_from([0.5, 1.0, 2.0, 8.0]),
        workers=reports)
 def test_the_split_covers_the_held_time_and_utilization_is_busy_over_held(held, devices, workers):
