@@ -14,7 +14,21 @@ import sys
 import typer
 from typer.core import TyperGroup
 
-from harness.commands import env, estimate, gc, leaderboard, report, reproduce, run, runs, sweep, sync, ui, validate
+from harness.commands import (
+    compare,
+    env,
+    estimate,
+    gc,
+    leaderboard,
+    report,
+    reproduce,
+    run,
+    runs,
+    sweep,
+    sync,
+    ui,
+    validate,
+)
 from harness.commands import eval as eval_command
 from harness.commands.common import error_line, internal_error
 from runtime.errors import UserError
@@ -109,6 +123,7 @@ app.command("eval")(eval_command.eval_)
 app.command()(reproduce.reproduce)
 app.command()(sweep.sweep)
 app.command()(leaderboard.leaderboard)
+app.command()(compare.compare)
 app.command()(runs.runs)
 app.command()(report.report)
 app.command()(ui.ui)

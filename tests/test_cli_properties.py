@@ -112,6 +112,7 @@ OPTIONS = {  # every command but `ui` (a valid draw would serve until stopped); 
                      "--tracking-uri"], []),
     "runs": (["--limit", "--experiment", "--output-dir", "--tracking-uri"], []),
     "report": (["--experiment", "--output-dir", "--tracking-uri"], []),
+    "compare": (["--tasks", "--json", "--seed", "--experiment", "--output-dir", "--tracking-uri"], []),
     "sync": (["--tracking-uri"], []),
     "validate": ([], []),
     "gc": (["--output-dir", "--keep", "--apply"], []),

@@ -1,6 +1,8 @@
 """`harness run dpo` and `harness run grpo` end to end on the real stack, and their bad-input checks."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from helpers import tiny_overrides
 from mlflow.tracking import MlflowClient
@@ -37,6 +39,19 @@ def test_dpo_pipeline(ray_session, workdir):
     assert set(children) == {"data", "model", "sft", "dpo", "eval"}
     margins = client.get_metric_history(children["dpo"].info.run_id, "dpo/rewards/margins")
     assert len(margins) == 4  # TRL's preference metrics streamed per step
+    # `harness compare` on the real files of this run: its SFT model against its DPO model, item by item
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+
+    out = CliRunner().invoke(app, ["compare", f"{result['run_id']}@sft", result["run_id"], "--json"])
+    assert out.exit_code == 0, out.output
+    compared = json.loads(out.output)
+    assert [row["items"] for row in compared["tasks"].values()] == [16, 16]  # vqa and chartqa, every test item
+    row = compared["tasks"]["vqa"]  # (ChartQA's metric is the mean of its subsets' means, not of its items)
+    assert row["a"] == pytest.approx(m["eval/sft_vqa_accuracy"]) and row["b"] == pytest.approx(m["eval/vqa_accuracy"])
+    assert row["ci_low"] <= row["difference"] <= row["ci_high"] and 0 <= row["p_value"] <= 1
+    assert compared["b"]["cost_usd"] > compared["a"]["cost_usd"] > 0  # DPO's stage on top of SFT's
 
 
 def test_grpo_pipeline_with_user_reward(ray_session, workdir):
