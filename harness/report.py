@@ -448,6 +448,34 @@ def figures(run: Run) -> dict[str, tuple[str, object]]:
     return {stem: (title, fig) for stem, (title, fig) in made.items() if fig is not None}
 
 
+def against_base(run: Run) -> str | None:
+    """An HTML table of the final model against the base model on the items both scored (harness compare's paired
+    statistics), or None where the eval stage did not score the base model."""
+    from harness import compare  # scipy (~1 s): only for a run whose eval scored the base model too
+
+    record = next((s for s in run.result["stages"] if s["name"] == "eval"), None)
+    scored = (record or {}).get("outputs", {}).get("scored")
+    if not isinstance(scored, list) or "base" not in scored or scored[-1] == "base":
+        return None
+    where = stage_dir(record, run.run_dir)
+    try:
+        result = compare.compare(compare.Side("base", run, "base", where),
+                                 compare.Side(scored[-1], run, scored[-1], where))
+    except UserError as exc:
+        run.notes.append(f"the paired comparison with the base model is left out: {exc}")
+        return None
+    esc = html.escape
+    rows = "".join(
+        f"<tr><td>{esc(task)}</td><td>{r['items']}</td><td>{r['a']:.3f}</td><td>{r['b']:.3f}</td>"
+        f"<td>{r['difference']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]</td><td>{r['p_value']:.3g}</td>"
+        f"<td>{esc(r['test'])}</td><td>{'-' if r['detectable'] is None else format(r['detectable'], '.3f')}</td>"
+        f"<td>{esc(compare.verdict(r))}</td></tr>" for task, r in result["tasks"].items())
+    return (f"<h2>{esc(scored[-1])} against the base model, item by item</h2>\n<table><tr><th>task</th><th>items</th>"
+            f"<th>base</th><th>{esc(scored[-1])}</th><th>difference [95% CI]</th><th>p</th><th>test</th>"
+            f"<th>detects (80% power)</th><th>verdict</th></tr>{rows}</table>\n<p><small>{esc(compare.LEGEND)} "
+            f"{esc(compare.cost_line(result))}</small></p>")
+
+
 # -- the report ------------------------------------------------------------------------------------------------
 
 def write_report(run: Run) -> Path:
@@ -455,7 +483,8 @@ def write_report(run: Run) -> Path:
     plt = _plt()
     out = run.run_dir / "report"
     out.mkdir(exist_ok=True)
-    sections = []
+    paired = against_base(run)
+    sections = [paired] if paired else []
     for stem, (title, fig) in figures(run).items():
         fig.tight_layout()
         buf = io.BytesIO()

@@ -177,3 +177,15 @@ def test_any_damaged_predictions_line_is_named(runs, line):
         (single,) = out.output.strip().splitlines()
         named = re.search(r"predictions_sft_vqa.jsonl(, line [67]: | asks )", single)  # a bad line, or another item
         assert single.startswith("error: ") and named, single
+
+
+def test_the_report_compares_the_final_model_with_the_base_model(runs):
+    a, b = _binary_table()
+    _write_run(runs, "D", {"base": {"vqa": a}, "sft": {"vqa": b}}, cost=1.0)
+    out = CliRunner().invoke(app, ["report", "D"])
+    assert out.exit_code == 0, out.output
+    page = (runs / "D" / "report" / "report.html").read_text()
+    row = paired_stats(a, b)
+    assert "sft against the base model, item by item" in page
+    assert f"{row['difference']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]" in page
+    assert f"<td>{row['p_value']:.3g}</td><td>McNemar exact</td>" in page
