@@ -1,8 +1,9 @@
 """The real image: a private dockerd, a locally made Debian base, the real Dockerfile, `harness run dpo` inside.
 
 The build needs the network (pip, the Debian mirror), which the loopback-only namespace of scripts/test lacks.
-scripts/test therefore keeps a handle on the machine's network namespace (fd 9, `VLMLAB_HOST_NETNS`), and only
-dockerd and the build script enter it. dockerd listens on a unix socket only (no TCP, no bridge, no iptables) and
+scripts/test therefore keeps a handle on the machine's network namespace (`VLMLAB_HOST_NETNS`: fd 9 of the pytest
+process, reached through /proc by its xdist workers, which inherit no descriptors), and only dockerd and the build
+script enter it. dockerd listens on a unix socket only (no TCP, no bridge, no iptables) and
 every container runs with `--network none`. Its data root is a cache under ~/.cache/vlmlab, so later runs on this
 machine reuse the base image and the dependency layer; with an empty cache everything is built from nothing.
 """
@@ -25,17 +26,16 @@ from helpers import ROOT, check_default_sft_run, loopback_only, reference_run, r
 from evals.registry import TASKS
 from runtime.config import load_config
 
-HOST_NETNS_FD = 9
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlmlab" / "docker"
 DOCKER = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else (shutil.which("docker") or "docker")
 IMAGE = "vlmlab:ci"
 
 
-def _with_network(argv: list[str]) -> tuple[list[str], tuple[int, ...]]:
+def _with_network(argv: list[str]) -> list[str]:
     """argv run in the machine's network namespace when the suite runs in a loopback-only one."""
     if not loopback_only():
-        return argv, ()
-    return ["nsenter", f"--net=/proc/self/fd/{HOST_NETNS_FD}", *argv], (HOST_NETNS_FD,)
+        return argv
+    return ["nsenter", f"--net={os.environ['VLMLAB_HOST_NETNS']}", *argv]
 
 
 def _missing() -> str | None:
@@ -44,7 +44,7 @@ def _missing() -> str | None:
     for tool in ("dockerd", "debootstrap", "nsenter"):
         if not shutil.which(tool):
             return f"{tool} is not installed (scripts/test installs docker.io and debootstrap where apt can)"
-    if loopback_only() and os.environ.get("VLMLAB_HOST_NETNS") != f"/proc/self/fd/{HOST_NETNS_FD}":
+    if loopback_only() and not Path(os.environ.get("VLMLAB_HOST_NETNS") or "/nonexistent").exists():
         return "the image build needs the network: run the suite through scripts/test"
     return None
 
@@ -60,12 +60,12 @@ def docker_env():
     fcntl.flock(lock, fcntl.LOCK_EX)  # one dockerd per data root: a second CI run on this machine waits here
     run_dir = Path(tempfile.mkdtemp(prefix="dk", dir="/tmp"))  # short: the socket path must stay < 108 chars
     sock = run_dir / "docker.sock"
-    argv, fds = _with_network([
+    argv = _with_network([
         "dockerd", f"--host=unix://{sock}", f"--data-root={CACHE / 'data'}", f"--exec-root={run_dir / 'exec'}",
         f"--pidfile={run_dir / 'pid'}", "--storage-driver=overlay2", "--iptables=false", "--ip6tables=false",
         "--bridge=none"])
     with open(run_dir / "dockerd.log", "w") as log:
-        daemon = subprocess.Popen(argv, pass_fds=fds, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        daemon = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     env = {**os.environ, "DOCKER_HOST": f"unix://{sock}", "DOCKER": DOCKER, "VLMLAB_IMAGE": IMAGE}
     try:
         deadline = time.time() + 60
@@ -89,9 +89,9 @@ def docker_env():
 @pytest.fixture(scope="module")
 def image(docker_env):
     """`scripts/build-image --local-base`: debootstrap base (cached) + the real Dockerfile, tagged vlmlab:ci."""
-    argv, fds = _with_network([str(ROOT / "scripts" / "build-image"), "--local-base"])
+    argv = _with_network([str(ROOT / "scripts" / "build-image"), "--local-base"])
     start = time.time()
-    build = subprocess.run(argv, pass_fds=fds, env=docker_env, capture_output=True, text=True, timeout=1800)
+    build = subprocess.run(argv, env=docker_env, capture_output=True, text=True, timeout=1800)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-5000:]
     size = json.loads(_docker(docker_env, "image", "inspect", IMAGE).stdout)[0]["Size"]
     print(f"image {IMAGE}: built in {time.time() - start:.0f} s, {size / 1e9:.2f} GB")
@@ -102,6 +102,52 @@ def _docker(env, *args, timeout=120) -> subprocess.CompletedProcess:
     out = subprocess.run([DOCKER, *args], env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"docker {' '.join(args)}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out
+
+
+# The long test comes first: under scripts/test's two workers, a worker takes on another file once its current one
+# has at most two tests left, and this file's other tests are short.
+def test_harness_run_sft_then_dpo_default_preset_in_the_container(docker_env, image, tmp_path):
+    """The README's Docker command on the embedded default preset, as `harness run sft` then `harness run dpo` on one
+    volume: the sft run's console is #26's page (no TTY in `docker run` without -t), the dpo run reuses its stages
+    and reproduces the host's reference; results and the MLflow DB land on the volume."""
+    volume = tmp_path / "work"
+    volume.mkdir()
+    os.chown(volume, 1000, 1000)
+    docker_run = [DOCKER, "run", "--rm", "--network", "none", "--shm-size=2g", "-v", f"{volume}:/work", image]
+    if os.environ.get("OMP_WAIT_POLICY"):  # scripts/test's: the container shares the cores with the other tests
+        docker_run[2:2] = ["-e", f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"]
+    start = time.time()
+    lines, code = run_without_tty([*docker_run, "harness", "run", "sft"], ROOT, docker_env, timeout=1800)
+    print(f"in-container `harness run sft` (default preset): {time.time() - start:.0f} s")
+    check_default_sft_run(volume, lines, code, shown_workdir=Path("/work"))
+    start = time.time()
+    run = subprocess.run([*docker_run, "harness", "run", "dpo"], env=docker_env, capture_output=True, text=True,
+                         timeout=1800)
+    wall = time.time() - start
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    print(f"in-container `harness run dpo` after it (data, model and sft reused): {wall:.0f} s")
+    results = [json.loads(p.read_text()) for p in sorted((volume / "runs").glob("*/result.json"))]
+    assert [r["pipeline"] for r in results] == ["sft", "dpo"], results
+    result = results[1]
+    assert result["reused_stages"] == ["data", "model", "sft"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert result["manifest"]["git"]["sha"] == head
+    # same pins, same CPU arithmetic: the container reproduces the host's reference run of the default preset made on
+    # its CPU (a CI host is one of two kinds so far; each has its reference)
+    path, recorded = reference_run("dpo", result["manifest"])
+    reference, where = recorded["metrics"], f"{path.relative_to(ROOT)}, here {result['manifest'].get('reproduction')}"
+    metrics = result["metrics"]
+    tasks = [TASKS[name] for name, spec in load_config(None).data.tasks.items() if spec is not None]  # the preset's
+    keys = [f"eval/{prefix}{t.metric}" for t in tasks for prefix in ("", "sft_")] + ["dpo/reward_accuracy"]
+    for key in keys:
+        assert abs(metrics[key] - reference[key]) <= 0.01, (key, metrics[key], reference[key], where)
+    assert metrics["dpo/reward_margin_end"] > metrics["dpo/reward_margin_start"]
+    # the MLflow store is on the volume: the parent run and one child per stage, all FINISHED
+    with sqlite3.connect(volume / "mlflow.db") as db:
+        statuses = db.execute("SELECT r.status, t.value FROM runs r LEFT JOIN tags t ON t.run_uuid = r.run_uuid "
+                              "AND t.key = 'mlflow.parentRunId'").fetchall()
+    assert statuses and all(status == "FINISHED" for status, _ in statuses), statuses
+    assert sum(parent is None for _, parent in statuses) == 2 and len(statuses) >= 5  # the sft and dpo runs
 
 
 def test_image_runs_as_non_root_and_carries_no_secret_or_build_cache(docker_env, image):
@@ -142,45 +188,3 @@ def test_runtime_user_has_no_sudo_though_the_base_gave_it_one(docker_env, image)
     left = _docker(docker_env, "run", "--rm", "--network", "none", image, "sh", "-c",
                    "command -v sudo; ls /etc/sudoers /etc/sudoers.d 2>/dev/null; true").stdout
     assert left.strip() == "", left
-
-
-def test_harness_run_sft_then_dpo_default_preset_in_the_container(docker_env, image, tmp_path):
-    """The README's Docker command on the embedded default preset, as `harness run sft` then `harness run dpo` on one
-    volume: the sft run's console is #26's page (no TTY in `docker run` without -t), the dpo run reuses its stages
-    and reproduces the host's reference; results and the MLflow DB land on the volume."""
-    volume = tmp_path / "work"
-    volume.mkdir()
-    os.chown(volume, 1000, 1000)
-    docker_run = [DOCKER, "run", "--rm", "--network", "none", "--shm-size=2g", "-v", f"{volume}:/work", image]
-    start = time.time()
-    lines, code = run_without_tty([*docker_run, "harness", "run", "sft"], ROOT, docker_env, timeout=1800)
-    print(f"in-container `harness run sft` (default preset): {time.time() - start:.0f} s")
-    check_default_sft_run(volume, lines, code, shown_workdir=Path("/work"))
-    start = time.time()
-    run = subprocess.run([*docker_run, "harness", "run", "dpo"], env=docker_env, capture_output=True, text=True,
-                         timeout=1800)
-    wall = time.time() - start
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    print(f"in-container `harness run dpo` after it (data, model and sft reused): {wall:.0f} s")
-    results = [json.loads(p.read_text()) for p in sorted((volume / "runs").glob("*/result.json"))]
-    assert [r["pipeline"] for r in results] == ["sft", "dpo"], results
-    result = results[1]
-    assert result["reused_stages"] == ["data", "model", "sft"]
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    assert result["manifest"]["git"]["sha"] == head
-    # same pins, same CPU arithmetic: the container reproduces the host's reference run of the default preset made on
-    # its CPU (a CI host is one of two kinds so far; each has its reference)
-    path, recorded = reference_run("dpo", result["manifest"])
-    reference, where = recorded["metrics"], f"{path.relative_to(ROOT)}, here {result['manifest'].get('reproduction')}"
-    metrics = result["metrics"]
-    tasks = [TASKS[name] for name, spec in load_config(None).data.tasks.items() if spec is not None]  # the preset's
-    keys = [f"eval/{prefix}{t.metric}" for t in tasks for prefix in ("", "sft_")] + ["dpo/reward_accuracy"]
-    for key in keys:
-        assert abs(metrics[key] - reference[key]) <= 0.01, (key, metrics[key], reference[key], where)
-    assert metrics["dpo/reward_margin_end"] > metrics["dpo/reward_margin_start"]
-    # the MLflow store is on the volume: the parent run and one child per stage, all FINISHED
-    with sqlite3.connect(volume / "mlflow.db") as db:
-        statuses = db.execute("SELECT r.status, t.value FROM runs r LEFT JOIN tags t ON t.run_uuid = r.run_uuid "
-                              "AND t.key = 'mlflow.parentRunId'").fetchall()
-    assert statuses and all(status == "FINISHED" for status, _ in statuses), statuses
-    assert sum(parent is None for _, parent in statuses) == 2 and len(statuses) >= 5  # the sft and dpo runs
