@@ -31,6 +31,7 @@ from scipy import stats
 from evals.registry import TASKS
 from harness import report as rep
 from runtime.errors import UserError
+from runtime.records import read_result
 
 RESAMPLES = 9999  # scipy's default for both bootstrap and permutation tests
 POWER, ALPHA = 0.8, 0.05
@@ -189,6 +190,48 @@ def compare(a: Side, b: Side, tasks: list[str] | None = None, seed: int = 0) -> 
             "b": {"name": b.name, "run": str(b.run.run_dir), "checkpoint": b.label, "cost_usd": usd_b,
                   "accelerator_hours": hours_b},
             "tasks": rows, "cost_usd_difference": usd_b - usd_a, "accelerator_hours_difference": hours_b - hours_a}
+
+
+def final_scores(run_dir: Path) -> dict[str, tuple[list[str], list[float]]]:
+    """Per task, the (questions, scores) of the final checkpoint a run's eval stage scored, read from its run
+    directory alone (no MLflow); a UserError where they are not there to read."""
+    result = read_result(run_dir / "result.json")
+    record = next((s for s in result["stages"] if s["name"] == "eval"), None)
+    scored = (record or {}).get("outputs", {}).get("scored")
+    if not isinstance(scored, list) or not scored or not isinstance(scored[-1], str):
+        raise UserError(f"{run_dir}: no scored checkpoint recorded")
+    where = rep.stage_dir(record, run_dir)
+    files = {t: where / f"predictions_{scored[-1]}_{t}.jsonl" for t in TASKS}
+    return {t: read_scores(path, t) for t, path in files.items() if path.is_file()}
+
+
+def paired_p(a: dict, b: dict, tasks: list[str], seed: int = 0) -> float | None:
+    """The p-value of B - A in the mean over ``tasks`` of each task's item mean, items paired (``a``, ``b``: what
+    final_scores returns): a single task's own test (paired_stats), else a paired permutation test over every task's
+    items at once. None where a task has no pair, or the runs asked different questions."""
+    x, y, groups = [], [], []
+    for task in tasks:
+        if task not in a or task not in b:
+            return None
+        (qa, sa), (qb, sb) = a[task], b[task]
+        n = min(len(sa), len(sb))
+        if n == 0 or qa[:n] != qb[:n]:
+            return None
+        x.append(sa[:n])
+        y.append(sb[:n])
+        groups.append(n)
+    if len(tasks) == 1:
+        return paired_stats(x[0], y[0], seed)["p_value"]
+    ends = np.cumsum(groups)[:-1]
+    u, v = np.concatenate(x), np.concatenate(y)
+    if np.all(u == v):
+        return 1.0
+
+    def mean_of_task_means(first, second, axis=-1):
+        return np.mean([part.mean(axis=axis) for part in np.split(second - first, ends, axis=axis)], axis=0)
+
+    return float(stats.permutation_test((u, v), mean_of_task_means, permutation_type="samples", vectorized=True,
+                                        n_resamples=RESAMPLES, rng=np.random.default_rng(seed)).pvalue)
 
 
 def verdict(row: dict) -> str:

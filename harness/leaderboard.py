@@ -6,6 +6,7 @@ import io
 import json
 import math
 from fnmatch import fnmatchcase
+from pathlib import Path
 
 from evals.registry import TASKS
 from runtime.errors import UserError
@@ -59,26 +60,63 @@ def collect(uri: str, experiment: str, pipeline: str | None, metric: str, filter
             "accelerator_hours": m.get("cost/accelerator_hours", 0.0), "usd": usd,
             "usd_per_point": usd / (100 * acc) if acc > 0 else math.inf,
             "utilization": m.get("cost/utilization"),
+            "run_dir": run.data.tags.get("vlmlab.run_dir"),
         })
     rows = [r for r in rows if all(fnmatchcase(str(r[key]).lower(), glob.lower()) for key, glob in wanted)]
     for row, front in zip(rows, pareto_front([(-r["usd"], r["accuracy"]) for r in rows]), strict=False):
         row["pareto"] = front
     rows.sort(key=lambda r: (-r["accuracy"], r["usd"]))
-    mark_ties(rows)
+    mark_ties(rows, metric)
     key, descending = SORTS[sort]
     present = [r for r in rows if r[key] is not None]  # runs without the value go last
     present.sort(key=lambda r: r[key], reverse=descending)  # stable: ties keep the accuracy order
     return present + [r for r in rows if r[key] is None]
 
 
-def mark_ties(rows: list[dict]) -> None:
-    """``tie``: the run's 95 % interval overlaps the leader's (the most accurate run's), so the data cannot tell
-    them apart; None where either has no interval (runs scored before intervals existed)."""
+def metric_tasks(metric: str) -> list[str] | None:
+    """The tasks a leaderboard metric averages: every task for the mean accuracy, one for a task's metric."""
+    if metric == DEFAULT_METRIC:
+        return list(TASKS)
+    return next(([t.name] for t in TASKS.values() if metric == f"eval/{t.metric}"), None)
+
+
+def mark_ties(rows: list[dict], metric: str = DEFAULT_METRIC) -> None:
+    """``tie``: the data cannot tell the run from the leader (the most accurate run). Where both runs' predictions
+    are at hand and they answered the same items, a paired test decides (harness compare's; ``tie_p``: its p-value,
+    tie where p >= 0.05); otherwise, whether the two 95 % intervals overlap (conservative: it ignores that the runs
+    answered the same items). None where neither can be told (runs scored before intervals existed)."""
     leader = rows[0] if rows else None
+    tasks = metric_tasks(metric)
+    scores: dict[str, dict | None] = {}
+
+    def item_scores(row: dict) -> dict | None:
+        if not tasks or not row.get("run_dir"):
+            return None
+        if row["run_dir"] not in scores:
+            from harness import compare  # scipy (~1 s): only where runs have predictions to pair
+
+            try:
+                scores[row["run_dir"]] = compare.final_scores(Path(row["run_dir"]))
+            except UserError:  # moved, deleted, or from another machine: the intervals decide
+                scores[row["run_dir"]] = None
+        return scores[row["run_dir"]]
+
     for row in rows:
-        known = leader and None not in (row["ci_low"], row["ci_high"], leader["ci_low"], leader["ci_high"])
-        row["tie"] = (row is not leader and row["ci_high"] >= leader["ci_low"]
-                      and row["ci_low"] <= leader["ci_high"]) if known else None
+        row["tie_p"] = None
+        if row is leader:
+            row["tie"] = False if None not in (row["ci_low"], row["ci_high"]) else None
+            continue
+        mine, theirs = item_scores(row), item_scores(leader)
+        if mine is not None and theirs is not None:
+            from harness import compare
+
+            scored = [t for t in tasks if t in theirs]  # the leader's tasks: the row must have scored each
+            p = compare.paired_p(theirs, mine, scored) if scored else None
+            if p is not None:
+                row["tie"], row["tie_p"] = p >= 0.05, p
+                continue
+        known = None not in (row["ci_low"], row["ci_high"], leader["ci_low"], leader["ci_high"])
+        row["tie"] = (row["ci_high"] >= leader["ci_low"] and row["ci_low"] <= leader["ci_high"]) if known else None
 
 
 def accuracy_cell(row: dict) -> str:
@@ -101,8 +139,8 @@ def render(rows: list[dict], fmt: str) -> str:
     """markdown, csv or json text (the rich table is drawn by the CLI)."""
     if fmt == "json":
         return json.dumps(rows, indent=2, default=lambda v: None)
-    cols = ["run", "pipeline", "model", "accuracy", "ci_low", "ci_high", "tie", *(t.metric for t in TASKS.values()),
-            "accelerator_hours", "usd", "usd_per_point", "utilization", "pareto"]
+    cols = ["run", "pipeline", "model", "accuracy", "ci_low", "ci_high", "tie", "tie_p",
+            *(t.metric for t in TASKS.values()), "accelerator_hours", "usd", "usd_per_point", "utilization", "pareto"]
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
@@ -121,7 +159,8 @@ def table(rows: list[dict], title: str):
     from rich.table import Table
 
     out = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 0), show_edge=False,  # one space between columns
-                caption="★ cost-accuracy Pareto front · acc ± half its 95% interval · = tied with the leader")
+                caption="★ cost-accuracy Pareto front · acc ± half its 95% interval · = tied with the leader "
+                "(a paired test where both runs' predictions are at hand, else overlapping intervals)")
     for col in ("", "run", "pipe", "model", "acc", "acc-h", "USD", "$/pt", "util"):
         left = col in ("run", "pipe", "model")
         # a long run name folds onto a second line (it is an id to copy); a long model name is cut

@@ -189,3 +189,37 @@ def test_the_report_compares_the_final_model_with_the_base_model(runs):
     assert "sft against the base model, item by item" in page
     assert f"{row['difference']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]" in page
     assert f"<td>{row['p_value']:.3g}</td><td>McNemar exact</td>" in page
+
+
+def test_the_leaderboard_ties_by_the_paired_test_where_predictions_are_at_hand(runs):
+    from harness.leaderboard import mark_ties
+
+    a, b = _binary_table()
+
+    def row(name, acc, run_dir):
+        return {"run": name, "accuracy": acc, "ci_low": acc - 0.2, "ci_high": acc + 0.2,
+                "run_dir": None if run_dir is None else str(runs / run_dir)}
+    # B's final model (dpo) leads A's (sft, in run E): intervals overlap, yet the paired test tells them apart
+    _write_run(runs, "E", {"sft": {"vqa": a}}, cost=1.0)
+    rows = [row("A", np.mean(b), "A"), row("E", np.mean(a), "E"), row("gone", 0.4, "nosuch"), row("old", 0.3, None)]
+    mark_ties(rows, "eval/vqa_accuracy")
+    assert [r["tie"] for r in rows] == [False, False, True, True]  # the last two by their intervals
+    assert rows[1]["tie_p"] == pytest.approx(paired_stats(a, b)["p_value"]) and rows[1]["tie_p"] < 0.05
+    assert rows[2]["tie_p"] is None
+
+
+def test_the_mean_over_tasks_is_tested_with_every_tasks_items_paired():
+    """Two tasks of 6 items: 2^12 sign flips, fewer than the resamples, so the p-value is exact; the oracle enumerates
+    them, with the statistic the leaderboard ranks by (the mean of the task means)."""
+    from harness.compare import paired_p
+
+    rng = np.random.default_rng(5)
+    a = {t: ([f"q{i}" for i in range(6)], rng.uniform(0, 1, 6).round(2).tolist()) for t in ("vqa", "chartqa")}
+    b = {t: (q, np.clip(np.array(s) + rng.normal(0.2, 0.3, 6), 0, 1).round(2).tolist()) for t, (q, s) in a.items()}
+    d = [np.array(b[t][1]) - np.array(a[t][1]) for t in ("vqa", "chartqa")]
+    observed = abs(np.mean([x.mean() for x in d]))
+    flips = [abs(np.mean([(d[0] * s[:6]).mean(), (d[1] * s[6:]).mean()]))
+             for s in map(np.array, itertools.product((1, -1), repeat=12))]
+    exact = sum(f >= observed - 1e-12 for f in flips) / len(flips)
+    assert paired_p(a, b, ["vqa", "chartqa"]) == pytest.approx(exact, rel=1e-9)
+    assert paired_p(a, b, ["vqa", "docvqa"]) is None  # a task one side lacks: no paired test

@@ -92,6 +92,9 @@ def test_leaderboard_over_three_runs(in_three_runs):
         assert r["usd"] == pytest.approx(r["accelerator_hours"] * DEFAULT_PRICES["CPU"], abs=1e-9)
         assert 0 < r["utilization"] <= 1
     assert any(r["pareto"] for r in rows)
+    # the runs answered the same test items: the leader's ties are decided by the paired test (harness compare's)
+    assert rows[0]["tie_p"] is None and all(isinstance(r["tie_p"], float) for r in rows[1:]), rows
+    assert all(r["tie"] == (r["tie_p"] >= 0.05) for r in rows[1:])
     assert (workdir / "lb.png").stat().st_size > 5000
     md = CliRunner().invoke(app, ["leaderboard", "--format", "markdown", "--pipeline", "sft"])
     assert md.output.count("| ") > 3 and "accelerator_hours" in md.output
