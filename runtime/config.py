@@ -124,6 +124,8 @@ class DataConfig(StageSection):
     needs: ClassVar[tuple[str, ...]] = ()
     gives: ClassVar[tuple[str, ...]] = ("tasks",)
     image_size: int = Field(64, ge=16, le=2048)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="seed of the synthetic tasks' items (null: the "
+                             "run's seed); fix it to vary the training seed over the same items (harness compare)")
     tasks: dict[str, TaskDataConfig | None] = Field(
         default_factory=lambda: {name: TaskDataConfig(train_size=8000, test_size=300) for name in ("vqa", "chartqa")},
         description="benchmark task (evals/registry.py) -> its data; null drops a task")

@@ -100,6 +100,7 @@ def run(ctx: StageContext) -> StageOutput:
     from rich.progress import Progress
 
     cfg = ctx.cfg
+    data_seed = cfg.seed if cfg.data.seed is None else cfg.data.seed
     outputs: dict = {"tasks": {}, "sources": {}}
     metrics: dict[str, float] = {}
     with Progress(transient=True) as progress:
@@ -107,7 +108,7 @@ def run(ctx: StageContext) -> StageOutput:
         for task, spec in cfg.data.tasks.items():
             outputs["sources"][task] = source_record(task, spec)
             progress.update(bar, description=f"{task}: loading")
-            splits = task_splits(task, spec, cfg.seed, cfg.data.image_size, ctx.stage_dir / "raw")
+            splits = task_splits(task, spec, data_seed, cfg.data.image_size, ctx.stage_dir / "raw")
             progress.advance(bar, 2)
             for split_key, rows in splits.items():
                 metrics[f"data/{task}_{split_key}_size"] = len(rows)

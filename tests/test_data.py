@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import REALDATA
+from helpers import REALDATA, tiny_overrides
 
 from runtime.config import TaskDataConfig
 from runtime.errors import DataError
@@ -130,3 +130,22 @@ def test_split_is_judged_below_the_source_root(tmp_path):
     test, _ = dsets.load_rows(str(root), "parquet", "test", None)
     assert (len(train), len(test)) == (25, 5)
     assert dsets.in_split(Path("test-00000.parquet"), "test") and not dsets.in_split(Path("x/train.parquet"), "test")
+
+
+def test_data_seed_keeps_the_items_while_the_run_seed_changes(workdir):
+    """`data.seed` fixes the synthetic items, so two runs that differ only in their training seed answer the same
+    test items (what `harness compare` pairs); left null, the run's seed makes the items."""
+    from harness.pipeline import run_pipeline
+    from runtime.config import load_config
+
+    def questions(**extra) -> list[str]:
+        cfg = load_config(None, tiny_overrides(**{"pipelines.d": "[data]", "data.tasks.chartqa": "null", **extra}))
+        result = run_pipeline(cfg, "d")
+        import pyarrow.parquet as pq
+
+        return pq.read_table(result["stages"][0]["outputs"]["tasks"]["vqa"]["test"], columns=["question"]).column(
+            "question").to_pylist()
+
+    fixed = questions(seed=0, **{"data.seed": 7})
+    assert questions(seed=1, **{"data.seed": 7}) == fixed
+    assert questions(seed=1) != fixed
