@@ -108,7 +108,7 @@ def test_dpo_job_trains_across_nodes_and_scores_on_the_workers(cluster):
             env=cluster["env"], capture_output=True, text=True, timeout=1800)
         # the head's job agent registers some seconds after its dashboard answers (longer on a loaded machine); the
         # refused submission started nothing
-        if "No available agent to submit job" not in submit.stderr or time.monotonic() > deadline:
+        if "No available agent to submit job" not in submit.stdout + submit.stderr or time.monotonic() > deadline:
             break
         time.sleep(5)
     assert submit.returncode == 0, submit.stdout[-5000:] + submit.stderr[-3000:]
