@@ -54,7 +54,7 @@ class Side:
     eval_dir: Path
 
     def predictions(self, task: str) -> Path:
-        return self.eval_dir / f"predictions_{self.label}_{task}.jsonl"
+        return predictions_file(self.eval_dir, self.label, task)
 
     def cost(self) -> tuple[float, float]:
         """(USD, accelerator-hours) of making this checkpoint's model: the run's stages up to and including the one
@@ -69,23 +69,35 @@ class Side:
         return usd, hours
 
 
+def predictions_file(eval_dir: Path, label: str, task: str) -> Path:
+    """Where an eval stage wrote checkpoint ``label``'s predictions on ``task`` (stages/eval.write_predictions)."""
+    return eval_dir / f"predictions_{label}_{task}.jsonl"
+
+
+def scored_checkpoints(result: dict, run_dir: Path) -> tuple[list[str], Path]:
+    """The checkpoints a run's eval stage scored (the last is the final model) and the directory of its predictions;
+    a UserError where the run has no eval stage or it recorded none."""
+    record = next((s for s in result["stages"] if s["name"] == "eval"), None)
+    if record is None:
+        raise UserError(f"{run_dir}: its pipeline has no eval stage, so it scored no items; compare runs of a pipeline "
+                        "that ends in eval")
+    scored = record["outputs"].get("scored")
+    if not isinstance(scored, list) or not scored or not all(isinstance(s, str) for s in scored):
+        raise UserError(f"{run_dir / 'result.json'}: its eval stage lists no scored checkpoints "
+                        "(outputs.scored); rerun the run's eval stage")
+    return scored, rep.stage_dir(record, run_dir)
+
+
 def side(target: str, tracking_uri: str | None, experiment: str | None, output_dir: str) -> Side:
     """``RUN`` (its final model) or ``RUN@CHECKPOINT`` (e.g. runs/X@sft: the SFT model a dpo run also scored)."""
     where, _, label = target.rpartition("@") if "@" in target else (target, "", "")
     run = rep.resolve(where, tracking_uri, experiment, output_dir)
-    record = next((s for s in run.result["stages"] if s["name"] == "eval"), None)
-    if record is None:
-        raise UserError(f"{where}: its pipeline has no eval stage, so it scored no items; compare runs of a pipeline "
-                        "that ends in eval")
-    scored = record["outputs"].get("scored")
-    if not isinstance(scored, list) or not scored or not all(isinstance(s, str) for s in scored):
-        raise UserError(f"{run.run_dir / 'result.json'}: its eval stage lists no scored checkpoints "
-                        "(outputs.scored); rerun the run's eval stage")
+    scored, eval_dir = scored_checkpoints(run.result, run.run_dir)
     label = label or scored[-1]
     if label not in scored:
         raise UserError(f"{target}: the run scored no checkpoint '{label}'; it scored {', '.join(scored)} "
                         f"(write {where}@{scored[0]})")
-    return Side(target, run, label, rep.stage_dir(record, run.run_dir))
+    return Side(target, run, label, eval_dir)
 
 
 def read_scores(path: Path, task: str) -> tuple[list[str], list[float]]:
@@ -117,6 +129,11 @@ def read_scores(path: Path, task: str) -> tuple[list[str], list[float]]:
     return questions, scores
 
 
+def _mean_difference(u, v, axis=-1):
+    """B - A over paired samples: the statistic of the bootstrap and of the permutation test (vectorized)."""
+    return np.mean(v - u, axis=axis)
+
+
 def paired_stats(a: list[float], b: list[float], seed: int = 0) -> dict:
     """The paired comparison of scores ``a`` and ``b`` (same items, same order): means, difference B - A, its 95 %
     interval, the p-value and its test, and the detectable difference at 80 % power."""
@@ -128,10 +145,7 @@ def paired_stats(a: list[float], b: list[float], seed: int = 0) -> dict:
     if n < 2 or np.ptp(d) == 0:  # no spread: every resample gives the same difference
         out["ci_low"] = out["ci_high"] = out["difference"]
     else:
-        def mean_difference(u, v, axis=-1):
-            return np.mean(v - u, axis=axis)
-
-        boot = stats.bootstrap((x, y), mean_difference, paired=True, vectorized=True, n_resamples=RESAMPLES,
+        boot = stats.bootstrap((x, y), _mean_difference, paired=True, vectorized=True, n_resamples=RESAMPLES,
                                method="percentile", rng=np.random.default_rng(seed))
         out["ci_low"], out["ci_high"] = float(boot.confidence_interval.low), float(boot.confidence_interval.high)
     if binary:
@@ -144,10 +158,7 @@ def paired_stats(a: list[float], b: list[float], seed: int = 0) -> dict:
         if np.all(d == 0):
             out["p_value"] = 1.0
         else:
-            def statistic(u, v, axis=-1):
-                return np.mean(v - u, axis=axis)
-
-            perm = stats.permutation_test((x, y), statistic, permutation_type="samples", vectorized=True,
+            perm = stats.permutation_test((x, y), _mean_difference, permutation_type="samples", vectorized=True,
                                           n_resamples=RESAMPLES, rng=np.random.default_rng(seed))
             out["p_value"] = float(perm.pvalue)
     sd = float(d.std(ddof=1)) if n > 1 else 0.0
@@ -195,13 +206,8 @@ def compare(a: Side, b: Side, tasks: list[str] | None = None, seed: int = 0) -> 
 def final_scores(run_dir: Path) -> dict[str, tuple[list[str], list[float]]]:
     """Per task, the (questions, scores) of the final checkpoint a run's eval stage scored, read from its run
     directory alone (no MLflow); a UserError where they are not there to read."""
-    result = read_result(run_dir / "result.json")
-    record = next((s for s in result["stages"] if s["name"] == "eval"), None)
-    scored = (record or {}).get("outputs", {}).get("scored")
-    if not isinstance(scored, list) or not scored or not isinstance(scored[-1], str):
-        raise UserError(f"{run_dir}: no scored checkpoint recorded")
-    where = rep.stage_dir(record, run_dir)
-    files = {t: where / f"predictions_{scored[-1]}_{t}.jsonl" for t in TASKS}
+    scored, eval_dir = scored_checkpoints(read_result(run_dir / "result.json"), run_dir)
+    files = {t: predictions_file(eval_dir, scored[-1], t) for t in TASKS}
     return {t: read_scores(path, t) for t, path in files.items() if path.is_file()}
 
 

@@ -453,11 +453,12 @@ def against_base(run: Run) -> str | None:
     statistics), or None where the eval stage did not score the base model."""
     from harness import compare  # scipy (~1 s): only for a run whose eval scored the base model too
 
-    record = next((s for s in run.result["stages"] if s["name"] == "eval"), None)
-    scored = (record or {}).get("outputs", {}).get("scored")
-    if not isinstance(scored, list) or "base" not in scored or scored[-1] == "base":
+    try:
+        scored, where = compare.scored_checkpoints(run.result, run.run_dir)
+    except UserError:  # no eval stage, or none recorded: nothing to compare
         return None
-    where = stage_dir(record, run.run_dir)
+    if "base" not in scored or scored[-1] == "base":
+        return None
     try:
         result = compare.compare(compare.Side("base", run, "base", where),
                                  compare.Side(scored[-1], run, scored[-1], where))
