@@ -55,20 +55,24 @@ def cluster():
         procs.append(proc)
         return proc
 
+    def own_ports() -> list[str]:
+        # every node its own agent and metrics ports: Ray's defaults (52365 for the agent's HTTP server, the one job
+        # submission talks to) collide with any other Ray on the machine, such as a test on the other xdist worker.
+        # Seen: the head's agent never registered and every `ray job submit` answered "No available agent" for 180 s
+        return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+
     try:
         head = start("head", [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=0", "--num-gpus=0",
                               "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                              f"--temp-dir={tmp / 'ray'}", *common])
+                              f"--temp-dir={tmp / 'ray'}", *own_ports(), *common])
         address = f"http://127.0.0.1:{dashboard}"
         # any answer (even a 401 for an unauthenticated call) means it is up
         wait_http(f"{address}/api/version", head, "the Ray head's dashboard", log=tmp / "head.log", any_status=True)
-        for i in (1, 2):  # two raylets on one machine: each its own temp dir (sockets) and agent ports, else
-            # they collide (seen: "The current node timed out during startup")
+        for i in (1, 2):  # two raylets on one machine: each its own temp dir (sockets) and ports, else they
+            # collide (seen: "The current node timed out during startup")
             start(f"worker{i}", [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1",
-                                 "--num-gpus=0", f"--temp-dir={tmp / f'w{i}'}",
-                                 f"--dashboard-agent-listen-port={free_port()}",
-                                 f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
-                                 f"--runtime-env-agent-port={free_port()}", *common])
+                                 "--num-gpus=0", f"--temp-dir={tmp / f'w{i}'}", *own_ports(), *common])
         server = start("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri",
                                   f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination", str(tmp / "artifacts"),
                                   "--host", "127.0.0.1", "--port", str(mlflow_port)])
@@ -111,7 +115,10 @@ def test_dpo_job_trains_across_nodes_and_scores_on_the_workers(cluster):
         if "No available agent to submit job" not in submit.stdout + submit.stderr or time.monotonic() > deadline:
             break
         time.sleep(5)
-    assert submit.returncode == 0, submit.stdout[-5000:] + submit.stderr[-3000:]
+    if submit.returncode != 0:
+        agent_logs = [p.read_text(errors="replace")[-2000:]
+                      for p in cluster["tmp"].glob("ray/session_*/logs/dashboard_agent.log")]
+        pytest.fail(submit.stdout[-3000:] + submit.stderr[-2000:] + "\n--- the head's agent\n" + "".join(agent_logs))
     job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
     # the Jobs SDK, in a fresh process: an earlier ray.init() in this one caches ~/.ray's token, not this cluster's
     status = subprocess.run(

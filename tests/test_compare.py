@@ -120,7 +120,7 @@ def _invoke(*argv: str):
 def test_compare_sft_and_dpo_of_one_run_and_two_runs(runs):
     out = _invoke("A@sft", "A", "--json")
     assert out.exit_code == 0, out.output
-    result = json.loads(out.output)
+    result = json.loads(out.stdout)
     a, b = _binary_table()
     assert list(result["tasks"]) == ["vqa", "chartqa"]  # registry order, both scored by both checkpoints
     assert result["tasks"]["vqa"] == {"metric": "vqa_accuracy", **paired_stats(a, b)}
@@ -131,7 +131,7 @@ def test_compare_sft_and_dpo_of_one_run_and_two_runs(runs):
     assert result["accelerator_hours_difference"] == pytest.approx(3.0)
 
     # two runs: only the task both scored, on the items both scored (B's final model scored the first 100)
-    result = json.loads(_invoke(str(runs / "A"), "B", "--json", "--tasks", "vqa").output)
+    result = json.loads(_invoke(str(runs / "A"), "B", "--json", "--tasks", "vqa").stdout)
     assert list(result["tasks"]) == ["vqa"] and result["tasks"]["vqa"]["items"] == 100
     assert result["tasks"]["vqa"] == {"metric": "vqa_accuracy", **paired_stats(b[:100], a[:100])}
 

@@ -78,15 +78,18 @@ def in_three_runs(three_runs, monkeypatch):
     return three_runs
 
 
-def _json_rows(output: str) -> list[dict]:
-    return json.loads(output[output.index("["): output.rindex("]") + 1])
+def _json_rows(result) -> list[dict]:
+    """The rows `--format json` printed: stdout is the JSON and nothing else (stderr, which the CliRunner keeps
+    apart, may carry the fixtures' Ray log lines: a raylet's disk warning broke a parse of the mixed output)."""
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
 
 
 def test_leaderboard_over_three_runs(in_three_runs):
     workdir = in_three_runs
     out = CliRunner().invoke(app, ["leaderboard", "--format", "json", "--plot", str(workdir / "lb.png")])
     assert out.exit_code == 0, out.output
-    rows = _json_rows(out.output)
+    rows = _json_rows(out)
     assert len(rows) == 3
     for r in rows:
         assert r["usd"] == pytest.approx(r["accelerator_hours"] * DEFAULT_PRICES["CPU"], abs=1e-9)
@@ -116,7 +119,7 @@ def _table_lines(output: str) -> list[str]:
 
 
 def test_leaderboard_fits_80_columns_sorts_and_filters(in_three_runs):
-    rows = _json_rows(CliRunner().invoke(app, ["leaderboard", "--format", "json"]).output)
+    rows = _json_rows(CliRunner().invoke(app, ["leaderboard", "--format", "json"]))
     out = _harness("leaderboard")
     assert out.exit_code == 0, out.output
     lines = out.output.splitlines()
@@ -129,7 +132,7 @@ def test_leaderboard_fits_80_columns_sorts_and_filters(in_three_runs):
     def order(*args: str) -> list[dict]:
         result = CliRunner().invoke(app, ["leaderboard", "--format", "json", *args])
         assert result.exit_code == 0, result.output
-        return _json_rows(result.output)
+        return _json_rows(result)
 
     by_usd = order("--sort", "usd")
     assert [r["usd"] for r in by_usd] == sorted(r["usd"] for r in rows)
@@ -247,7 +250,7 @@ def test_harness_ui_serves_the_cost_view(in_three_runs):
     in a real headless browser, the view lists the runs by name with the cost columns. SIGTERM to its PID stops it
     and the server it started."""
     workdir = in_three_runs
-    rows = _json_rows(CliRunner().invoke(app, ["leaderboard", "--format", "json"]).output)
+    rows = _json_rows(CliRunner().invoke(app, ["leaderboard", "--format", "json"]))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

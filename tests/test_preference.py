@@ -46,7 +46,7 @@ def test_dpo_pipeline(ray_session, workdir):
 
     out = CliRunner().invoke(app, ["compare", f"{result['run_id']}@sft", result["run_id"], "--json"])
     assert out.exit_code == 0, out.output
-    compared = json.loads(out.output)
+    compared = json.loads(out.stdout)
     assert [row["items"] for row in compared["tasks"].values()] == [16, 16]  # vqa and chartqa, every test item
     row = compared["tasks"]["vqa"]  # (ChartQA's metric is the mean of its subsets' means, not of its items)
     assert row["a"] == pytest.approx(m["eval/sft_vqa_accuracy"]) and row["b"] == pytest.approx(m["eval/vqa_accuracy"])
