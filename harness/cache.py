@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from evals.item_cache import Location
 from runtime.atomic import atomic_write
 from runtime.config import config_values
 from runtime.errors import UserError
@@ -22,6 +23,7 @@ from runtime.manifest import sha256_file
 from runtime.records import Record, StageRecord, read_json
 
 CACHE_VERSION = 2  # 2: keys cover code, packages and local sources' content
+ITEM_CACHE = "eval-items"  # the eval's answers per batch, under the cache root (item_cache())
 SKIP_DIRS = {"ray", "trainer"}  # Ray's own storage and TRL's scratch dir are not stage outputs
 
 
@@ -74,6 +76,11 @@ class StageCache:
         touches another run's). With a bucket, storage_path is its URI: Ray writes and restores checkpoints there."""
         storage = self.remote.uri_of(self.root / "ray") if self.remote else self.root / "ray"
         return storage, f"{name}-{key[:16]}" + (f"-{attempt}" if attempt else "")
+
+    def item_cache(self, attempt: str | None = None) -> Location:
+        """The eval's item-level answer cache (evals/item_cache.py): one per output dir, shared by its runs as the
+        stage cache is; ``attempt`` (``--force``) reads no other run's answers."""
+        return Location(str(self.root / ITEM_CACHE), attempt)
 
     def lease(self, name: str, key: str) -> Lease:
         """The claim on computing stage ``name`` with ``key`` (and on its Ray storage)."""

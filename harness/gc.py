@@ -3,7 +3,8 @@
 A run's stage results can live in another run's directory (a reused stage points there), so a kept run keeps those
 runs too. A cache entry goes with the run directory its files are in. Ray storage of a finished stage is no longer
 needed (its model was copied into the run directory); an interrupted stage's is kept while it is newer than the
-oldest kept run (a rerun resumes from it). Nothing a live run holds (its lease) is touched.
+oldest kept run (a rerun resumes from it). The eval's item cache keeps the answers kept runs scored with, and what an
+interrupted eval wrote. Nothing a live run holds (its lease) is touched.
 """
 from __future__ import annotations
 
@@ -11,10 +12,15 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.cache import CacheEntry
+from pydantic import TypeAdapter, ValidationError
+
+from evals.item_cache import parse_name
+from harness.cache import ITEM_CACHE, CacheEntry
 from runtime.errors import UserError
 from runtime.lease import Lease
 from runtime.records import read_json, read_result
+
+KEYS = TypeAdapter(list[str])
 
 
 @dataclass
@@ -22,11 +28,12 @@ class Plan:
     runs: list[Path] = field(default_factory=list)
     entries: list[Path] = field(default_factory=list)
     storage: list[Path] = field(default_factory=list)
+    answers: list[Path] = field(default_factory=list)  # the eval's item cache files (evals/item_cache.py)
     kept_runs: int = 0
 
     @property
     def paths(self) -> list[Path]:
-        return self.runs + self.entries + self.storage
+        return self.runs + self.entries + self.storage + self.answers
 
     def size(self) -> int:
         return sum(_size(p) for p in self.paths)
@@ -108,7 +115,37 @@ def plan(root: Path, keep: int) -> Plan:
         finished = base in cached  # its model was copied into the run directory: checkpoints no longer needed
         if finished or storage.stat().st_mtime < oldest_kept:  # else: an interrupted stage a rerun resumes
             out.storage.append(storage)
+    out.answers = _unused_answers(root, {run: results[run] for run in kept}, live)
     return out
+
+
+def _unused_answers(root: Path, kept: dict[Path, dict], live: set[Path]) -> list[Path]:
+    """The item cache's files no kept run's eval used. Kept: the keys a kept run's eval scored with (its result's
+    ``item_cache_keys``), a live ``--force`` run's own files, and every file written since the oldest kept run that
+    has not finished began (an interrupted eval, whose keys no result names, resumes from them)."""
+    used = {key for run, result in kept.items() for key in _item_cache_keys(run, result)}
+    since = min(((run / "config.yaml").stat().st_mtime for run, result in kept.items() if not result),
+                default=float("inf"))
+    directory, unused = root / ".cache" / ITEM_CACHE, []
+    for path in sorted(directory.glob("*.jsonl")) if directory.is_dir() else []:
+        parsed = parse_name(path.name)
+        if parsed is None:  # not the cache's own: left alone
+            continue
+        key, attempt, _ = parsed
+        if key in used or root / attempt in live or path.stat().st_mtime >= since:
+            continue
+        unused.append(path)
+    return unused
+
+
+def _item_cache_keys(run: Path, result: dict) -> list[str]:
+    """The item cache keys a finished run's eval scored with (none for an unfinished run or an older vlmlab's)."""
+    eval_outputs = [stage.get("outputs") or {} for stage in result.get("stages", []) if stage.get("name") == "eval"]
+    try:
+        return [key for outputs in eval_outputs for key in KEYS.validate_python(outputs.get("item_cache_keys", []))]
+    except ValidationError as exc:
+        raise UserError(f"{run / 'result.json'}: eval outputs.item_cache_keys is not a list of strings "
+                        f"({exc.errors()[0]['msg']}); repair it, or delete that run directory yourself") from None
 
 
 def apply(p: Plan) -> None:

@@ -198,7 +198,8 @@ class _Runner:
         storage, ray_name = self.cache.ray_storage(name, key, attempt=self.run_id if self.force else None)
         ctx = StageContext(name=name, cfg=cfg, run_dir=self.run_dir, stage_dir=stage_dir, inputs=dict(outputs),
                            tracker=self.tracker, mlflow_run_id=child, meter=meter,
-                           ray_storage=storage, ray_name=ray_name, say=self.say)
+                           ray_storage=storage, ray_name=ray_name, say=self.say,
+                           item_cache=self.cache.item_cache(self.run_id if self.force else None))
         start = time.perf_counter()
         out = STAGES[name].run(ctx)
         wall = time.perf_counter() - start

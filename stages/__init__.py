@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from runtime.config import STAGE_NAMES, TRAINING_STAGES
 
 if TYPE_CHECKING:
+    from evals.item_cache import Location
     from runtime.config import PipelineConfig
     from runtime.cost import Meter
     from runtime.tracking import Tracker
@@ -82,6 +83,7 @@ class StageContext:
     ray_storage: Path | str  # Ray Train storage_path (a bucket's URI too) and run name: stable per stage key
     ray_name: str
     say: Callable[[str], None] = print  # the run's console: warnings a user should see
+    item_cache: Location | None = None  # where the eval keeps its answers (evals/item_cache.py); None: nowhere
 
     def latest(self, key: str) -> Any:
         """The most recent earlier stage's output ``key`` (e.g. the newest ``model_dir``)."""

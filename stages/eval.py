@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from evals import hooks
+from evals.item_cache import model_digest
 from evals.metrics import bootstrap_metric, interval, question_prior
 from evals.registry import TASKS
 from runtime import raytrain
@@ -81,8 +82,9 @@ def prior_scores(tasks: dict, limit: int | None, samples: int, seed: int) -> dic
 def score_shard(job: dict, device: str) -> dict:
     """On a Ray worker: lm-eval over every task's items with one checkpoint, generating only this shard's batches.
 
-    Returns the items this shard generated (question, answers, type, subset, prediction, score); its seconds of
-    start and generation go to the stage's held-time split (runtime.raytrain.add_phase).
+    Returns the items this shard answered (question, answers, type, subset, prediction, score), how many of them it
+    generated and how many it read from the item cache; its seconds of start and generation go to the stage's
+    held-time split (runtime.raytrain.add_phase).
     """
     import tempfile
 
@@ -90,12 +92,20 @@ def score_shard(job: dict, device: str) -> dict:
         import lm_eval
         from lm_eval.tasks import TaskManager
 
+        from evals.item_cache import ItemCache, settings_key
         from evals.lm_model import TimedHFMultimodalLM
 
-        lm = TimedHFMultimodalLM(pretrained=job["model_dir"], dtype="float32" if device == "cpu" else "auto",
-                                 max_images=1, convert_img_format=True, device=device, batch_size=job["batch_size"],
+        dtype = "float32" if device == "cpu" else "auto"
+        cache = None
+        if job["item_cache"]:  # what the answers depend on, besides each batch's items (evals/item_cache.py)
+            key = settings_key({"model": job["model_digest"], "protocol": job["protocol"], "device": device,
+                                "dtype": dtype, "task_files": job["task_files"], "seed": job["seed"],
+                                "batch_size": job["batch_size"], "max_new_tokens": job["max_new_tokens"]})
+            cache = ItemCache(job["item_cache"], key, job["shard"])
+        lm = TimedHFMultimodalLM(pretrained=job["model_dir"], dtype=dtype, max_images=1, convert_img_format=True,
+                                 device=device, batch_size=job["batch_size"],
                                  trust_remote_code=job["trust_remote_code"], shard=job["shard"],
-                                 num_shards=job["num_shards"])
+                                 num_shards=job["num_shards"], item_cache=cache)
     task_names, protocol = [k for k in TASKS if k in job["tasks"]], job["protocol"]
     hooks.use_reasoning_tags(job["reasoning_tags"])  # what the lmms hooks cut (lm-eval passes them no config)
     with tempfile.TemporaryDirectory() as task_dir:
@@ -121,7 +131,8 @@ def score_shard(job: dict, device: str) -> dict:
                               "answers": list(doc["answers"]), "question_type": doc["question_type"],
                               "subset": doc["subset"], "prediction": s["filtered_resps"][0],
                               "score": float(s[TASKS[task].metric])})
-    return {"items": items}
+    return {"items": items, "generated": lm.generated, "cached": lm.cached, "cache_key": cache and cache.key,
+            "cache_error": cache and cache.unwritable}
 
 
 def main_metrics(items: list[dict], task_names: list[str], samples: int, seed: int) -> dict[str, float]:
@@ -180,10 +191,13 @@ def run(ctx: StageContext) -> StageOutput:
     metrics = prior_scores(tasks, cfg.eval.limit, samples, cfg.seed)
     targets = checkpoints(ctx)
     n = cfg.resources.workers
+    files = task_files(task_names, protocol)
+    digests = {model_dir: model_digest(Path(model_dir)) for _, model_dir in targets} if ctx.item_cache else {}
     jobs = [{"label": label, "model_dir": model_dir, "tasks": tasks, "shard": k, "num_shards": n,
              "protocol": protocol, "batch_size": cfg.eval.batch_size, "max_new_tokens": cfg.eval.max_new_tokens,
              "limit": cfg.eval.limit, "seed": cfg.seed, "trust_remote_code": cfg.model.trust_remote_code,
-             "reasoning_tags": cfg.eval.reasoning_tags}
+             "reasoning_tags": cfg.eval.reasoning_tags, "task_files": files,
+             "item_cache": ctx.item_cache, "model_digest": digests.get(model_dir)}
             for label, model_dir in targets for k in range(n)]
     done = raytrain.run_held(score_shard, jobs, cfg, ctx.meter, "eval")
     shards = []
@@ -197,11 +211,19 @@ def run(ctx: StageContext) -> StageOutput:
         prefix = "eval/" if i == len(targets) - 1 else f"eval/{label}_"
         metrics.update({f"{prefix}{k}": v for k, v in scores.items()})
         shards += [{"checkpoint": label, "shard": job["shard"], "node_id": d["node_id"], "device": d["device"],
-                    "items": len(d["result"]["items"]), "seconds": round(d["seconds"], 3),
+                    "items": len(d["result"]["items"]), "generated": d["result"]["generated"],
+                    "cached": d["result"]["cached"], "seconds": round(d["seconds"], 3),
                     "generation_seconds": round(d["phases"].get("generation", 0.0), 3)} for job, d in mine]
-    files = task_files(task_names, protocol)
+    answered = {"generated": sum(s["generated"] for s in shards), "cached": sum(s["cached"] for s in shards)}
+    for error in sorted({d["result"]["cache_error"] for d in done if d["result"]["cache_error"]}):
+        ctx.say(f"eval: answers not kept in the item cache ({error}); a rerun generates them again")
+    if answered["cached"]:
+        ctx.say(f"eval: {answered['cached']} of {sum(answered.values())} answers read from the item cache "
+                f"({ctx.item_cache.directory}); --force generates them all again")
     ctx.tracker.set_tags(ctx.mlflow_run_id, {"eval.protocol": protocol, "eval.task_files": json.dumps(files)})
+    keys = sorted({d["result"]["cache_key"] for d in done if d["result"]["cache_key"]})
     return StageOutput(metrics=metrics, outputs={"scored": [label for label, _ in targets], "shards": shards,
-                                                 "protocol": protocol, "task_files": files},
+                                                 "protocol": protocol, "task_files": files, "answers": answered,
+                                                 "item_cache_keys": keys},
                        ran_on={"shards": [{"node_id": d["node_id"], "device": d["device"], "hardware": d["hardware"]}
                                           for d in done]})

@@ -62,14 +62,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(predicate, timeout: float, what: str):
-    """``predicate()``'s first truthy answer, asked every 0.5 s; an AssertionError naming ``what`` after ``timeout``."""
+def wait_for(predicate, timeout: float, what: str, every: float = 0.5):
+    """``predicate()``'s first truthy answer, asked every ``every`` s; an AssertionError naming ``what`` after
+    ``timeout``."""
     end = time.time() + timeout
     while time.time() < end:
         found = predicate()
         if found:
             return found
-        time.sleep(0.5)
+        time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
 
 

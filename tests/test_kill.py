@@ -32,16 +32,28 @@ def _harness(root, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
 
-def _kill_when(root, args: list[str], ready, what: str) -> None:
-    """Start `harness` with ``args`` and SIGKILL it as soon as ``ready()``."""
+def _kill_when(root, args: list[str], ready, what: str, every: float = 0.5) -> str:
+    """Start `harness` with ``args`` and SIGKILL it, its Ray and their workers (a lost node) as soon as ``ready()``
+    (asked every ``every`` s); its output until then."""
     proc = _harness(root, *args)
     try:
-        wait_for(lambda: ready() or proc.poll() is not None, 300, what)
+        wait_for(lambda: ready() or proc.poll() is not None, 300, what, every)
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
     finally:
-        stop_session(proc)  # its Ray too, and only then may the test read what Ray left on disk
+        stop_session(proc)  # only then may the test read what Ray left on disk
+    return proc.communicate(timeout=30)[0]
+
+
+def _cached_answers(root) -> int:
+    """Answers in the output dir's item cache (evals/item_cache.py), whole lines only (a kill may tear the last)."""
+    count = 0
+    for path in (root / "runs" / ".cache" / "eval-items").glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            try:
+                count += len(json.loads(line)["answers"])
+            except ValueError:
+                pass
+    return count
 
 
 def _finish(root, args: list[str]) -> tuple[int, str, str]:
@@ -56,10 +68,14 @@ def _finish(root, args: list[str]) -> tuple[int, str, str]:
 def test_sigkill_then_rerun_resumes_past_a_damaged_checkpoint(workdir):
     """`harness run` with a run_name, SIGKILLed mid-training once Ray has registered two checkpoints, the newest
     then torn: the same command warns once and resumes into the same run directory (cached stages, training from the
-    checkpoint before the torn one: Ray's list is repaired instead of failing on every rerun) and finishes; the killed
-    attempt's MLflow runs end up KILLED, none RUNNING. Once finished, the name is taken: a clear error. (One killed
-    run serves both checks: each kill-and-resume costs a minute and a half here.)"""
-    args = ["run", "sft", *tiny_overrides(**SLOW_SFT), "run_name=resumable", "--output-dir", "runs"]
+    checkpoint before the torn one: Ray's list is repaired instead of failing on every rerun). SIGKILLed again once
+    the eval has answered its first batch, the same command generates only the answers the item cache lacks (that
+    they score as an uninterrupted eval does: test_pipeline's shard-kill test). The killed attempts' MLflow runs end
+    up KILLED, none RUNNING. Once finished, the name is taken: a clear error. (One run serves every check: each
+    kill-and-resume costs a minute and a half here.)"""
+    # one item a batch: 64 batches (2 tasks x 16 items x base and sft), so the kill lands mid-eval
+    args = ["run", "sft", *tiny_overrides(**SLOW_SFT, **{"eval.batch_size": 1}), "run_name=resumable",
+            "--output-dir", "runs"]
     _kill_when(workdir, args, lambda: registered_checkpoint(workdir, count=2), "2 checkpoints")
     _, runs = local_runs(workdir)
     assert any(r.info.status == "RUNNING" for r in runs)  # what a SIGKILL leaves behind...
@@ -70,21 +86,30 @@ def test_sigkill_then_rerun_resumes_past_a_damaged_checkpoint(workdir):
     weights = storage / newest / "checkpoint" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a torn write
 
-    rc, out, err = _finish(workdir, args)
-    assert rc == 0, err[-3000:]
+    out = _kill_when(workdir, args, lambda: _cached_answers(workdir), "the eval's first answers", every=0.05)
     assert "marked KILLED" in out
     text = "".join(out.split())  # rich folds the warning's long path wherever the console width falls
     assert text.count("damagedcheckpoint") == 1 and f"resumingfrom{older}" in text, out
+    kept = _cached_answers(workdir)
+
+    rc, out, err = _finish(workdir, args)
+    assert rc == 0, err[-3000:]
     result = sorted((workdir / "runs").glob("*/result.json"))
     assert len(result) == 1
     result = json.loads(result[0].read_text())
-    assert result["reused_stages"] == ["data", "model"]
+    assert result["reused_stages"] == ["data", "model", "sft"]  # sft finished in the second attempt
     assert result["metrics"]["sft/resumed_from_step"] == older_step >= 10 and result["metrics"]["sft/steps"] == 40
+    answers = _eval_outputs(result)["answers"]
+    assert answers == {"cached": kept, "generated": 64 - kept} and 0 < kept < 64, (answers, kept)
     _, runs = local_runs(workdir)
     assert not [r for r in runs if r.info.status == "RUNNING"]  # ...is cleaned up by the next run
-    assert sum(r.info.status == "KILLED" for r in runs) >= 2  # the killed attempt's parent and sft runs
+    assert sum(r.info.status == "KILLED" for r in runs) >= 4  # the killed attempts' parent, sft and eval runs
     rc, out, err = _finish(workdir, args)
     assert rc == 2 and "has already finished" in err and "--force" in err, err[-2000:]
+
+
+def _eval_outputs(result: dict) -> dict:
+    return next(s for s in result["stages"] if s["name"] == "eval")["outputs"]
 
 
 def test_sigterm_marks_runs_killed_and_says_how_to_resume(workdir):

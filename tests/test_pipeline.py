@@ -183,12 +183,13 @@ def test_deterministic_and_reproduce(ray_session, first_run):
     assert "not reproduced" in bad.output and "eval/vqa_accuracy" in bad.output
 
 
-def _score_sft_model(first_run, workers: int, force: bool = False) -> tuple[dict, dict]:
+def _score_sft_model(first_run, workers: int, force: bool = False, **overrides) -> tuple[dict, dict]:
     """Only data -> model -> eval, on the first run's SFT checkpoint, with ``workers`` one-CPU eval shards."""
     root, first = first_run
     model_dir = root / "runs" / first["run_id"] / "sft" / "model"
     cfg = load_config(None, tiny_overrides(**{"model.source": str(model_dir), "pipelines.score": "[data,model,eval]",
-                                              "resources.workers": workers, "resources.cpus_per_worker": 1}))
+                                              "resources.workers": workers, "resources.cpus_per_worker": 1,
+                                              **overrides}))
     result = run_pipeline(cfg, "score", force=force)
     stage = next(s for s in result["stages"] if s["name"] == "eval")
     eval_dir = Path(stage.get("reused_from") or root / "runs" / result["run_id"] / "eval")
@@ -197,21 +198,23 @@ def _score_sft_model(first_run, workers: int, force: bool = False) -> tuple[dict
 
 
 def test_sharded_eval_scores_exactly_like_one_shard(ray_session, first_run):
-    """Two eval shards (two Ray tasks) give every item the prediction one shard gives it, so the same metrics."""
+    """Two eval shards (two Ray tasks) give every item the prediction one shard gives it, so the same metrics. (The
+    two-shard run is forced: it would otherwise read every answer from the one-shard run's item cache.)"""
     one, one_predictions = _score_sft_model(first_run, workers=1)
-    two, two_predictions = _score_sft_model(first_run, workers=2)
+    two, two_predictions = _score_sft_model(first_run, workers=2, force=True)
     evals = {k: v for k, v in one["metrics"].items() if k.startswith("eval/")}
     assert evals["eval/mean_accuracy"] > 0 and len(one_predictions) == 2
     assert {k: v for k, v in two["metrics"].items() if k.startswith("eval/")} == evals
     assert two_predictions == one_predictions
     shards = next(s for s in two["stages"] if s["name"] == "eval")["outputs"]["shards"]
-    assert [s["shard"] for s in shards] == [0, 1] and sum(s["items"] for s in shards) == 32
-    assert all(s["items"] > 0 for s in shards)
+    assert [s["shard"] for s in shards] == [0, 1] and sum(s["generated"] for s in shards) == 32
+    assert all(s["items"] == s["generated"] > 0 for s in shards)
 
 
 def test_harness_eval_reproduces_a_runs_scores(ray_session, first_run):
     """`harness eval <a run's SFT checkpoint>` (that run's data and eval settings) gives exactly its eval metrics,
-    as a recorded run of its own; a task the registry lacks is one line, exit 2, before any work."""
+    as a recorded run of its own, generating no answer (the run's are in the item cache); a task the registry lacks
+    is one line, exit 2, before any work."""
     from typer.testing import CliRunner
 
     from harness.cli import app
@@ -227,6 +230,8 @@ def test_harness_eval_reproduces_a_runs_scores(ray_session, first_run):
     final = {k: v for k, v in first["metrics"].items() if k.startswith("eval/") and not k.startswith(
         ("eval/base_", "eval/prior_"))}
     assert final and {k: scored["metrics"][k] for k in final} == final
+    assert scored["stages"][-1]["outputs"]["answers"] == {"generated": 0, "cached": 32}
+    assert "32 of 32 answers read from the item cache" in " ".join(ok.output.split())
     assert scored["manifest"]["model_source"] == str(model_dir) and scored["cost_usd"] > 0
 
     runs_before = len(list((root / "runs").iterdir()))
@@ -236,52 +241,63 @@ def test_harness_eval_reproduces_a_runs_scores(ray_session, first_run):
 
 
 def test_worker_killed_while_scoring_a_shard_is_retried(ray_session, first_run):
-    """SIGKILL the Ray worker of an eval shard mid-scoring: Ray retries the shard and the scores are unchanged."""
+    """SIGKILL the Ray worker of an eval shard once it has answered a batch: Ray retries the shard, which generates
+    only what the item cache lacks, and every prediction and score is an uninterrupted eval's. (Both evals forced: a
+    plain one would read the other's answers.)"""
     import threading
     import time
 
     import psutil
 
+    answers = first_run[0] / "runs" / ".cache" / "eval-items"
+    earlier = set(answers.glob("*.jsonl"))
     killed: list[int] = []
     stop = threading.Event()
 
-    def kill_first_shard():
+    def kill_the_shard_after_a_batch():
         while not stop.is_set() and not killed:
-            for proc in psutil.Process().children(recursive=True):
-                try:
-                    if "eval-shard" in " ".join(proc.cmdline()):
-                        time.sleep(1.0)  # let it get into lm-eval
-                        proc.kill()
-                        killed.append(proc.pid)
-                        return
-                except psutil.Error:
-                    continue
-            time.sleep(0.2)
+            if any(p not in earlier and p.stat().st_size for p in answers.glob("*.jsonl")):
+                for proc in psutil.Process().children(recursive=True):
+                    try:
+                        if "eval-shard" in " ".join(proc.cmdline()):
+                            proc.kill()
+                            killed.append(proc.pid)
+                            return
+                    except psutil.Error:
+                        continue
+            time.sleep(0.05)
 
-    watcher = threading.Thread(target=kill_first_shard, daemon=True)
+    watcher = threading.Thread(target=kill_the_shard_after_a_batch, daemon=True)
     watcher.start()
-    try:
-        retried, predictions = _score_sft_model(first_run, workers=2, force=True)
+    try:  # one item a batch and one shard: 32 batches, so the kill lands with most of them still to answer
+        retried, predictions = _score_sft_model(first_run, workers=1, force=True, **{"eval.batch_size": 1})
     finally:
         stop.set()
         watcher.join(timeout=10)
     assert killed, "no eval shard worker was seen to kill"
-    clean, clean_predictions = _score_sft_model(first_run, workers=1)  # cached from the test above, or computed
+    answered = next(s for s in retried["stages"] if s["name"] == "eval")["outputs"]["answers"]
+    assert 0 < answered["cached"] < 32 and answered["generated"] == 32 - answered["cached"], answered
+    clean, clean_predictions = _score_sft_model(first_run, workers=1, force=True, **{"eval.batch_size": 1})
+    assert next(s for s in clean["stages"] if s["name"] == "eval")["outputs"]["answers"]["generated"] == 32
     assert {k: v for k, v in retried["metrics"].items() if k.startswith("eval/")} == \
         {k: v for k, v in clean["metrics"].items() if k.startswith("eval/")}
     assert predictions == clean_predictions
 
 
 def test_gc_keeps_the_last_runs_and_what_they_reuse(ray_session, first_run):
-    """`harness gc --keep 1`: a dry run first, then --apply; the newest run stays and its cached stages still load."""
+    """`harness gc --keep 1`: a dry run first, then --apply; the newest run stays and its cached stages still load;
+    of the eval's item cache only the answers the kept run scored with stay."""
     from typer.testing import CliRunner
 
+    from evals.item_cache import parse_name
     from harness.cli import app
 
     root, _ = first_run
     newest = run_pipeline(load_config(None, tiny_overrides()), "sft", force=True)  # 4 steps; reuses nothing
     runs = root / "runs"
     before = {p.parent.name for p in runs.glob("*/config.yaml")}
+    answers = runs / ".cache" / "eval-items"
+    keys = {parse_name(p.name)[0] for p in answers.glob("*.jsonl")}
     dry = CliRunner().invoke(app, ["gc", "--keep", "1", "--output-dir", str(runs)])
     assert dry.exit_code == 0 and "would free" in dry.output and "--apply" in dry.output, dry.output
     assert {p.parent.name for p in runs.glob("*/config.yaml")} == before  # a dry run deletes nothing
@@ -293,5 +309,15 @@ def test_gc_keeps_the_last_runs_and_what_they_reuse(ray_session, first_run):
         config = (runs / run / "config.yaml").read_text()
         assert all(name in left for name in before if f"{runs}/{name}/" in config)
     assert not list((runs / ".cache" / "ray").glob("sft-*"))  # finished stages need no checkpoints
+    def used(run: str) -> set[str]:  # the item cache keys a run's eval scored with
+        result = json.loads((runs / run / "result.json").read_text()) if (runs / run / "result.json").exists() else {}
+        return {key for s in result.get("stages", []) if s["name"] == "eval"
+                for key in s.get("outputs", {}).get("item_cache_keys", [])}
+
+    # --keep 1 keeps the newest run of each pipeline and what they name; all of them finished, so exactly the
+    # answers their evals scored with stay
+    assert all((runs / run / "result.json").exists() for run in left)
+    kept_keys = set().union(*(used(run) for run in left))
+    assert used(newest["run_id"]) and {parse_name(p.name)[0] for p in answers.glob("*.jsonl")} == kept_keys <= keys
     again = run_pipeline(load_config(None, tiny_overrides()), "sft")  # the kept run's stages, all reused
     assert again["reused_stages"] == ["data", "model", "sft", "eval"]

@@ -23,7 +23,8 @@ def gc(
     plan = collector.plan(root, keep)
     mb = plan.size() / 1e6
     console.print(f"{'freeing' if apply else 'would free'} {mb:.1f} MB: {len(plan.runs)} run dir(s), "
-                  f"{len(plan.entries)} cache entr(y/ies), {len(plan.storage)} Ray storage dir(s); "
+                  f"{len(plan.entries)} cache entr(y/ies), {len(plan.storage)} Ray storage dir(s), "
+                  f"{len(plan.answers)} eval answer file(s); "
                   f"keeping {plan.kept_runs} run(s)", highlight=False)
     for path in plan.paths:
         console.print(f"  {path}", highlight=False)
