@@ -27,8 +27,9 @@ ITEM_CACHE = "eval-items"  # the eval's answers per batch, under the cache root 
 SKIP_DIRS = {"ray", "trainer"}  # Ray's own storage and TRL's scratch dir are not stage outputs
 
 
-# Fields a stage reads that never change what it computes: how long to wait for a cluster to have room
-NOT_IN_KEY = {"resources": ("placement_timeout_s",)}
+# Fields a stage reads that never change what it computes: how long to wait for a cluster to have room, and whether
+# the eval scores a model while the next stage trains (the same shards and batches either way)
+NOT_IN_KEY = {"resources": ("placement_timeout_s",), "eval": ("while_training",)}
 
 
 class CacheEntry(Record):

@@ -23,7 +23,14 @@ from harness.inputs import check_inputs, fit_run
 from harness.reproduce import reproduction_record
 from harness.storage import OutputDir
 from runtime.atomic import atomic_write
-from runtime.config import SCHEMA_VERSION, PipelineConfig, TrainStageConfig, config_values, output_dir_problem
+from runtime.config import (
+    SCHEMA_VERSION,
+    TRAINING_STAGES,
+    PipelineConfig,
+    TrainStageConfig,
+    config_values,
+    output_dir_problem,
+)
 from runtime.cost import Meter
 from runtime.errors import ConfigError, UserError
 from runtime.lease import Lease
@@ -64,6 +71,8 @@ class _Runner:
         self.tracker = Tracker(cfg.tracking.resolved_uri(), cfg.tracking.experiment)  # fails if unreachable
         self.tracker.reap_stale(say=self.say)
         self.run_id = cfg.run_name or new_run_id(pipeline)
+        self.keys: dict[str, str] = {}  # each stage's cache key
+        self.early: dict = {}  # label -> stages.eval.Early: the eval's scorings started while training ran
         self.run_dir = root / self.run_id
         self.hasher = TreeHasher(self.cache.root / "fingerprints.json")
         self.run_lease = Lease(self.cache.root / "leases" / f"run-{self.run_id}")
@@ -109,12 +118,14 @@ class _Runner:
                                                 for k, v in self.fitted["stages"].items()}} if self.fitted else {}))
             tracker.log_artifact(self.parent, str(self.run_dir / "config.yaml"))
             outputs: dict[str, StageOutput] = {}
-            records, keys = [], []
-            for name in self.cfg.stages_of(self.pipeline):
+            records, keys, codes = [], [], []
+            for name in self.cfg.stages_of(self.pipeline):  # every key first: training looks ahead to the eval's
                 depends, code = self._depends(name)
-                key = stage_key(name, STAGES[name].CONFIG_KEYS, self.resolved, keys, depends)
+                keys.append(stage_key(name, STAGES[name].CONFIG_KEYS, self.resolved, keys, depends))
+                codes.append(code)
+            self.keys = dict(zip(self.cfg.stages_of(self.pipeline), keys, strict=True))
+            for (name, key), code in zip(self.keys.items(), codes, strict=True):
                 records.append(self._stage(name, key, outputs, code))
-                keys.append(key)
             result = self._assemble(records, outputs, manifest)
             atomic_write(self.run_dir / "result.json", json.dumps(result, indent=2))
             logs = self.display.log_files() if self.out.uri else []  # a bucket gets the logs too
@@ -172,7 +183,12 @@ class _Runner:
                 outputs[name] = StageOutput(metrics=record["metrics"], outputs=entry["outputs"])
                 self.say(f"stage {name}: reused from cache ({entry['stage_dir']})")
             else:
+                if name in TRAINING_STAGES:
+                    self._score_while_training(name, outputs)
                 record, outputs[name] = self._compute(name, key, stage_dir, outputs, child)
+                for early in self.early.values():
+                    if early.during == name:
+                        early.training_ended = time.time()
                 record["code"] = code
                 self.cache.store(name, key, stage_dir, record, outputs[name].outputs)
         finally:
@@ -188,6 +204,20 @@ class _Runner:
         self.tracker.end(child, "FINISHED")
         return record
 
+    def _score_while_training(self, name: str, outputs: dict[str, StageOutput]) -> None:
+        """Before training stage ``name``: where the pipeline's eval will run, score the models made so far on spare
+        workers while it trains (eval.while_training; stages/eval.py)."""
+        if "eval" not in self.keys or (not self.force and self.cache.lookup("eval", self.keys["eval"]) is not None):
+            return
+        started = STAGES["eval"].score_while_training(self.cfg, outputs, name, self._item_cache(),
+                                                      {e.model_dir for e in self.early.values()})
+        for early in started:
+            self.early[early.label] = early
+            self.say(f"eval: scoring {early.label} on {len(early.refs)} spare worker(s) while {name} trains")
+
+    def _item_cache(self):
+        return self.cache.item_cache(self.run_id if self.force else None)
+
     def _compute(self, name, key, stage_dir, outputs, child) -> tuple[dict, StageOutput]:
         cfg = self.cfg
         meter = Meter()
@@ -199,7 +229,7 @@ class _Runner:
         ctx = StageContext(name=name, cfg=cfg, run_dir=self.run_dir, stage_dir=stage_dir, inputs=dict(outputs),
                            tracker=self.tracker, mlflow_run_id=child, meter=meter,
                            ray_storage=storage, ray_name=ray_name, say=self.say,
-                           item_cache=self.cache.item_cache(self.run_id if self.force else None))
+                           item_cache=self._item_cache(), early=self.early if name == "eval" else {})
         start = time.perf_counter()
         out = STAGES[name].run(ctx)
         wall = time.perf_counter() - start

@@ -395,11 +395,22 @@ class EvalConfig(StageSection):
     max_new_tokens: int = Field(8, ge=1, description="short protocol only (lmms: each task's own setting)")
     limit: int | None = Field(None, ge=1, description="score at most this many items per task")
     score_base: bool = True
+    while_training: Literal["auto", "on", "off"] = Field(
+        "auto", description="score the base model while the first training stage trains, and each stage's model while "
+        "the next one trains, on workers beyond the training ranks (the same shards and batches: the same scores). "
+        "auto: where the cluster has room for them, else after training as with off; on: stop with an error where "
+        "it has none")
     bootstrap_samples: int = Field(1000, ge=100, description="resamples of the items for each metric's 95% interval")
     reasoning_tags: list[TagPair] = Field(
         default_factory=lambda: [list(pair) for pair in REASONING_TAGS], max_length=16,
         description="lmms protocol: [start, end] tag pairs whose blocks are cut before scoring, as lmms-eval's "
                     "command line does (--reasoning_tags, its default here); [] scores the whole generation")
+
+    @field_validator("while_training", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value):
+        """YAML reads `while_training: on` (and `=off`) as a bool."""
+        return {False: "off", True: "on"}.get(value, value) if isinstance(value, bool) else value
 
 
 class CostConfig(Section):

@@ -126,10 +126,19 @@ class Meter:
             raise ValueError(f"unknown phase {phase!r}: one of {PHASES[:-1]} (idle is what is left)")
         self.spent[phase] = self.spent.get(phase, 0.0) + max(0.0, device_seconds)
 
-    def add_worker(self, began: float, phases: dict[str, float], devices: float) -> None:
-        """One worker's report from the last hold: the seconds it spent per phase since it ``began`` (Unix time), on
-        ``devices`` devices. Between the hold's start and ``began`` the worker was being placed and started."""
-        self.add("start", (began - self.hold_began) * devices)
+    def add_hold(self, began: float, ended: float, devices: float, device: str) -> None:
+        """A hold that ran outside ``hold()``, from ``began`` to ``ended`` (Unix times), on ``devices`` devices: an
+        eval's scoring of a model while the next stage trained. (``held_seconds`` counts this meter's ``devices``.)"""
+        if not self.devices:
+            self.devices, self.device = devices, device
+        self.held_seconds += max(0.0, ended - began) * devices / self.devices
+
+    def add_worker(self, began: float, phases: dict[str, float], devices: float,
+                   hold_began: float | None = None) -> None:
+        """One worker's report from the last hold (or the hold that began at ``hold_began``): the seconds it spent per
+        phase since it ``began`` (Unix time), on ``devices`` devices. Between the hold's start and ``began`` the
+        worker was being placed and started."""
+        self.add("start", (began - (self.hold_began if hold_began is None else hold_began)) * devices)
         for phase, seconds in phases.items():
             self.add(phase, seconds * devices)
 

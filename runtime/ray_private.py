@@ -6,6 +6,9 @@ used here and checks its signature, so a Ray upgrade that moves one fails there,
 * ``dead_actor_pids``: ``ray._private.state.actors``. The public ``ray.util.state.list_actors`` asks the dashboard's
   State API, which a local Ray started without the dashboard (vlmlab's default: nine fewer processes on the
   training cores) does not serve.
+* ``free_per_node``: ``ray._private.state.available_resources_per_node`` (a DeveloperAPI; Ray's own TPU helpers use
+  it). The public ``ray.available_resources()`` sums over nodes, and a worker must fit one node; the State API's
+  ``list_nodes`` needs the dashboard.
 * ``trainer_class``: ``TorchTrainer._create_default_callbacks`` and two of Ray Train V2's internal callbacks. Ray
   Train offers no switch to leave its default callbacks out; these two start actors vlmlab never uses.
 """
@@ -21,6 +24,13 @@ def dead_actor_pids() -> Iterable[int]:
     import ray
 
     return [actor["Pid"] for actor in ray._private.state.actors(actor_state_name="DEAD").values()]
+
+
+def free_per_node() -> list[dict[str, float]]:
+    """What each live node has free right now (a resource none of it is free of is left out)."""
+    from ray._private.state import available_resources_per_node
+
+    return list(available_resources_per_node().values())
 
 
 def trainer_class(no_state_api: bool):

@@ -228,18 +228,19 @@ def _on_worker(fn: Callable, shard, use_gpu: bool, threads: int, log=None) -> di
         start = time.perf_counter()
         with worker_output(log):
             result = fn(shard, "cuda" if use_gpu else "cpu")  # Ray made only this task's GPUs visible
-        return {"result": result, "seconds": time.perf_counter() - start, "began": began,
+        return {"result": result, "seconds": time.perf_counter() - start, "began": began, "ended": time.time(),
                 "phases": dict(_task_phases), "node_id": ray.get_runtime_context().get_node_id(),
                 "device": torch.cuda.get_device_name(0) if use_gpu else "CPU", "hardware": hardware()}
     finally:
         _task_phases = None
 
 
-def run_shards(fn: Callable, shards: list, resources, stage: str, max_retries: int = 3) -> list[dict]:
-    """Run ``fn(shard, device)`` once per shard as Ray tasks, each holding one worker's resources, so that a
+def submit_shards(fn: Callable, shards: list, resources, stage: str, max_retries: int = 3) -> list:
+    """Start ``fn(shard, device)`` once per shard as Ray tasks, each holding one worker's resources, so that a
     cluster's head (which has none) never runs one and the driver never loads a model. A task whose worker dies
-    is retried (``max_retries``). Returns, in shard order, ``{result, seconds, began, phases, node_id, device,
-    hardware}``."""
+    is retried (``max_retries``). Returns their ObjectRefs, in shard order; each comes to ``{result, seconds, began,
+    ended, phases, node_id, device, hardware}``. Their output goes to the running stage's logs as ``<stage>.shard<k>``.
+    """
     import ray
 
     ensure_ray()
@@ -253,10 +254,25 @@ def run_shards(fn: Callable, shards: list, resources, stage: str, max_retries: i
         options["num_gpus"] = resources.gpus_per_worker
     task = ray.remote(_on_worker).options(**options)
     threads = max(1, int(resources.cpus_per_worker))
-
-    live = active_stage()  # the running stage: where its workers log, and its progress on the console
+    live = active_stage()
     logs = [live.worker_log(f"shard{i}", label=stage) if live else None for i in range(len(shards))]
-    refs = [task.remote(fn, shard, resources.use_gpu, threads, log) for shard, log in zip(shards, logs, strict=True)]
+    return [task.remote(fn, shard, resources.use_gpu, threads, log) for shard, log in zip(shards, logs, strict=True)]
+
+
+def spare_workers(resources, busy_workers: int) -> int:
+    """How many more workers of ``resources``' shape the cluster has room for now, beyond ``busy_workers`` about to
+    start (a stage's training ranks): what is free on each live node, each worker on one node."""
+    ensure_ray()
+    return max(0, room_for(worker_bundle(resources), ray_private.free_per_node()) - busy_workers)
+
+
+def run_shards(fn: Callable, shards: list, resources, stage: str, max_retries: int = 3) -> list[dict]:
+    """``submit_shards`` and wait for them all, the running stage's progress on the console. Returns, in shard order,
+    what each task returned."""
+    import ray
+
+    refs = submit_shards(fn, shards, resources, stage, max_retries)
+    live = active_stage()  # the running stage: where its workers log, and its progress on the console
     pending, finished = list(refs), 0
     if live:
         live.update(0, len(refs), label=stage)
@@ -301,6 +317,11 @@ def _tune_callbacks() -> list:
         return [TuneReportCallback()]
     except RuntimeError:  # not in a Tune session
         return []
+
+
+def in_tune_trial() -> bool:
+    """Whether this process runs a Ray Tune trial (whose resources are the trial's, not the cluster's to spare)."""
+    return bool(_tune_callbacks())
 
 
 def worker_runtime_env(stage_cfg) -> dict | None:

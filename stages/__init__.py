@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from runtime.config import PipelineConfig
     from runtime.cost import Meter
     from runtime.tracking import Tracker
+    from stages.eval import Early
 
 
 class _Registry(Mapping[str, ModuleType]):
@@ -84,6 +85,7 @@ class StageContext:
     ray_name: str
     say: Callable[[str], None] = print  # the run's console: warnings a user should see
     item_cache: Location | None = None  # where the eval keeps its answers (evals/item_cache.py); None: nowhere
+    early: dict[str, Early] = field(default_factory=dict)  # the eval's scorings started while training ran, by label
 
     def latest(self, key: str) -> Any:
         """The most recent earlier stage's output ``key`` (e.g. the newest ``model_dir``)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -21,6 +22,8 @@ from evals.item_cache import model_digest
 from evals.metrics import bootstrap_metric, interval, question_prior
 from evals.registry import TASKS
 from runtime import raytrain
+from runtime.cost import gpu_alias
+from runtime.errors import UserError
 from runtime.manifest import fingerprint_files
 from stages import StageContext, StageOutput
 
@@ -53,13 +56,73 @@ def task_files(task_names: list[str], protocol: str) -> dict[str, str]:
     return {f"{k}/{protocol}.yaml": fingerprint_files(TASKS[k].files(protocol)) for k in task_names}
 
 
-def checkpoints(ctx: StageContext) -> list[tuple[str, str]]:
-    """(label, model_dir) in pipeline order; the last one is the pipeline's result."""
-    found = [(name, out.outputs["model_dir"]) for name, out in ctx.inputs.items() if "model_dir" in out.outputs]
+def checkpoints(cfg, inputs: dict[str, StageOutput]) -> list[tuple[str, str]]:
+    """(label, model_dir) of the models the stages so far made, in pipeline order; in the eval stage's inputs the
+    last one is the pipeline's result."""
+    found = [(name, out.outputs["model_dir"]) for name, out in inputs.items() if "model_dir" in out.outputs]
     found = [("base" if name == "model" else name, path) for name, path in found]
-    if not ctx.cfg.eval.score_base and len(found) > 1:
+    if not cfg.eval.score_base and len(found) > 1:
         found = found[1:]
     return found
+
+
+def shard_jobs(cfg, tasks: dict, targets: list[tuple[str, str]], item_cache) -> list[dict]:
+    """score_shard's jobs: ``resources.workers`` shards of each target's scoring."""
+    protocol, n = cfg.eval.protocol, cfg.resources.workers
+    files = task_files([k for k in TASKS if k in tasks], protocol)
+    return [{"label": label, "model_dir": model_dir, "tasks": tasks, "shard": k, "num_shards": n,
+             "protocol": protocol, "batch_size": cfg.eval.batch_size, "max_new_tokens": cfg.eval.max_new_tokens,
+             "limit": cfg.eval.limit, "seed": cfg.seed, "trust_remote_code": cfg.model.trust_remote_code,
+             "reasoning_tags": cfg.eval.reasoning_tags, "task_files": files, "item_cache": item_cache,
+             "model_digest": model_digest(Path(model_dir)) if item_cache else None}
+            for label, model_dir in targets for k in range(n)]
+
+
+@dataclass
+class Early:
+    """A model's scoring started while training stage ``during`` trains (``score_while_training``)."""
+    label: str
+    model_dir: str
+    during: str
+    jobs: list[dict]
+    refs: list  # Ray ObjectRefs of the jobs' shards, in order
+    began: float = field(default_factory=time.time)
+    training_ended: float | None = None  # time.time() when ``during`` finished (the runner sets it)
+    done: list[dict] = field(default_factory=list)  # what the shards returned (raytrain.submit_shards)
+
+    def record(self) -> dict:
+        """When the scoring ran, in seconds from the training stage's start (when it began)."""
+        ended = max(d["ended"] for d in self.done)
+        return {"checkpoint": self.label, "during": self.during, "began_s": 0.0,
+                "ended_s": round(ended - self.began, 3),
+                "training_ended_s": round(self.training_ended - self.began, 3) if self.training_ended else None}
+
+
+def score_while_training(cfg, inputs: dict[str, StageOutput], during: str, item_cache,
+                         scoring: set[str]) -> list[Early]:
+    """Start scoring, on Ray workers beyond stage ``during``'s training ranks, every model the stages so far made that
+    no one is scoring yet (``scoring``: model dirs). The eval stage later takes their results (``Early``) as its
+    own: the same jobs, so the same scores. Starts nothing where the cluster has no room for them (``auto``), inside a
+    sweep's trial (its resources are the trial's) or with ``off``; ``on`` without room is a UserError."""
+    mode = cfg.eval.while_training
+    targets = [(label, d) for label, d in checkpoints(cfg, inputs) if d not in scoring]
+    if mode == "off" or not targets or raytrain.in_tune_trial():
+        return []
+    spare = raytrain.spare_workers(cfg.resources, busy_workers=cfg.resources.workers)
+    if spare < cfg.resources.workers:
+        if mode == "on":
+            raise UserError(f"eval.while_training=on: while {during} trains on {cfg.resources.workers} worker(s), "
+                            f"the cluster has room for {spare} more of the eval's {cfg.resources.workers}; "
+                            "add a node, or set eval.while_training=auto (scores after training where there is no "
+                            "room)")
+        return []
+    tasks = next(out.outputs["tasks"] for out in reversed(list(inputs.values())) if "tasks" in out.outputs)
+    started = []
+    for label, model_dir in targets[:spare // cfg.resources.workers]:  # the rest after training: no room now
+        jobs = shard_jobs(cfg, tasks, [(label, model_dir)], item_cache)
+        refs = raytrain.submit_shards(score_shard, jobs, cfg.resources, f"eval-{label}")
+        started.append(Early(label, model_dir, during, jobs, refs))
+    return started
 
 
 def prior_scores(tasks: dict, limit: int | None, samples: int, seed: int) -> dict[str, float]:
@@ -181,6 +244,30 @@ def write_predictions(items: list[dict], path: Path, key: str) -> None:
                                 key: i["score"]}) + "\n")
 
 
+def _finished_early(ctx: StageContext) -> dict[str, Early]:
+    """The scorings started while training ran (``ctx.early``), waited for and billed to this stage: each held its
+    workers from its start to its last shard's end. One that failed is left to this stage (the answers it kept are
+    in the item cache)."""
+    import ray
+
+    finished = {}
+    for label, e in ctx.early.items():
+        try:
+            e.done = ray.get(e.refs)
+        except Exception as exc:  # a shard's retries spent: scored again below, from what the cache kept
+            ctx.say(f"eval: scoring {label} while {e.during} trained failed ({type(exc).__name__}); scoring it now")
+            continue
+        record = e.record()
+        ctx.say(f"eval: {label} was scored while {e.during} trained (in {record['ended_s']:.0f} s; "
+                f"{e.during} took {record['training_ended_s'] or 0:.0f} s)")
+        devices = raytrain.devices_held(ctx.cfg.resources)
+        ctx.meter.add_hold(e.began, max(d["ended"] for d in e.done), devices, gpu_alias(e.done[0]["device"]))
+        for d in e.done:
+            ctx.meter.add_worker(d["began"], d["phases"], devices / len(e.done), hold_began=e.began)
+        finished[label] = e
+    return finished
+
+
 def run(ctx: StageContext) -> StageOutput:
     """Shards every checkpoint's scoring over `resources.workers` Ray tasks; the driver only merges and averages."""
 
@@ -189,17 +276,13 @@ def run(ctx: StageContext) -> StageOutput:
     task_names = [k for k in TASKS if k in tasks]
     protocol, samples = cfg.eval.protocol, cfg.eval.bootstrap_samples
     metrics = prior_scores(tasks, cfg.eval.limit, samples, cfg.seed)
-    targets = checkpoints(ctx)
-    n = cfg.resources.workers
+    targets = checkpoints(cfg, ctx.inputs)
     files = task_files(task_names, protocol)
-    digests = {model_dir: model_digest(Path(model_dir)) for _, model_dir in targets} if ctx.item_cache else {}
-    jobs = [{"label": label, "model_dir": model_dir, "tasks": tasks, "shard": k, "num_shards": n,
-             "protocol": protocol, "batch_size": cfg.eval.batch_size, "max_new_tokens": cfg.eval.max_new_tokens,
-             "limit": cfg.eval.limit, "seed": cfg.seed, "trust_remote_code": cfg.model.trust_remote_code,
-             "reasoning_tags": cfg.eval.reasoning_tags, "task_files": files,
-             "item_cache": ctx.item_cache, "model_digest": digests.get(model_dir)}
-            for label, model_dir in targets for k in range(n)]
-    done = raytrain.run_held(score_shard, jobs, cfg, ctx.meter, "eval")
+    early = {label: e for label, e in _finished_early(ctx).items() if e.model_dir == dict(targets).get(label)}
+    jobs = [job for label, e in early.items() for job in e.jobs]
+    jobs += shard_jobs(cfg, tasks, [(label, d) for label, d in targets if label not in early], ctx.item_cache)
+    done = [d for e in early.values() for d in e.done]
+    done += raytrain.run_held(score_shard, jobs[len(done):], cfg, ctx.meter, "eval") if len(jobs) > len(done) else []
     shards = []
     for i, (label, _) in enumerate(targets):
         mine = [(job, d) for job, d in zip(jobs, done, strict=True) if job["label"] == label]
@@ -224,6 +307,7 @@ def run(ctx: StageContext) -> StageOutput:
     keys = sorted({d["result"]["cache_key"] for d in done if d["result"]["cache_key"]})
     return StageOutput(metrics=metrics, outputs={"scored": [label for label, _ in targets], "shards": shards,
                                                  "protocol": protocol, "task_files": files, "answers": answered,
-                                                 "item_cache_keys": keys},
+                                                 "item_cache_keys": keys,
+                                                 "while_training": [e.record() for e in early.values()]},
                        ran_on={"shards": [{"node_id": d["node_id"], "device": d["device"], "hardware": d["hardware"]}
                                           for d in done]})

@@ -159,6 +159,39 @@ def test_dpo_job_trains_across_nodes_and_scores_on_the_workers(cluster):
     assert len(client.get_metric_history(dpo_run.info.run_id, "dpo/loss")) == 4  # rank 0's steps, each once
 
 
+def test_eval_scores_the_base_model_on_the_free_node_while_sft_trains(cluster, tmp_path):
+    """One training rank on one worker node, the other node free: with eval.while_training=on the base model is
+    scored there while sft trains, and every score equals that of off (forced: a plain rerun would reuse every stage,
+    as while_training is not in the stage key)."""
+    env = {**cluster["env"], "RAY_ADDRESS": cluster["gcs"]}
+    overrides = tiny_overrides(**{"resources.workers": 1, "resources.cpus_per_worker": 1,
+                                  "tracking.uri": cluster["tracking"]})
+
+    def run(*extra: str) -> tuple[dict, Path, str]:
+        proc = subprocess.run([str(BIN / "harness"), "run", "sft", f"--output-dir={tmp_path / 'runs'}", *overrides,
+                               *extra], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        path = max((tmp_path / "runs").glob("*/result.json"), key=lambda p: p.stat().st_mtime)
+        return json.loads(path.read_text()), path.parent, " ".join(proc.stdout.split())
+
+    on, run_dir, said = run("eval.while_training=on")
+    off, _, _ = run("eval.while_training=off", "--force")
+    scores = {k: v for k, v in off["metrics"].items() if k.startswith("eval/")}
+    assert "eval/base_mean_accuracy" in scores and {k: on["metrics"][k] for k in scores} == scores
+    assert "eval: scoring base on 1 spare worker(s) while sft trains" in said, said
+    evaluation, sft = _stage(run_dir, "eval"), _stage(run_dir, "sft")
+    (early,) = evaluation["outputs"]["while_training"]
+    assert early["checkpoint"] == "base" and early["during"] == "sft" and 0 < early["ended_s"]
+    assert early["training_ended_s"] > 0
+    base_nodes = {s["node_id"] for s in evaluation["outputs"]["shards"] if s["checkpoint"] == "base"}
+    assert base_nodes and base_nodes.isdisjoint(sft["ran_on"]["rank_nodes"])  # the other node
+    assert (run_dir / "logs" / "ray" / "eval-base.shard0.log").exists()
+    # its device time is the eval stage's: every held second in one phase
+    assert sum(evaluation["held"].values()) == pytest.approx(evaluation["accelerator_hours"] * 3600, rel=1e-3)
+    assert evaluation["held"]["generation"] > 0
+    assert _stage(run_dir.parent / off["run_id"], "eval")["outputs"]["while_training"] == []
+
+
 def test_more_workers_than_the_cluster_holds_fail_with_what_it_has(cluster, tmp_path):
     """4 one-CPU workers on a cluster with room for 2: waits placement_timeout_s, then one clear error, exit 2,
     before any stage ran."""

@@ -86,6 +86,23 @@ def test_sft_pipeline_end_to_end(ray_session, workdir):
     assert int(ray.get(arena_limit.remote())) >= 64
 
 
+def test_eval_while_training_on_stops_where_there_is_no_room(ray_session):
+    """eval.while_training=on where the training ranks take every CPU of the local Ray: one clear error, nothing
+    started. (Scoring beside training, and its scores: test_cluster.)"""
+    from runtime.errors import UserError
+    from stages import StageOutput
+    from stages.eval import score_while_training
+
+    cfg = load_config(None, tiny_overrides(**{"eval.while_training": "on",  # one rank takes the local Ray's CPUs
+                                              "resources.cpus_per_worker": os.cpu_count()}))
+    made = {"model": StageOutput(metrics={}, outputs={"model_dir": "/nonexistent/base"})}
+    with pytest.raises(UserError, match=r"while_training=on: while sft trains on 1 worker\(s\), the cluster has room "
+                                        r"for 0 more.*eval.while_training=auto"):
+        score_while_training(cfg, made, "sft", None, set())
+    assert score_while_training(cfg.model_copy(update={"eval": cfg.eval.model_copy(
+        update={"while_training": "auto"})}), made, "sft", None, set()) == []
+
+
 def test_bad_data_fails_cleanly(ray_session, workdir):
     """A dataset missing its question column: clear error, no result.json, no MLflow run left RUNNING."""
     from datasets import Dataset, Image

@@ -19,6 +19,7 @@ def test_the_private_names_it_uses_are_there():
     from ray._private import state
 
     assert "actor_state_name" in inspect.signature(state.actors).parameters
+    assert list(inspect.signature(state.available_resources_per_node).parameters) == []
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
