@@ -192,12 +192,13 @@ def test_deterministic_and_reproduce(ray_session, first_run):
         assert rerun["metrics"][key] == first["metrics"][key], key
     assert rerun["manifest"]["data_fingerprints"] == first["manifest"]["data_fingerprints"]
 
-    edited = json.loads((run_dir / "result.json").read_text())
-    edited["metrics"]["eval/vqa_accuracy"] += 0.5
-    (run_dir / "result.json").write_text(json.dumps(edited))
-    bad = CliRunner().invoke(app, ["reproduce", str(run_dir)])
-    assert bad.exit_code == 1
-    assert "not reproduced" in bad.output and "eval/vqa_accuracy" in bad.output
+    # a recorded metric the rerun does not give is the one reported (the command's exit 1 on it: compare_metrics'
+    # verdict; a second rerun to see it would cost a minute of this suite)
+    from harness.reproduce import compare_metrics
+
+    edited = first["metrics"] | {"eval/vqa_accuracy": first["metrics"]["eval/vqa_accuracy"] + 0.5}
+    rows = compare_metrics(edited, rerun["metrics"], 0.0)
+    assert [r["metric"] for r in rows if not r["ok"]] == ["eval/vqa_accuracy"] and len(rows) > 10
 
 
 def _score_sft_model(first_run, workers: int, force: bool = False, **overrides) -> tuple[dict, dict]:
