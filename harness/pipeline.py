@@ -183,8 +183,6 @@ class _Runner:
                 outputs[name] = StageOutput(metrics=record["metrics"], outputs=entry["outputs"])
                 self.say(f"stage {name}: reused from cache ({entry['stage_dir']})")
             else:
-                if name in TRAINING_STAGES:
-                    self._score_while_training(name, outputs)
                 record, outputs[name] = self._compute(name, key, stage_dir, outputs, child)
                 for early in self.early.values():
                     if early.during == name:
@@ -231,6 +229,8 @@ class _Runner:
                            ray_storage=storage, ray_name=ray_name, say=self.say,
                            item_cache=self._item_cache(), early=self.early if name == "eval" else {})
         start = time.perf_counter()
+        if name in TRAINING_STAGES:  # inside the stage's time: the room check may start the local Ray
+            self._score_while_training(name, outputs)
         out = STAGES[name].run(ctx)
         wall = time.perf_counter() - start
         cost = meter.summary(cfg.cost.prices, cfg.cost.price_per_hour)

@@ -261,8 +261,7 @@ def submit_shards(fn: Callable, shards: list, resources, stage: str, max_retries
 
 def spare_workers(resources, busy_workers: int) -> int:
     """How many more workers of ``resources``' shape the cluster has room for now, beyond ``busy_workers`` about to
-    start (a stage's training ranks): what is free on each live node, each worker on one node."""
-    ensure_ray()
+    start (a stage's training ranks): what is free on each live node, each worker on one node. (Ray started.)"""
     return max(0, room_for(worker_bundle(resources), ray_private.free_per_node()) - busy_workers)
 
 

@@ -108,6 +108,7 @@ def score_while_training(cfg, inputs: dict[str, StageOutput], during: str, item_
     targets = [(label, d) for label, d in checkpoints(cfg, inputs) if d not in scoring]
     if mode == "off" or not targets or raytrain.in_tune_trial():
         return []
+    raytrain.ensure_ray(cfg.ray.dashboard)  # as the training stage starts it
     spare = raytrain.spare_workers(cfg.resources, busy_workers=cfg.resources.workers)
     if spare < cfg.resources.workers:
         if mode == "on":

@@ -178,6 +178,11 @@ def test_eval_scores_the_base_model_on_the_free_node_while_sft_trains(cluster, t
     off, _, _ = run("eval.while_training=off", "--force")
     scores = {k: v for k, v in off["metrics"].items() if k.startswith("eval/")}
     assert "eval/base_mean_accuracy" in scores and {k: on["metrics"][k] for k in scores} == scores
+
+    def predictions(run: Path) -> dict[str, str]:  # every answer: the scores are 0 here, the base model's answers vary
+        return {p.name: p.read_text() for p in sorted((run / "eval").glob("predictions_*.jsonl"))}
+
+    assert len(predictions(run_dir)) == 4 and predictions(run_dir) == predictions(run_dir.parent / off["run_id"])
     assert "eval: scoring base on 1 spare worker(s) while sft trains" in said, said
     evaluation, sft = _stage(run_dir, "eval"), _stage(run_dir, "sft")
     (early,) = evaluation["outputs"]["while_training"]
