@@ -119,11 +119,12 @@ class _Runner:
             tracker.log_artifact(self.parent, str(self.run_dir / "config.yaml"))
             outputs: dict[str, StageOutput] = {}
             records, keys, codes = [], [], []
-            for name in self.cfg.stages_of(self.pipeline):  # every key first: training looks ahead to the eval's
+            names = self.cfg.stages_of(self.pipeline)
+            for name in names:  # every key first: a training stage looks ahead to the eval's
                 depends, code = self._depends(name)
                 keys.append(stage_key(name, STAGES[name].CONFIG_KEYS, self.resolved, keys, depends))
                 codes.append(code)
-            self.keys = dict(zip(self.cfg.stages_of(self.pipeline), keys, strict=True))
+            self.keys = dict(zip(names, keys, strict=True))
             for (name, key), code in zip(self.keys.items(), codes, strict=True):
                 records.append(self._stage(name, key, outputs, code))
             result = self._assemble(records, outputs, manifest)

@@ -70,11 +70,12 @@ def shard_jobs(cfg, tasks: dict, targets: list[tuple[str, str]], item_cache) -> 
     """score_shard's jobs: ``resources.workers`` shards of each target's scoring."""
     protocol, n = cfg.eval.protocol, cfg.resources.workers
     files = task_files([k for k in TASKS if k in tasks], protocol)
+    digests = {model_dir: model_digest(Path(model_dir)) for _, model_dir in targets} if item_cache else {}
     return [{"label": label, "model_dir": model_dir, "tasks": tasks, "shard": k, "num_shards": n,
              "protocol": protocol, "batch_size": cfg.eval.batch_size, "max_new_tokens": cfg.eval.max_new_tokens,
              "limit": cfg.eval.limit, "seed": cfg.seed, "trust_remote_code": cfg.model.trust_remote_code,
              "reasoning_tags": cfg.eval.reasoning_tags, "task_files": files, "item_cache": item_cache,
-             "model_digest": model_digest(Path(model_dir)) if item_cache else None}
+             "model_digest": digests.get(model_dir)}
             for label, model_dir in targets for k in range(n)]
 
 
