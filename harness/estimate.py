@@ -56,9 +56,10 @@ import yaml
 from rich.text import Text
 
 from harness.console import Display, duration
+from harness.inputs import check_inputs
 from harness.pipeline import run_pipeline
 from runtime import raytrain
-from runtime.config import load_config
+from runtime.config import PipelineConfig, load_config, merge, parse_overrides
 from runtime.cost import device_model
 from runtime.errors import ConfigError, UserError
 from runtime.tracking import Tracker
@@ -122,15 +123,22 @@ def parse_devices(values: list[str] | None) -> list[str]:
     return out
 
 
-def check(cfg, pipeline: str, devices: list[str]) -> None:
-    """Everything that can fail before the calibration starts (raises UserError)."""
-    for name in cfg.stages_of(pipeline):
+def check(cfg, pipeline: str, devices: list[str], steps: int) -> None:
+    """Everything that can fail before the calibration starts (raises UserError): each stage's own check, a price per
+    device, and what the calibration run would check before its first stage (room for its workers here, this
+    machine's price, local data sources), before its temporary directory and MLflow store exist."""
+    stages = cfg.stages_of(pipeline)
+    for name in stages:
         STAGES[name].check(cfg)
     for device in devices:
         key = DEVICES[device].price_key
         if key not in cfg.cost.prices:
             raise ConfigError(f"cost: no price for device {key} (priced: {', '.join(cfg.cost.prices)}): set "
                               f"cost.prices.{key}=<USD per device-hour>")
+    if cfg.model.source == "tiny":  # the model the calibration runs (any other is traced only)
+        overrides, _ = calibration_overrides(cfg, pipeline, steps)
+        short = PipelineConfig.model_validate(merge(cfg.model_dump(mode="json"), parse_overrides(overrides)))
+        check_inputs(short, stages, say=lambda _: None)  # its warnings are the run's own, printed when it runs
 
 
 # ------------------------------------------------------------------------------------------------ calibration
@@ -822,7 +830,7 @@ def estimate(cfg, pipeline: str, devices: list[str], steps: int, console=None) -
     """Predict ``pipeline`` on each of ``devices``: memory from each device stage's traced step; time from a short
     calibration run of the pipeline here (the tiny default), or, for any other model, from its traced step (no step of
     the real model runs). Raises UserError before any work."""
-    check(cfg, pipeline, devices)
+    check(cfg, pipeline, devices, steps)
     stages = cfg.stages_of(pipeline)
     calibrated = cfg.model.source == "tiny"
     if console is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from evals.registry import TASKS
 from runtime.errors import UserError
 from runtime.secrets import redact_text
-from runtime.tracking import cost_view_url
+from runtime.tracking import cost_view_url, store_exists
 
 DEFAULT_METRIC = "eval/mean_accuracy"
 # `--sort` names (the table's short headers, task names, or the row keys of --format json): row key, best first
@@ -36,6 +36,8 @@ def collect(uri: str, experiment: str, pipeline: str | None, metric: str, filter
         raise UserError(f"--sort: unknown column '{sort}' (one of acc, usd, $/pt, acc-h, util, run, pipe, model, "
                         f"a task ({', '.join(TASKS)}), or a key of --format json)")
     wanted = [_filter(f) for f in filters or []]
+    if not store_exists(uri):  # no store, no runs (reading a missing SQLite file would create an empty one)
+        return []
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)

@@ -68,23 +68,33 @@ class _Runner:
         self.resolved = redact(cfg.model_dump(mode="json"))  # what is written and logged: no secrets
         self.out, root = out, out.local  # a bucket's run directories are worked on in its local mirror
         self.cache = StageCache(root / ".cache", warn=self.say, remote=out if out.uri else None)
-        self.tracker = Tracker(cfg.tracking.resolved_uri(), cfg.tracking.experiment)  # fails if unreachable
-        self.tracker.reap_stale(say=self.say)
         self.run_id = cfg.run_name or new_run_id(pipeline)
         self.keys: dict[str, str] = {}  # each stage's cache key
         self.early: dict = {}  # label -> stages.eval.Early: the eval's scorings started while training ran
         self.run_dir = root / self.run_id
-        self.hasher = TreeHasher(self.cache.root / "fingerprints.json")
+        # what can refuse the run comes before anything is written: a finished run_name (read-only to check), the
+        # tracking store (fails if unreachable; a SQLite file is created here, on first use), the run's lease (and,
+        # holding it, finished once more: a concurrent run of the same name may have finished meanwhile)
+        self._refuse_finished()
+        self.tracker = Tracker(cfg.tracking.resolved_uri(), cfg.tracking.experiment)
         self.run_lease = Lease(self.cache.root / "leases" / f"run-{self.run_id}")
         owner = self.run_lease.try_acquire()
         if owner is not None:
             raise UserError(f"run '{self.run_id}' is in progress in another process (pid {owner['pid']} on "
                             f"{owner['host']}): wait for it to finish, or choose another run_name")
-        if self.out.has(self.run_dir / "result.json") and not force:
+        try:
+            self._refuse_finished()
+        except UserError:
             self.run_lease.release()
-            done = self.out.uri_of(self.run_dir / "result.json")
-            raise UserError(f"run '{self.run_id}' has already finished ({done}): rerun with "
-                            "--force to recompute it, or choose another run_name")
+            raise
+        self.tracker.reap_stale(say=self.say)
+        self.hasher = TreeHasher(self.cache.root / "fingerprints.json")
+
+    def _refuse_finished(self) -> None:
+        done = self.run_dir / "result.json"
+        if self.out.has(done) and not self.force:
+            raise UserError(f"run '{self.run_id}' has already finished ({self.out.uri_of(done)}): rerun with --force "
+                            "to recompute it, or choose another run_name")
 
     def say(self, text: str) -> None:
         self.display.say(text)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -21,9 +20,9 @@ from evals import registry
 from runtime.config import TrackingConfig
 from runtime.cost import BUSY_PHASES, PHASES
 from runtime.errors import UserError
-from runtime.records import read_result
+from runtime.records import read_grades_history, read_result
 from runtime.secrets import redact_text
-from runtime.tracking import cost_view_url, publish_cost_view
+from runtime.tracking import cost_view_url, publish_cost_view, store_exists
 
 METRIC_TITLES = {t.metric: f"{t.title} ({t.metric})" for t in registry.TASKS.values()}  # a task metric -> its title
 
@@ -144,11 +143,6 @@ def resolve(target: str, tracking_uri: str | None, experiment: str | None, outpu
     return run
 
 
-def store_exists(uri: str) -> bool:
-    """False for a SQLite store whose file is missing (reading it would create an empty one)."""
-    return not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).is_file()
-
-
 def _find_parent(client, experiment: str, name: str):
     """The pipeline run named ``name`` (newest), or whose MLflow run id is ``name``."""
     exp = client.get_experiment_by_name(experiment)
@@ -188,7 +182,11 @@ def curves(run: Run) -> dict[str, dict[str, tuple[list, list]]]:
         name = record["name"]
         if f"{name}/steps" not in record["metrics"]:
             continue  # not a training stage
-        source = _stage_source(run, record)
+        try:
+            source = _stage_source(run, record)
+        except Exception as exc:  # an unreachable or damaged store, a result.json's key it cannot query: no curves
+            run.notes.append(f"{name}: its training curves could not be read from MLflow ({type(exc).__name__})")
+            continue
         if source is None:
             run.notes.append(f"{name}: no MLflow run holds its training curves")
             continue
@@ -216,7 +214,7 @@ def grades_curves(run: Run, stage_curves: dict) -> dict[str, dict[str, tuple[lis
                   for k, v in stage_curves.get(name, {}).items() if k.startswith("grades/frozen_fraction")}
         if not logged:
             path = stage_dir(record, run.run_dir) / "grades_history.json"
-            logged = frozen_fractions(json.loads(path.read_text())) if path.is_file() else {}
+            logged = frozen_fractions(read_grades_history(path)) if path.exists() else {}
         if logged:
             out[name] = logged
     return out
@@ -482,19 +480,22 @@ def against_base(run: Run) -> str | None:
 def write_report(run: Run) -> Path:
     """Write ``<run dir>/report/`` (report.html and one PNG per figure); log it to the parent MLflow run."""
     plt = _plt()
-    out = run.run_dir / "report"
-    out.mkdir(exist_ok=True)
     paired = against_base(run)
     sections = [paired] if paired else []
+    pngs = {}  # drawn before report/ exists: a file the figures read that is bad stops the command with nothing made
     for stem, (title, fig) in figures(run).items():
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100)
         plt.close(fig)
-        (out / f"{stem}.png").write_bytes(buf.getvalue())
+        pngs[f"{stem}.png"] = buf.getvalue()
         data = base64.b64encode(buf.getvalue()).decode()
         sections.append(f'<h2>{html.escape(title)}</h2>\n<img alt="{html.escape(title)}" '
                         f'src="data:image/png;base64,{data}">')
+    out = run.run_dir / "report"
+    out.mkdir(exist_ok=True)
+    for name, png in pngs.items():
+        (out / name).write_bytes(png)
     path = out / "report.html"
     path.write_text(_page(run, sections))
     if run.client is not None and run.mlflow_run_id:

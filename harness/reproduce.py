@@ -115,10 +115,11 @@ def code_differences(recorded: dict) -> list[str]:
         if changed:
             out.append(f"stage {stage['name']} ran other code: {', '.join(changed)} "
                        f"(recorded at git {str(code.get('git_sha'))[:12]})")
-    packages = recorded.get("manifest", {}).get("packages", {})
+    packages = recorded.get("manifest", {}).get("packages")
+    packages = packages if isinstance(packages, dict) else {}  # a damaged record's versions are unknown, not an error
     for name, version in dependency_versions().items():
         old = packages.get(name.replace("-", "_"), packages.get(name))
-        if old is not None and version is not None and old != version:
+        if isinstance(old, str) and version is not None and old != version:
             out.append(f"package {name}: recorded {old}, now {version}")
     return out
 

@@ -23,6 +23,7 @@ import yaml
 from pydantic import ValidationError
 
 from evals.registry import TASKS
+from harness.inputs import check_inputs, fit_run
 from harness.leaderboard import pareto_front
 from harness.pipeline import new_run_id, run_pipeline
 from harness.report import stage_record
@@ -486,6 +487,17 @@ def log_sweep(tracker: Tracker, parent: str, sweep: dict, sweep_dir: Path, space
     tracker.log_metrics(parent, {"cost/usd": sweep["cost_usd"], "trials/failed": float(len(rows) - ok)})
 
 
+def preflight(base: PipelineConfig, prefix: list[str], stages: list[str], console=None) -> None:
+    """What a run of the pipeline checks before its first stage (harness.pipeline.run_pipeline), for the sweep as a
+    whole, before its directory, MLflow run or Ray exist: the shared stages' own checks (check_space did the trials'),
+    room for the workers, prices, local data sources, and that the stages fit the device at some batch size."""
+    for name in prefix:
+        STAGES[name].check(base)
+    say = console.print if console else print
+    check_inputs(base, stages, say=say)
+    fit_run(base, stages, say=lambda _: None)  # its choices are each run's own; here only whether any fits
+
+
 def run_sweep(cfg, pipeline: str, fixed: list[str], space: dict[str, tuple[str, list]], trials: int,
               objective: str, mode: str, output_dir: str | None, console=None, scheduler: str | None = None) -> dict:
     """Run the sweep; write and return sweep.json's content."""
@@ -494,6 +506,7 @@ def run_sweep(cfg, pipeline: str, fixed: list[str], space: dict[str, tuple[str, 
     stages = base.stages_of(pipeline)
     prefix = shared_prefix(stages, list(space))
     check_space(base, stages[len(prefix):], space)
+    preflight(base, prefix, stages, console)
     root = sweep_root(output_dir, cfg)
     sweep_id = new_run_id(f"sweep-{pipeline}")
     sweep_dir = root / sweep_id

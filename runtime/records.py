@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 
 from runtime.config import SCHEMA_VERSION, load_yaml
 from runtime.errors import ConfigError, UserError
@@ -22,6 +22,12 @@ MAX_BYTES = 64 * 2 ** 20  # the largest record read back (a five-task run's resu
 class Record(BaseModel):
     """A file vlmlab wrote: the fields a reader needs are typed, the rest kept as written."""
     model_config = ConfigDict(extra="allow")
+
+
+class StageCode(Record):
+    """The project code a stage ran (schema 2 on): file -> digest, and the git commit."""
+    files: dict[str, str] = Field(default_factory=dict)
+    git_sha: str | None = None
 
 
 class StageRecord(Record):
@@ -37,6 +43,7 @@ class StageRecord(Record):
     outputs: dict[str, Any] = Field(default_factory=dict)
     held: dict[str, float] | None = None
     reused_from: str | None = None
+    code: StageCode | None = None
 
 
 class TrackingRecord(Record):
@@ -64,6 +71,16 @@ class ResultRecord(Record):
     wall_seconds: float = 0.0
     reused_stages: list[str] = Field(default_factory=list)
     mlflow_run_id: str | None = None
+
+
+class MatrixHistory(Record):
+    """One weight matrix in a stage's grades_history.json (stages/support/grades.py ``history()``)."""
+    group: str
+    changes: list[tuple[int, float]] = Field(default_factory=list)  # (step, relative change) per GradES check
+    frozen_at: int | None = None
+
+
+GradesHistory = RootModel[dict[str, MatrixHistory]]
 
 
 def _fix(hint: str) -> str:
@@ -123,6 +140,10 @@ def read_result(path: Path, hint: str = "give the result.json a `harness run` wr
 
 def read_stage(path: Path, hint: str = "rerun the stage (delete its directory) or restore the file") -> dict:
     return read_json(path, StageRecord, "stage record", hint)
+
+
+def read_grades_history(path: Path) -> dict:
+    return read_json(path, GradesHistory, "GradES history", "rerun the stage with GradES on, or delete the file")
 
 
 def read_mapping_yaml(path: Path, what: str, hint: str) -> dict:

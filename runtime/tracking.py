@@ -59,6 +59,11 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def store_exists(uri: str) -> bool:
+    """False for a SQLite store whose file is missing (reading it would create an empty one)."""
+    return not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).is_file()
+
+
 class Tracker:
     """MLflow writes for one process. If the store becomes unreachable mid-run, every later write goes to an
     outbox file in the run directory (`attach_outbox`) instead, and `harness sync RUN_DIR` replays it."""

@@ -154,6 +154,24 @@ CASES = [
      "download it first"),
     ("workers-beyond-the-machine", [*RUN, "resources.workers=4096"], {}, "resources.workers: 4096 worker(s)",
      "lower resources.workers"),
+    # each command checks what its work would check before that work starts: a sweep its shared stages' checks,
+    # room and data; an estimate its calibration run's; a run its finished run_name before the MLflow store exists
+    ("sweep-workers-beyond-the-machine", ["sweep", "dpo-beta", "resources.workers=4096"], {},
+     "resources.workers: 4096 worker(s)", "lower resources.workers"),
+    ("sweep-shared-model-not-a-model", ["sweep", "dpo-beta", "model.source={d}/m"],
+     {"m/config.json": '{"model_type": "nope"}'}, "config.json does not load",
+     "give a Hugging Face checkpoint directory"),
+    ("estimate-workers-beyond-the-machine", ["estimate", "sft", "-d", "T4", "resources.workers=4096"], {},
+     "resources.workers: 4096 worker(s)", "lower resources.workers"),
+    ("run-name-finished", [*RUN, "run_name=done"], {"runs/done/result.json": "{}"}, "has already finished",
+     "rerun with --force"),
+    ("leaderboard-pipeline-quote", ["leaderboard", "--pipeline", "sft' or '1'='1"], {}, "not a pipeline name",
+     "`harness runs` lists"),
+    ("report-bad-grades-history", ["report", "{d}/r"],
+     {"r/result.json": json.dumps({"run_id": "r", "pipeline": "sft", "config": {}, "metrics": {}, "manifest": {},
+                                   "stages": [{"name": "sft", "metrics": {"sft/grades/frozen_fraction": 0.5}}]}),
+      "r/sft/grades_history.json": '{"q_proj": {"group": "language", "changes": [["x", 1]]}}'},
+     "grades_history.json: not a vlmlab GradES history (q_proj.changes.0.0", "rerun the stage with GradES on"),
     # secrets: a token-shaped run name (it becomes paths and MLflow names), a secret-named key's value never echoed
     ("secret-run-name", [*RUN, "run_name=ghp_" + "a" * 36], {}, "run_name: looks like a secret", "pick another name"),
     ("secret-key-value", [*RUN, "sft.runtime_env.env_vars={HF_TOKEN: [hunter2]}"], {},
@@ -213,6 +231,7 @@ CASES = [
     ("negative-tolerance", ["reproduce", "{d}", "--tolerance", "-1"], {}, "Invalid value for '--tolerance'",
      "--help"),
     ("unknown-command", ["frob"], {}, "No such command 'frob'", "--help"),
+    ("ui-port-out-of-range", ["ui", "--port", "0"], {}, "Invalid value for '--port'", "--help"),
     # a path the OS refuses, given to any command: one line naming it (found by tests/test_cli_properties.py)
     ("report-name-too-long", ["report", "x" * 300], {}, "File name too long", "give a path this system can open"),
     ("override-control-character", [*RUN, "sft.max_steps=\x1f"], {}, "not valid YAML", "fix it there"),
@@ -304,3 +323,12 @@ def test_a_bug_is_one_line_and_exit_1_with_the_traceback_in_a_redacted_log(tmp_p
     text = log.read_text()
     assert "Traceback (most recent call last)" in text and 'raise RuntimeError("store' in text
     assert "hunter2" not in text and "http://***@db.example/x" in text
+
+
+@pytest.mark.parametrize("argv", [["leaderboard"], ["runs"], ["leaderboard", "--format", "json"]])
+def test_reading_commands_create_no_store(workdir, argv):
+    """A command that only reads runs, with no MLflow store yet, says there is nothing and creates nothing (reading a
+    missing SQLite file through MLflow would create an empty store)."""
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    assert sorted(workdir.rglob("*")) == []

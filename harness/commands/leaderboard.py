@@ -1,6 +1,8 @@
 """`harness leaderboard`: runs ranked by accuracy with their cost, the Pareto front marked."""
 from __future__ import annotations
 
+import re
+
 import typer
 
 from harness.commands.common import TRACKING_HELP, console, err, reading_store
@@ -27,6 +29,9 @@ def leaderboard(
 
     if fmt not in ("table", "markdown", "csv", "json"):
         raise UserError(f"--format must be table, markdown, csv or json (got {fmt!r})")
+    if pipeline is not None and not re.fullmatch(r"[\w.-]+", pipeline):
+        raise UserError(f"--pipeline {pipeline!r}: not a pipeline name (letters, digits, _ . -); "
+                        "`harness runs` lists the pipelines run")
     uri = TrackingConfig(uri=tracking_uri).resolved_uri()
     with reading_store(uri):
         rows = lb.collect(uri, experiment, pipeline, metric, filters, sort)

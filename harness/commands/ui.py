@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import typer
 
-from harness.commands.common import TRACKING_HELP, console, interruptible
+from harness.commands.common import TRACKING_HELP, console, interruptible, reading_store
 
 
 def ui(
-    port: int = typer.Option(5000, "--port", "-p", help="Port to listen on."),
+    port: int = typer.Option(5000, "--port", "-p", min=1, max=65535, help="Port to listen on."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (127.0.0.1: this machine only)."),
     experiment: str = typer.Option("vlmlab", "--experiment", "-e", help="Experiment whose cost view to print."),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
@@ -20,5 +20,6 @@ def ui(
 
     interruptible()
     uri = TrackingConfig(uri=tracking_uri).resolved_uri()
-    report.serve_ui(uri, host, port, experiment, say=lambda text: console.print(text, soft_wrap=True,
-                                                                               highlight=False))
+    with reading_store(uri):  # unreachable, foreign or not a store: one line naming it
+        report.serve_ui(uri, host, port, experiment, say=lambda text: console.print(text, soft_wrap=True,
+                                                                                   highlight=False))
