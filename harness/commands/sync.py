@@ -20,7 +20,7 @@ def sync(
 
     from runtime.config import TrackingConfig  # pydantic, and MLflow's client below: only when a run is synced
     from runtime.records import read_mapping_yaml
-    from runtime.tracking import outbox_files, sync_outbox
+    from runtime.tracking import outbox_files, store_exists, sync_outbox
 
     root = Path(run_dir)
     if not root.is_dir():
@@ -35,6 +35,9 @@ def sync(
         uri = TrackingConfig(uri=tracking_uri or recorded.get("uri")).resolved_uri()
     except ValidationError:
         raise UserError(f"{root / 'config.yaml'}: tracking.uri is not a tracking URI; give --tracking-uri") from None
+    if not store_exists(uri):  # a mistyped path would get a new, empty store, and the outbox would move there
+        raise UserError(f"no MLflow store at {uri}: give the store this run logged to (--tracking-uri), or, to start "
+                        "a new one there, create the file first (an empty file is a new store)")
     notes: list[str] = []
     try:
         done = sync_outbox(uri, root, warn=lambda text: (notes.append(text), warn(text)))
