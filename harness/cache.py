@@ -124,7 +124,7 @@ class StageCache:
             elif sha256_file(Path(file)) != digest:
                 problem = f"hash mismatch for {file}"
         if problem:
-            self.warn(f"cache: entry for stage '{name}' is damaged ({problem}); recomputing")
+            self.warn(f"cache: entry for stage '{name}' is damaged ({problem}; {path.name}); recomputing")
             path.unlink(missing_ok=True)
             self.clear_ray(name, key)
             return None

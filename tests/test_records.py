@@ -1,7 +1,8 @@
 """Files vlmlab reads back (#39): a run's result.json, mutated every way Hypothesis finds (cut short, a value of
 another type anywhere, a key dropped or added, another top level, bytes that are not UTF-8, a directory), read by every
 command that reads it: `harness runs`, `gc` and `report` (`reproduce`'s bad files are test_bad_input's table: a
-usable file would rerun for real). Each must exit 0 (the mutation left a usable
+usable file would rerun for real); a stage's cache entry (its stage record) through the stage cache; a run's
+config.yaml through `harness sync`. Each must exit 0 (the mutation left a usable
 file) or 2 with one `error:` line naming the file; never 1, never a traceback, never a file created by a failure.
 Seeded, Hypothesis's database off, no Ray, no server: a few seconds each."""
 from __future__ import annotations
@@ -71,21 +72,23 @@ def _set(doc, path, value=None, delete=False):
 
 
 @st.composite
-def mutated(draw) -> bytes:
-    """The bytes of a result.json after one hostile change."""
+def mutated(draw, valid: dict = VALID, paths: list | None = None, dump=json.dumps) -> bytes:
+    """The bytes of a file holding ``valid`` (written by ``dump``: result.json by default) after one hostile change at
+    one of ``paths``."""
+    paths = PATHS if paths is None else paths
     kind = draw(st.sampled_from(["retype", "drop", "add", "cut", "top", "bytes"]))
-    text = json.dumps(VALID)
+    text = dump(valid)
     if kind == "retype":
-        return json.dumps(_set(VALID, draw(st.sampled_from(PATHS)), draw(json_values))).encode()
+        return dump(_set(valid, draw(st.sampled_from(paths)), draw(json_values))).encode()
     if kind == "drop":
-        return json.dumps(_set(VALID, draw(st.sampled_from(PATHS)), delete=True)).encode()
+        return dump(_set(valid, draw(st.sampled_from(paths)), delete=True)).encode()
     if kind == "add":
-        path = draw(st.sampled_from([p for p in PATHS if isinstance(_get(VALID, p), dict)] or [()]))
-        return json.dumps(_set(VALID, (*path, draw(st.text(min_size=1, max_size=6))), draw(json_values))).encode()
+        path = draw(st.sampled_from([p for p in paths if isinstance(_get(valid, p), dict)] or [()]))
+        return dump(_set(valid, (*path, draw(st.text(min_size=1, max_size=6))), draw(json_values))).encode()
     if kind == "cut":
         return text[:draw(st.integers(0, len(text) - 1))].encode()
     if kind == "top":
-        return json.dumps(draw(json_values)).encode()
+        return dump(draw(json_values)).encode()
     return draw(st.binary(max_size=64))
 
 
@@ -171,3 +174,54 @@ def test_a_directory_or_an_unreadable_file_is_named(tmp_path):
         secret.chmod(0)
         with pytest.raises(UserError, match="cannot be read"):
             read_result(secret)
+
+
+ENTRY = {"key": "1" * 64, "stage_dir": "runs/x/sft", "record": _stage("sft"), "outputs": {"model_dir": "runs/x/m"},
+         "files": {}}
+
+
+@SETTINGS
+@given(body=mutated(ENTRY, [p for p in _paths(ENTRY) if p]))
+def test_a_damaged_cache_entry_is_reported_and_recomputed(tmp_path, body):
+    """A stage's cache entry (its stage record, outputs and file digests) read back: the entry as written, or a miss
+    with one warning naming the file (the stage is recomputed); never an exception."""
+    from harness.cache import StageCache
+
+    warnings: list[str] = []
+    cache = StageCache(tmp_path, warn=warnings.append)
+    path = tmp_path / f"sft-{'1' * 24}.json"
+    path.write_bytes(body)
+    entry = cache.lookup("sft", "1" * 64)
+    if entry is None:
+        assert len(warnings) == 1 and path.name in warnings[0] and "\n" not in warnings[0], warnings
+        assert not path.exists()  # deleted: the recomputed stage writes a new one
+    else:
+        assert entry["key"] == "1" * 64 and isinstance(entry["record"]["name"], str) and not warnings
+
+
+CONFIG = load_config("tiny").model_dump(mode="json")
+
+
+def _yaml(doc) -> str:
+    import yaml
+
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+@SETTINGS
+@given(body=mutated(CONFIG, [p for p in _paths(CONFIG) if p and len(p) <= 2], dump=_yaml))
+def test_sync_reads_the_run_config_or_names_it(runs_dir, monkeypatch, body):
+    """A run's config.yaml read back by `harness sync` (where it finds the run's tracking store): exit 0 or 2 with one
+    line, never 1, never a traceback, nothing created by a failure."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    (runs_dir / "config.yaml").write_bytes(body)
+    (runs_dir / "mlflow_outbox.jsonl").write_text('{"op": "set_terminated", "run_id": "r", "status": "KILLED"}\n')
+    root = runs_dir.parent.parent
+    before = set(root.rglob("*"))
+    out = CliRunner().invoke(app, ["sync", str(runs_dir)])
+    lines = out.output.strip().splitlines()
+    assert out.exit_code in (0, 2) and "Traceback" not in out.output, (out.exit_code, out.output[-2000:], body[:300])
+    assert len(lines) == 1, out.output
+    if out.exit_code == 2:
+        assert lines[0].startswith("error: ") and set(root.rglob("*")) == before, out.output
