@@ -52,14 +52,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from pydantic import ValidationError
 from rich.text import Text
 
 from harness.console import Display, duration
 from harness.inputs import check_inputs
 from harness.pipeline import run_pipeline
 from runtime import raytrain
-from runtime.config import PipelineConfig, load_config, merge, parse_overrides
+from runtime.config import PipelineConfig, format_errors, merge, parse_overrides
 from runtime.cost import device_model
 from runtime.errors import ConfigError, UserError
 from runtime.tracking import Tracker
@@ -136,8 +136,7 @@ def check(cfg, pipeline: str, devices: list[str], steps: int) -> None:
             raise ConfigError(f"cost: no price for device {key} (priced: {', '.join(cfg.cost.prices)}): set "
                               f"cost.prices.{key}=<USD per device-hour>")
     if cfg.model.source == "tiny":  # the model the calibration runs (any other is traced only)
-        overrides, _ = calibration_overrides(cfg, pipeline, steps)
-        short = PipelineConfig.model_validate(merge(cfg.model_dump(mode="json"), parse_overrides(overrides)))
+        short = shortened_config(cfg, calibration_overrides(cfg, pipeline, steps)[0])
         check_inputs(short, stages, say=lambda _: None)  # its warnings are the run's own, printed when it runs
 
 
@@ -336,15 +335,18 @@ def calibrate(cfg, pipeline: str, steps: int, console=None) -> dict:
             "calibration_wall_s": pipeline_s}
 
 
-def shortened_config(cfg, overrides: list[str], tmp: Path):
-    """``cfg`` with the calibration's overrides, writing into ``tmp`` (its runs and its own SQLite MLflow store)."""
+def shortened_config(cfg, overrides: list[str], tmp: Path | None = None):
+    """``cfg`` with the calibration's overrides (merged and validated as load_config does); with ``tmp``, writing into
+    it (its runs and its own SQLite MLflow store)."""
     raw = cfg.model_dump(mode="json")
-    raw["run_name"] = None
-    raw["output_dir"] = str(tmp / "runs")
-    raw["tracking"] = {**raw["tracking"], "uri": f"sqlite:///{tmp / 'mlflow.db'}"}
-    config_file = tmp / "config.yaml"
-    config_file.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return load_config(str(config_file), overrides)
+    if tmp is not None:
+        raw["run_name"] = None
+        raw["output_dir"] = str(tmp / "runs")
+        raw["tracking"] = {**raw["tracking"], "uri": f"sqlite:///{tmp / 'mlflow.db'}"}
+    try:
+        return PipelineConfig.model_validate(merge(raw, parse_overrides(overrides)))
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, "the calibration's overrides")) from None
 
 
 def run_calibration(short, pipeline: str, tmp: Path, ray_was_up: bool, console) -> tuple[dict, dict, float, float]:

@@ -82,13 +82,13 @@ class _Runner:
         if owner is not None:
             raise UserError(f"run '{self.run_id}' is in progress in another process (pid {owner['pid']} on "
                             f"{owner['host']}): wait for it to finish, or choose another run_name")
-        try:
+        try:  # holding the lease: anything that fails from here gives it back (run() does once this returns)
             self._refuse_finished()
-        except UserError:
+            self.tracker.reap_stale(say=self.say)
+            self.hasher = TreeHasher(self.cache.root / "fingerprints.json")
+        except BaseException:
             self.run_lease.release()
             raise
-        self.tracker.reap_stale(say=self.say)
-        self.hasher = TreeHasher(self.cache.root / "fingerprints.json")
 
     def _refuse_finished(self) -> None:
         done = self.run_dir / "result.json"

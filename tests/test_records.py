@@ -189,14 +189,14 @@ def test_a_damaged_cache_entry_is_reported_and_recomputed(tmp_path, body):
 
     warnings: list[str] = []
     cache = StageCache(tmp_path, warn=warnings.append)
-    path = tmp_path / f"sft-{'1' * 24}.json"
+    path = cache._entry_path("sft", ENTRY["key"])  # where store() puts it
     path.write_bytes(body)
-    entry = cache.lookup("sft", "1" * 64)
+    entry = cache.lookup("sft", ENTRY["key"])
     if entry is None:
         assert len(warnings) == 1 and path.name in warnings[0] and "\n" not in warnings[0], warnings
         assert not path.exists()  # deleted: the recomputed stage writes a new one
     else:
-        assert entry["key"] == "1" * 64 and isinstance(entry["record"]["name"], str) and not warnings
+        assert entry["key"] == ENTRY["key"] and isinstance(entry["record"]["name"], str) and not warnings
 
 
 CONFIG = load_config("tiny").model_dump(mode="json")
