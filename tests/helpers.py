@@ -5,14 +5,18 @@ import importlib.util
 import json
 import os
 import re
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -336,3 +340,81 @@ def reference_run(pipeline: str, manifest: dict) -> tuple[Path, dict]:
         if tolerance_for(recorded["manifest"], manifest)[0] == 0.0:
             return path, recorded
     return legacy, json.loads(legacy.read_text())
+
+
+NODES_SCRIPT = """
+import json, sys, time
+import ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+deadline = time.time() + float(sys.argv[2])
+while True:
+    alive = [{"id": n["NodeID"], "cpus": n["Resources"].get("CPU", 0)} for n in ray.nodes() if n["Alive"]]
+    if len(alive) >= int(sys.argv[3]) or time.time() > deadline:
+        break
+    time.sleep(1)
+print(json.dumps(alive))
+"""
+
+
+@contextmanager
+def local_cluster(worker_cpus: tuple[int, ...] = (1, 1)):
+    """A multi-node Ray cluster on this machine, as a lab runs one: a head with nothing schedulable (0 CPUs, 0 GPUs),
+    one worker node per entry of ``worker_cpus`` with that many CPUs (each its own raylet), token auth, and a real
+    `mlflow server`, all on loopback. Yields its addresses (``address``: the dashboard, ``gcs``, ``tracking``), the
+    ``env`` to reach it with, its ``tmp`` directory and the node ids of the ``head`` and the ``workers``. Used by
+    tests/test_cluster.py and benchmarks/eval_scale.py; every process it started is killed on exit."""
+    bin_dir = Path(sys.executable).parent
+    tmp = Path(tempfile.mkdtemp(prefix="vc", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
+    token = tmp / "auth_token"  # Ray's token auth, with a token of this cluster's own (not ~/.ray's)
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard, mlflow_port = free_port(), free_port(), free_port()
+    common = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    procs: list[subprocess.Popen] = []
+    names = ["head"] + [f"worker{i}" for i in range(1, len(worker_cpus) + 1)]
+
+    def start(name: str, args: list[str]) -> subprocess.Popen:
+        with open(tmp / f"{name}.log", "w") as log:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(proc)
+        return proc
+
+    def own_ports() -> list[str]:
+        # every node its own agent and metrics ports: Ray's defaults (52365 for the agent's HTTP server, the one job
+        # submission talks to) collide with any other Ray on the machine, such as a test on the other xdist worker.
+        # Seen: the head's agent never registered and every `ray job submit` answered "No available agent" for 180 s
+        return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+
+    try:
+        head = start("head", [str(bin_dir / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=0",
+                              "--num-gpus=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                              f"--temp-dir={tmp / 'ray'}", *own_ports(), *common])
+        address = f"http://127.0.0.1:{dashboard}"
+        # any answer (even a 401 for an unauthenticated call) means it is up
+        wait_http(f"{address}/api/version", head, "the Ray head's dashboard", log=tmp / "head.log", any_status=True)
+        for i, cpus in enumerate(worker_cpus, 1):  # raylets on one machine: each its own temp dir (sockets) and
+            # ports, else they collide (seen: "The current node timed out during startup")
+            start(f"worker{i}", [str(bin_dir / "ray"), "start", f"--address=127.0.0.1:{gcs}", f"--num-cpus={cpus}",
+                                 "--num-gpus=0", f"--temp-dir={tmp / f'w{i}'}", *own_ports(), *common])
+        server = start("mlflow", [str(bin_dir / "mlflow"), "server", "--backend-store-uri",
+                                  f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination", str(tmp / "artifacts"),
+                                  "--host", "127.0.0.1", "--port", str(mlflow_port)])
+        # worker nodes took > 15 s to register on 2 busy cores: ask the GCS rather than sleep
+        nodes = subprocess.run([sys.executable, "-c", NODES_SCRIPT, f"127.0.0.1:{gcs}", "240", str(len(names))],
+                               env=env, capture_output=True, text=True, timeout=400)
+        alive = json.loads(nodes.stdout.strip().splitlines()[-1]) if nodes.returncode == 0 else []
+        logs = "".join(f"\n--- {n}.log\n" + (tmp / f"{n}.log").read_text()[-1500:] for n in names)
+        assert len(alive) == len(names), nodes.stdout[-2000:] + nodes.stderr[-2000:] + logs
+        wait_http(f"http://127.0.0.1:{mlflow_port}/health", server, "mlflow server", 240, log=tmp / "mlflow.log",
+                  any_status=True)
+        yield {"address": address, "gcs": f"127.0.0.1:{gcs}", "env": env, "tmp": tmp,
+               "tracking": f"http://127.0.0.1:{mlflow_port}",
+               "head": {n["id"] for n in alive if n["cpus"] == 0}, "workers": {n["id"] for n in alive if n["cpus"]}}
+    finally:
+        for proc in procs:  # SIGKILL: `ray start --block` takes ~30 s to stop its node on SIGTERM
+            stop_session(proc)
+        shutil.rmtree(tmp, ignore_errors=True)

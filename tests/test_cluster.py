@@ -4,33 +4,17 @@ server`. `ray job submit -- harness run dpo` must train DDP across both nodes an
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, free_port, loopback_only, stop_session, tiny_overrides, wait_http
+from helpers import ROOT, local_cluster, loopback_only, tiny_overrides
 from mlflow.tracking import MlflowClient
 
 BIN = Path(sys.executable).parent
-NODES_SCRIPT = """
-import json, sys, time
-import ray
-ray.init(address=sys.argv[1], log_to_driver=False)
-deadline = time.time() + float(sys.argv[2])
-while True:
-    alive = [{"id": n["NodeID"], "cpus": n["Resources"].get("CPU", 0)} for n in ray.nodes() if n["Alive"]]
-    if len(alive) >= int(sys.argv[3]) or time.time() > deadline:
-        break
-    time.sleep(1)
-print(json.dumps(alive))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -38,60 +22,8 @@ def cluster():
     """Head (0 CPUs, 0 GPUs) + two 1-CPU worker nodes + an MLflow server, all on loopback."""
     if not loopback_only():
         pytest.fail("cluster tests must run inside a loopback-only network namespace: use scripts/test")
-    tmp = Path(tempfile.mkdtemp(prefix="vc", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
-    token = tmp / "auth_token"  # Ray's token auth, with a token of this cluster's own (not ~/.ray's)
-    token.write_text(secrets.token_hex(32))
-    token.chmod(0o600)
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    env.pop("RAY_ADDRESS", None)
-    gcs, dashboard, mlflow_port = free_port(), free_port(), free_port()
-    common = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
-    procs: list[subprocess.Popen] = []
-
-    def start(name: str, args: list[str]) -> subprocess.Popen:
-        with open(tmp / f"{name}.log", "w") as log:  # the child keeps its own copy of the descriptor
-            proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        procs.append(proc)
-        return proc
-
-    def own_ports() -> list[str]:
-        # every node its own agent and metrics ports: Ray's defaults (52365 for the agent's HTTP server, the one job
-        # submission talks to) collide with any other Ray on the machine, such as a test on the other xdist worker.
-        # Seen: the head's agent never registered and every `ray job submit` answered "No available agent" for 180 s
-        return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
-
-    try:
-        head = start("head", [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=0", "--num-gpus=0",
-                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                              f"--temp-dir={tmp / 'ray'}", *own_ports(), *common])
-        address = f"http://127.0.0.1:{dashboard}"
-        # any answer (even a 401 for an unauthenticated call) means it is up
-        wait_http(f"{address}/api/version", head, "the Ray head's dashboard", log=tmp / "head.log", any_status=True)
-        for i in (1, 2):  # two raylets on one machine: each its own temp dir (sockets) and ports, else they
-            # collide (seen: "The current node timed out during startup")
-            start(f"worker{i}", [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1",
-                                 "--num-gpus=0", f"--temp-dir={tmp / f'w{i}'}", *own_ports(), *common])
-        server = start("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri",
-                                  f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination", str(tmp / "artifacts"),
-                                  "--host", "127.0.0.1", "--port", str(mlflow_port)])
-        # worker nodes took > 15 s to register on 2 busy cores: ask the GCS rather than sleep
-        nodes = subprocess.run([sys.executable, "-c", NODES_SCRIPT, f"127.0.0.1:{gcs}", "240", "3"], env=env,
-                               capture_output=True, text=True, timeout=400)
-        alive = json.loads(nodes.stdout.strip().splitlines()[-1]) if nodes.returncode == 0 else []
-        logs = "".join(f"\n--- {n}.log\n" + (tmp / f"{n}.log").read_text()[-1500:]
-                       for n in ("head", "worker1", "worker2"))
-        assert len(alive) == 3, nodes.stdout[-2000:] + nodes.stderr[-2000:] + logs
-        wait_http(f"http://127.0.0.1:{mlflow_port}/health", server, "mlflow server", 240, log=tmp / "mlflow.log",
-                  any_status=True)
-        yield {"address": address, "gcs": f"127.0.0.1:{gcs}", "env": env, "tmp": tmp,
-               "tracking": f"http://127.0.0.1:{mlflow_port}",
-               "head": {n["id"] for n in alive if n["cpus"] == 0}, "workers": {n["id"] for n in alive if n["cpus"]}}
-    finally:
-        for proc in procs:  # SIGKILL: `ray start --block` takes ~30 s to stop its node on SIGTERM
-            stop_session(proc)
-        shutil.rmtree(tmp, ignore_errors=True)
+    with local_cluster() as started:
+        yield started
 
 
 def _stage(run_dir: Path, name: str) -> dict:
@@ -162,10 +94,12 @@ def test_dpo_job_trains_across_nodes_and_scores_on_the_workers(cluster):
 def test_eval_scores_the_base_model_on_the_free_node_while_sft_trains(cluster, tmp_path):
     """One training rank on one worker node, the other node free: with eval.while_training=on the base model is
     scored there while sft trains, and every score equals that of off (forced: a plain rerun would reuse every stage,
-    as while_training is not in the stage key)."""
+    as while_training is not in the stage key). With eval.checkpoints=all the checkpoint sft saves at step 2 of 4 is
+    scored there too, with the answers of an sft that stops at step 2 (a constant learning rate: the same first two
+    steps)."""
     env = {**cluster["env"], "RAY_ADDRESS": cluster["gcs"]}
     overrides = tiny_overrides(**{"resources.workers": 1, "resources.cpus_per_worker": 1,
-                                  "tracking.uri": cluster["tracking"]})
+                                  "sft.lr_scheduler": "constant", "tracking.uri": cluster["tracking"]})
 
     def run(*extra: str) -> tuple[dict, Path, str]:
         proc = subprocess.run([str(BIN / "harness"), "run", "sft", f"--output-dir={tmp_path / 'runs'}", *overrides,
@@ -174,18 +108,21 @@ def test_eval_scores_the_base_model_on_the_free_node_while_sft_trains(cluster, t
         path = max((tmp_path / "runs").glob("*/result.json"), key=lambda p: p.stat().st_mtime)
         return json.loads(path.read_text()), path.parent, " ".join(proc.stdout.split())
 
-    on, run_dir, said = run("eval.while_training=on")
-    off, _, _ = run("eval.while_training=off", "--force")
+    on, run_dir, said = run("eval.while_training=on", "eval.checkpoints=all")
+    off, off_dir, _ = run("eval.while_training=off", "--force")
     scores = {k: v for k, v in off["metrics"].items() if k.startswith("eval/")}
     assert "eval/base_mean_accuracy" in scores and {k: on["metrics"][k] for k in scores} == scores
 
-    def predictions(run: Path) -> dict[str, str]:  # every answer: the scores are 0 here, the base model's answers vary
-        return {p.name: p.read_text() for p in sorted((run / "eval").glob("predictions_*.jsonl"))}
+    def predictions(run: Path, label: str, named: str | None = None) -> dict[str, str]:  # every answer: the scores
+        # are 0 here, the answers vary. ``named``: as if the checkpoint were labelled so
+        return {p.name.replace(f"_{label}_", f"_{named or label}_"): p.read_text()
+                for p in sorted((run / "eval").glob(f"predictions_{label}_*.jsonl"))}
 
-    assert len(predictions(run_dir)) == 4 and predictions(run_dir) == predictions(run_dir.parent / off["run_id"])
+    for label in ("base", "sft"):
+        assert len(predictions(run_dir, label)) == 2 and predictions(run_dir, label) == predictions(off_dir, label)
     assert "eval: scoring base on 1 spare worker(s) while sft trains" in said, said
     evaluation, sft = _stage(run_dir, "eval"), _stage(run_dir, "sft")
-    (early,) = evaluation["outputs"]["while_training"]
+    early, step2 = evaluation["outputs"]["while_training"]
     assert early["checkpoint"] == "base" and early["during"] == "sft" and 0 < early["ended_s"]
     assert early["training_ended_s"] > 0
     base_nodes = {s["node_id"] for s in evaluation["outputs"]["shards"] if s["checkpoint"] == "base"}
@@ -194,7 +131,31 @@ def test_eval_scores_the_base_model_on_the_free_node_while_sft_trains(cluster, t
     # its device time is the eval stage's: every held second in one phase
     assert sum(evaluation["held"].values()) == pytest.approx(evaluation["accelerator_hours"] * 3600, rel=1e-3)
     assert evaluation["held"]["generation"] > 0
-    assert _stage(run_dir.parent / off["run_id"], "eval")["outputs"]["while_training"] == []
+    assert _stage(off_dir, "eval")["outputs"]["while_training"] == []
+
+    # eval.checkpoints=all: step 2's checkpoint, scored on the free node, billed to sft, a curve in MLflow
+    assert step2["checkpoint"] == "sft-step2" and step2["during"] == "sft" and 0 < step2["began_s"] < step2["ended_s"]
+    (scored,) = sft["outputs"]["checkpoint_scores"]
+    record = json.loads(Path(scored["file"]).read_text())
+    assert {s["node_id"] for s in record["shards"]}.isdisjoint(sft["ran_on"]["rank_nodes"])
+    assert sft["held"]["generation"] > 0
+    assert sum(sft["held"].values()) == pytest.approx(sft["accelerator_hours"] * 3600, rel=1e-3)
+    (curve,) = evaluation["outputs"]["checkpoints"]
+    assert curve["step"] == 2 and "mean_accuracy_ci_high" in curve["metrics"]
+    client = MlflowClient(tracking_uri=cluster["tracking"])
+    history = client.get_metric_history(evaluation_run(client, on["mlflow_run_id"]),
+                                        "eval/checkpoints/sft/mean_accuracy")
+    assert [m.step for m in history] == [2]
+    two, two_dir, _ = run("sft.max_steps=2", "eval.while_training=off", "eval.score_base=false")
+    assert two["metrics"]["sft/steps"] == 2
+    assert predictions(run_dir, "sft-step2", "sft") == predictions(two_dir, "sft")
+
+
+def evaluation_run(client, parent: str) -> str:
+    """The MLflow run id of the eval stage of the pipeline run ``parent``."""
+    runs = client.search_runs([client.get_run(parent).info.experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{parent}' and tags.`vlmlab.stage` = 'eval'")
+    return runs[0].info.run_id
 
 
 def test_more_workers_than_the_cluster_holds_fail_with_what_it_has(cluster, tmp_path):
