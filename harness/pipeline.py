@@ -213,10 +213,14 @@ class _Runner:
         self.tracker.end(child, "FINISHED")
         return record
 
+    def _eval_runs(self) -> bool:
+        """Whether this run's pipeline scores: it has an eval stage the cache does not give."""
+        return "eval" in self.keys and (self.force or self.cache.lookup("eval", self.keys["eval"]) is None)
+
     def _score_while_training(self, name: str, outputs: dict[str, StageOutput]) -> None:
         """Before training stage ``name``: where the pipeline's eval will run, score the models made so far on spare
         workers while it trains (eval.while_training; stages/eval.py)."""
-        if "eval" not in self.keys or (not self.force and self.cache.lookup("eval", self.keys["eval"]) is not None):
+        if not self._eval_runs():
             return
         started = STAGES["eval"].score_while_training(self.cfg, outputs, name, self._item_cache(),
                                                       {e.model_dir for e in self.early.values()})
@@ -238,7 +242,9 @@ class _Runner:
         ctx = StageContext(name=name, cfg=cfg, run_dir=self.run_dir, stage_dir=stage_dir, inputs=dict(outputs),
                            tracker=self.tracker, mlflow_run_id=child, meter=meter,
                            ray_storage=storage, ray_name=ray_name, say=self.say,
-                           item_cache=self._item_cache(), early=self.early if name == "eval" else {})
+                           item_cache=self._item_cache(), early=self.early if name == "eval" else {},
+                           score_checkpoints=name in TRAINING_STAGES and cfg.eval.checkpoints == "all"
+                           and self._eval_runs())
         start = time.perf_counter()
         if name in TRAINING_STAGES:  # inside the stage's time: the room check may start the local Ray
             self._score_while_training(name, outputs)

@@ -20,7 +20,7 @@ from evals import registry
 from runtime.config import TrackingConfig
 from runtime.cost import BUSY_PHASES, PHASES
 from runtime.errors import UserError
-from runtime.records import read_grades_history, read_result
+from runtime.records import checkpoint_rows, read_grades_history, read_result
 from runtime.secrets import redact_text
 from runtime.tracking import cost_view_url, publish_cost_view, store_exists
 
@@ -374,6 +374,32 @@ def accuracy_figure(tables: dict):
     return fig
 
 
+def checkpoints_figure(rows: list[dict], metrics: dict[str, float], final: str | None):
+    """eval.checkpoints=all: each training stage's scores at the checkpoints it saved (95 % band), ending at its final
+    model's score (``final``: the stage whose model is the pipeline's, scored as ``eval/<metric>``)."""
+    if not rows:
+        return None
+    keys = ["mean_accuracy"] + [m for m in METRIC_TITLES if any(m in r["metrics"] for r in rows)]
+    fig, axes = _grid(len(keys))
+    stages = list(dict.fromkeys(r["stage"] for r in rows))
+    for ax, key in zip(axes, keys, strict=True):
+        for stage in stages:
+            mine = sorted((r for r in rows if r["stage"] == stage and key in r["metrics"]), key=lambda r: r["step"])
+            steps, values = [r["step"] for r in mine], [r["metrics"][key] for r in mine]
+            low = [r["metrics"].get(f"{key}_ci_low", v) for r, v in zip(mine, values, strict=True)]
+            high = [r["metrics"].get(f"{key}_ci_high", v) for r, v in zip(mine, values, strict=True)]
+            score = metrics.get(f"eval/{stage}_{key}", metrics.get(f"eval/{key}") if stage == final else None)
+            if score is not None and f"{stage}/steps" in metrics:  # the stage's model, where its curve ends
+                steps, values = steps + [metrics[f"{stage}/steps"]], values + [score]
+            (line,) = ax.plot(steps, values, marker="o", ms=3, label=stage)
+            ax.fill_between(steps[:len(low)], low, high, color=line.get_color(), alpha=0.15)
+        _over_steps(ax, METRIC_TITLES.get(key, "mean accuracy over tasks"), "score")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=8)
+    fig.suptitle("Scores of the checkpoints each stage saved, while it trained (last point: its final model)")
+    return fig
+
+
 def cost_figure(stages: list[dict]):
     fig, (ax,) = _grid(1, width=7, height=0.5 * len(stages) + 1.6)
     names = [s["name"] for s in stages][::-1]
@@ -434,11 +460,16 @@ def grades_figure(frozen: dict):
 def figures(run: Run) -> dict[str, tuple[str, object]]:
     """file stem -> (section title, matplotlib figure), in report order; figures without data are left out."""
     stage_curves = curves(run)
+    outputs = next((s["outputs"] for s in run.result["stages"] if s["name"] == "eval"), {})
+    scored = outputs.get("scored")  # the checkpoints the eval scored, the pipeline's final model last
     made = {
         "loss": ("Training loss", loss_figure(stage_curves)),
         "dpo_rewards": ("DPO reward margin and accuracy", dpo_figure(stage_curves.get("dpo", {}))),
         "grpo_rewards": ("GRPO rewards", grpo_figure(stage_curves.get("grpo", {}))),
         "accuracy": ("Accuracy per question type", accuracy_figure(accuracy_table(run.result))),
+        "checkpoints": ("Scores while training (eval.checkpoints=all)", checkpoints_figure(
+            checkpoint_rows(outputs.get("checkpoints", []), run.run_dir / "result.json"), run.result["metrics"],
+            scored[-1] if isinstance(scored, list) and scored and isinstance(scored[-1], str) else None)),
         "cost": ("Cost per stage", cost_figure(run.result["stages"])),
         "held": ("Held device time per stage", held_figure(run.result["stages"])),
         "grades": ("GradES: frozen weight matrices", grades_figure(grades_curves(run, stage_curves))),

@@ -400,6 +400,11 @@ class EvalConfig(StageSection):
         "the next one trains, on workers beyond the training ranks (the same shards and batches: the same scores). "
         "auto: where the cluster has room for them, else after training as with off; on: stop with an error where "
         "it has none")
+    checkpoints: Literal["final", "all"] = Field(
+        "final", description="final: the base model and each stage's model; all: also every checkpoint a training "
+        "stage saves before its end (each save_steps), scored through Ray Train's checkpoint validation on workers "
+        "beyond the training ranks while it trains (where there is no room: once its workers are free, before the "
+        "stage ends); needs while_training auto or on")
     bootstrap_samples: int = Field(1000, ge=100, description="resamples of the items for each metric's 95% interval")
     reasoning_tags: list[TagPair] = Field(
         default_factory=lambda: [list(pair) for pair in REASONING_TAGS], max_length=16,
@@ -411,6 +416,13 @@ class EvalConfig(StageSection):
     def _yaml_switch(cls, value):
         """YAML reads `while_training: on` (and `=off`) as a bool."""
         return {False: "off", True: "on"}.get(value, value) if isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _checkpoints_while_training(self):
+        if self.checkpoints == "all" and self.while_training == "off":
+            raise ValueError("checkpoints=all scores each checkpoint while its stage trains: set while_training to "
+                             "auto (or on), or checkpoints to final")
+        return self
 
 
 class CostConfig(Section):

@@ -235,11 +235,13 @@ def _on_worker(fn: Callable, shard, use_gpu: bool, threads: int, log=None) -> di
         _task_phases = None
 
 
-def submit_shards(fn: Callable, shards: list, resources, stage: str, max_retries: int = 3) -> list:
+def submit_shards(fn: Callable, shards: list, resources, stage: str, max_retries: int = 3,
+                  logs: list | None = None) -> list:
     """Start ``fn(shard, device)`` once per shard as Ray tasks, each holding one worker's resources, so that a
     cluster's head (which has none) never runs one and the driver never loads a model. A task whose worker dies
     is retried (``max_retries``). Returns their ObjectRefs, in shard order; each comes to ``{result, seconds, began,
-    ended, phases, node_id, device, hardware}``. Their output goes to the running stage's logs as ``<stage>.shard<k>``.
+    ended, phases, node_id, device, hardware}``. Their output goes to the running stage's logs as ``<stage>.shard<k>``
+    (or to ``logs``, one WorkerLog per shard, where no stage runs in this process: a task submitting shards).
     """
     import ray
 
@@ -254,8 +256,9 @@ def submit_shards(fn: Callable, shards: list, resources, stage: str, max_retries
         options["num_gpus"] = resources.gpus_per_worker
     task = ray.remote(_on_worker).options(**options)
     threads = max(1, int(resources.cpus_per_worker))
-    live = active_stage()
-    logs = [live.worker_log(f"shard{i}", label=stage) if live else None for i in range(len(shards))]
+    if logs is None:
+        live = active_stage()
+        logs = [live.worker_log(f"shard{i}", label=stage) if live else None for i in range(len(shards))]
     return [task.remote(fn, shard, resources.use_gpu, threads, log) for shard, log in zip(shards, logs, strict=True)]
 
 
@@ -344,9 +347,12 @@ def _logged(loop: Callable[[dict], None], live, stage: str, ranks: int) -> Calla
 
 
 def fit(loop: Callable[[dict], None], settings, storage: Path | str, name: str, model_out: Path,
-        max_failures: int = 0, runtime_env: dict | None = None) -> dict:
+        max_failures: int = 0, runtime_env: dict | None = None, validation=None) -> dict:
     """Run ``loop({"settings": settings})`` on Ray Train workers; copy the final checkpoint (the trained model) to
-    ``model_out``. Returns the last report's metrics. ``storage`` is a directory or a bucket URI (s3://...).
+    ``model_out``. Returns the last report's metrics and ``model_copy_seconds`` (that copy). ``storage`` is a
+    directory or a bucket URI (s3://...).
+    ``validation``: a ray.train ValidationConfig for the checkpoints reported with ``validation`` (Ray runs it as a
+    task per checkpoint while training goes on; fit returns once every one has finished).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
@@ -361,11 +367,13 @@ def fit(loop: Callable[[dict], None], settings, storage: Path | str, name: str, 
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=max_failures),
                              callbacks=_tune_callbacks(), worker_runtime_env=runtime_env),
+        validation_config=validation,
     )
     result = trainer.fit()
     if result.error:
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"stage {name}: training finished without a final checkpoint")
+    copying = time.perf_counter()
     result.checkpoint.to_directory(str(model_out))
-    return dict(result.metrics or {})
+    return dict(result.metrics or {}) | {"model_copy_seconds": time.perf_counter() - copying}

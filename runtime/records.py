@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, RootModel, TypeAdapter, ValidationError
 
 from runtime.config import SCHEMA_VERSION, load_yaml
 from runtime.errors import ConfigError, UserError
@@ -83,6 +83,30 @@ class MatrixHistory(Record):
 GradesHistory = RootModel[dict[str, MatrixHistory]]
 
 
+class ScoredShard(Record):
+    """One shard of a checkpoint's scoring: where and when it ran (Unix times), its seconds per phase."""
+    node_id: str
+    device: str
+    began: float
+    ended: float
+    phases: dict[str, float] = Field(default_factory=dict)
+    items: int = 0
+    generated: int = 0
+
+
+class CheckpointScore(Record):
+    """A checkpoint a training stage saved and the eval scored while the stage trained (eval.checkpoints=all;
+    ``<stage>/checkpoint_scores/step-<N>.json``, written by stages/eval.py ``score_checkpoint``)."""
+    stage: str
+    step: int = Field(ge=1)
+    settings: dict[str, Any]  # what the scores depend on besides the weights (stages/eval.py checkpoint_settings)
+    began: float
+    ended: float
+    metrics: dict[str, float]
+    shards: list[ScoredShard] = Field(min_length=1)
+    items: list[dict[str, Any]]
+
+
 def _fix(hint: str) -> str:
     return f"; {hint}" if hint else ""
 
@@ -144,6 +168,28 @@ def read_stage(path: Path, hint: str = "rerun the stage (delete its directory) o
 
 def read_grades_history(path: Path) -> dict:
     return read_json(path, GradesHistory, "GradES history", "rerun the stage with GradES on, or delete the file")
+
+
+class CheckpointRow(Record):
+    """One checkpoint scored while its stage trained, as the eval stage reports it (``outputs.checkpoints``)."""
+    checkpoint: str
+    stage: str
+    step: int
+    metrics: dict[str, float]
+
+
+def checkpoint_rows(rows: Any, path: Path) -> list[dict]:
+    """The eval stage's ``outputs.checkpoints`` of the run recorded in ``path``, checked (a UserError naming it)."""
+    try:
+        return [r.model_dump() for r in TypeAdapter(list[CheckpointRow]).validate_python(rows)]
+    except ValidationError as exc:
+        where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].lower()}" for e in exc.errors()[:3])
+        raise UserError(f"{path}: the eval stage's outputs.checkpoints is not what vlmlab wrote ({where}); rerun the "
+                        "eval (harness run ... --force)") from None
+
+
+def read_checkpoint_score(path: Path) -> dict:
+    return read_json(path, CheckpointScore, "checkpoint score", "delete it: that checkpoint is left out")
 
 
 def read_mapping_yaml(path: Path, what: str, hint: str) -> dict:

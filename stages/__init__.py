@@ -86,6 +86,7 @@ class StageContext:
     say: Callable[[str], None] = print  # the run's console: warnings a user should see
     item_cache: Location | None = None  # where the eval keeps its answers (evals/item_cache.py); None: nowhere
     early: dict[str, Early] = field(default_factory=dict)  # the eval's scorings started while training ran, by label
+    score_checkpoints: bool = False  # a training stage: score each checkpoint it saves (eval.checkpoints=all)
 
     def latest(self, key: str) -> Any:
         """The most recent earlier stage's output ``key`` (e.g. the newest ``model_dir``)."""

@@ -9,6 +9,7 @@ driver merges the items' scores.
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections import defaultdict
@@ -22,9 +23,13 @@ from evals.item_cache import model_digest
 from evals.metrics import bootstrap_metric, interval, question_prior
 from evals.registry import TASKS
 from runtime import raytrain
+from runtime.atomic import atomic_write
+from runtime.config import TRAINING_STAGES
 from runtime.cost import gpu_alias
 from runtime.errors import UserError
 from runtime.manifest import fingerprint_files
+from runtime.output import active_stage
+from runtime.records import read_checkpoint_score
 from stages import StageContext, StageOutput
 
 CONFIG_KEYS = ("seed", "eval", "resources")
@@ -127,6 +132,90 @@ def score_while_training(cfg, inputs: dict[str, StageOutput], during: str, item_
     return started
 
 
+def checkpoint_settings(job: dict) -> dict:
+    """What a checkpoint's scores depend on besides its weights: a shard job, less which model, which shard of how
+    many (the batches are the same however many shards share them) and where answers are kept."""
+    skip = {"label", "model_dir", "shard", "num_shards", "item_cache", "model_digest", "checkpoint", "tasks"}
+    return {k: v for k, v in job.items() if k not in skip} | {"tasks": sorted(job["tasks"])}
+
+
+def checkpoint_scorer(cfg, stage: str, tasks: dict, start_dir: str, stage_dir: Path):
+    """Ray Train's ValidationConfig for eval.checkpoints=all (runtime.raytrain.fit): each checkpoint training stage
+    ``stage`` reports before its end is scored by ``score_checkpoint`` in a Ray task of its own (no resources: it
+    waits on its shards, which hold the workers) while training goes on."""
+    from ray.train import ValidationConfig
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    jobs = shard_jobs(cfg, tasks, [(stage, start_dir)], None)  # no item cache: each checkpoint is scored once
+    live = active_stage()
+    logs = [live.worker_log(f"checkpoints.shard{k}", label=f"eval-{stage}") if live else None
+            for k in range(len(jobs))]
+    fn = functools.partial(score_checkpoint, stage=stage, jobs=jobs, resources=cfg.resources, logs=logs,
+                           out_dir=str((stage_dir / "checkpoint_scores").resolve()),
+                           samples=cfg.eval.bootstrap_samples, seed=cfg.seed)
+    # outside the training workers' placement group (the shards too: runtime.raytrain.submit_shards)
+    return ValidationConfig(fn=fn, ray_remote_kwargs={
+        "num_cpus": 0, "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None)})
+
+
+def score_checkpoint(checkpoint, *, step: int, stage: str, jobs: list[dict], resources, logs: list, out_dir: str,
+                     samples: int, seed: int) -> dict:
+    """Ray Train's validation function (eval.checkpoints=all), in a Ray task while ``stage`` trains: the checkpoint
+    it reported at ``step``, scored by the eval's shard jobs (the same shards, batches and scores as the eval stage
+    gives a model), on workers of the training ranks' shape. Its items, metrics and shards' times go to
+    ``out_dir/step-<step>.json``, which the stage reads when training ends; Ray keeps the mean accuracy with the
+    checkpoint."""
+    import ray
+
+    label, began = f"{stage}-step{step}", time.time()
+    jobs = [job | {"label": label, "checkpoint": checkpoint} for job in jobs]
+    done = ray.get(raytrain.submit_shards(score_shard, jobs, resources, f"eval-{label}", logs=logs))
+    items = [item for d in done for item in d["result"]["items"]]
+    metrics = task_metrics(items, [k for k in TASKS if k in jobs[0]["tasks"]], samples, seed)
+    record = {"stage": stage, "step": step, "settings": checkpoint_settings(jobs[0]), "began": began,
+              "ended": time.time(), "metrics": metrics, "items": items,
+              "shards": [{"node_id": d["node_id"], "device": d["device"], "began": d["began"], "ended": d["ended"],
+                          "phases": d["phases"], "items": len(d["result"]["items"]),
+                          "generated": d["result"]["generated"]} for d in done]}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(out_dir) / f"step-{step:07d}.json", json.dumps(record))
+    return {"eval/mean_accuracy": metrics["mean_accuracy"]}
+
+
+def bill_scored_checkpoints(stage: str, stage_dir: Path, meter, devices: float, trained_at: float,
+                            expected: list[int], say) -> list[dict]:
+    """After training stage ``stage``'s fit (eval.checkpoints=all): the checkpoints scored while it trained, their
+    device time added to its meter (the devices they held beside the training ranks'), one line on the console, and
+    a warning for the ``expected`` steps without scores (their scoring failed: Ray Train logs why). Returns each
+    as {file, step, began_s, ended_s, training_ended_s} (seconds from the start of the stage's hold;
+    training_ended_s: when its last optimizer step ended)."""
+    found = []
+    for path in sorted((stage_dir / "checkpoint_scores").glob("step-*.json")):
+        try:
+            record = read_checkpoint_score(path)
+        except UserError as exc:
+            say(f"warning: {exc}")
+            continue
+        shards = record["shards"]
+        meter.add_hold(record["began"], record["ended"], devices, gpu_alias(shards[0]["device"]))
+        for shard in shards:
+            meter.add_worker(shard["began"], shard["phases"], devices / len(shards), hold_began=record["began"])
+        found.append({"file": str(path.resolve()), "step": record["step"],
+                      "mean_accuracy": record["metrics"]["mean_accuracy"],
+                      "began_s": round(record["began"] - meter.hold_began, 3),
+                      "ended_s": round(record["ended"] - meter.hold_began, 3),
+                      "training_ended_s": round(trained_at - meter.hold_began, 3)})
+    if found:
+        curve = ", ".join(f"step {f['step']}: {f['mean_accuracy']:.3f}" for f in found)
+        say(f"{stage}: scored {len(found)} checkpoint(s) while training (mean accuracy {curve})")
+    missing = sorted(set(expected) - {f["step"] for f in found})
+    if missing:
+        say(f"warning: {stage}'s checkpoint(s) of step(s) {', '.join(map(str, missing))} were not scored (their "
+            f"scoring failed: its shards log to the run's logs/ray/eval-{stage}.checkpoints.shard*.log); the eval "
+            "reports the others")
+    return found
+
+
 def prior_scores(tasks: dict, limit: int | None, samples: int, seed: int) -> dict[str, float]:
     """Question-only baseline: each question answered with its most frequent training answer."""
     import pyarrow.parquet as pq
@@ -149,8 +238,39 @@ def score_shard(job: dict, device: str) -> dict:
 
     Returns the items this shard answered (question, answers, type, subset, prediction, score), how many of them it
     generated and how many it read from the item cache; its seconds of start and generation go to the stage's
-    held-time split (runtime.raytrain.add_phase).
+    held-time split (runtime.raytrain.add_phase). A job with a ``checkpoint`` (a training checkpoint Ray Train
+    reported; ``model_dir`` is then the model its stage started from) scores that checkpoint, made whole here.
     """
+    import tempfile
+
+    if job.get("checkpoint") is None:
+        return _score(job, device, job["model_dir"])
+    with tempfile.TemporaryDirectory() as tmp:
+        with raytrain.phase("start"):
+            model_dir = materialize(job["checkpoint"], job["model_dir"], Path(tmp), job["trust_remote_code"])
+        return _score(job, device, model_dir)
+
+
+def materialize(checkpoint, start_dir: str, dest: Path, trust_remote_code: bool) -> str:
+    """A checkpoint a training stage reported (stages/support/callbacks.py CheckpointReporter: the HF checkpoint in
+    ``checkpoint/``) as a model directory lm-eval loads: its LoRA adapter, if it has one, merged into the model the
+    stage started from (``start_dir``), and that model's processor (training leaves it as it is)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    hf = Path(checkpoint.to_directory(str(dest / "reported"))) / "checkpoint"
+    model_dir = hf
+    if (hf / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base = AutoModelForImageTextToText.from_pretrained(start_dir, trust_remote_code=trust_remote_code,
+                                                           use_safetensors=True)
+        model_dir = dest / "merged"
+        PeftModel.from_pretrained(base, str(hf)).merge_and_unload().save_pretrained(model_dir, safe_serialization=True)
+    AutoProcessor.from_pretrained(start_dir, trust_remote_code=trust_remote_code).save_pretrained(model_dir)
+    return str(model_dir)
+
+
+def _score(job: dict, device: str, model_dir: str) -> dict:
     import tempfile
 
     with raytrain.phase("start"):  # lm-eval's imports and the model's load
@@ -167,7 +287,7 @@ def score_shard(job: dict, device: str) -> dict:
                                 "dtype": dtype, "task_files": job["task_files"], "seed": job["seed"],
                                 "batch_size": job["batch_size"], "max_new_tokens": job["max_new_tokens"]})
             cache = ItemCache(job["item_cache"], key, job["shard"])
-        lm = TimedHFMultimodalLM(pretrained=job["model_dir"], dtype=dtype, max_images=1, convert_img_format=True,
+        lm = TimedHFMultimodalLM(pretrained=model_dir, dtype=dtype, max_images=1, convert_img_format=True,
                                  device=device, batch_size=job["batch_size"],
                                  trust_remote_code=job["trust_remote_code"], shard=job["shard"],
                                  num_shards=job["num_shards"], item_cache=cache)
@@ -270,6 +390,48 @@ def _finished_early(ctx: StageContext) -> dict[str, Early]:
     return finished
 
 
+def _checkpoint_curves(ctx: StageContext, task_names: list[str]) -> tuple[list[dict], list[dict]]:
+    """eval.checkpoints=all: the checkpoints the training stages scored while they trained (score_checkpoint), each
+    scored again from its items with this stage's intervals, its predictions written, its main metrics logged to MLflow
+    at its step (``eval/checkpoints/<stage>/<metric>``: a curve per stage). Returns (curve rows, while_training
+    records). A checkpoint scored under other eval settings (a stage reused from the cache) is left out, said once."""
+    cfg, tasks = ctx.cfg, ctx.latest("tasks")
+    expected = json.loads(json.dumps(checkpoint_settings(shard_jobs(cfg, tasks, [("", "")], None)[0])))
+    rows, timings = [], []
+    for stage, out in ctx.inputs.items():
+        if stage not in TRAINING_STAGES:
+            continue
+        if "checkpoint_scores" not in out.outputs:
+            ctx.say(f"eval: {stage} scored no checkpoints while it trained (it ran with eval.checkpoints=final, or "
+                    f"is reused from one that did); --force reruns it")
+            continue
+        other = []
+        for entry in out.outputs["checkpoint_scores"]:
+            try:
+                record = read_checkpoint_score(Path(entry["file"]))
+            except UserError as exc:
+                ctx.say(f"warning: {exc}")
+                continue
+            if record["settings"] != expected:
+                other.append(record["step"])
+                continue
+            label = f"{stage}-step{record['step']}"
+            scores = task_metrics(record["items"], task_names, cfg.eval.bootstrap_samples, cfg.seed)
+            for task in task_names:
+                write_predictions([it for it in record["items"] if it["task"] == task],
+                                  ctx.stage_dir / f"predictions_{label}_{task}.jsonl", TASKS[task].metric)
+            main = {k: v for k, v in scores.items() if "/" not in k}  # per-question-type scores stay in predictions
+            ctx.tracker.log_metrics(ctx.mlflow_run_id, {f"eval/checkpoints/{stage}/{k}": v for k, v in main.items()},
+                                    step=record["step"])
+            rows.append({"checkpoint": label, "stage": stage, "step": record["step"], "metrics": main})
+            timings.append({"checkpoint": label, "during": stage, "began_s": entry["began_s"],
+                            "ended_s": entry["ended_s"], "training_ended_s": entry["training_ended_s"]})
+        if other:
+            ctx.say(f"eval: {stage}'s checkpoints at step(s) {', '.join(map(str, other))} were scored under other eval "
+                    f"settings and are left out; --force reruns {stage}")
+    return rows, timings
+
+
 def run(ctx: StageContext) -> StageOutput:
     """Shards every checkpoint's scoring over `resources.workers` Ray tasks; the driver only merges and averages."""
 
@@ -307,9 +469,10 @@ def run(ctx: StageContext) -> StageOutput:
                 f"({ctx.item_cache.directory}); --force generates them all again")
     ctx.tracker.set_tags(ctx.mlflow_run_id, {"eval.protocol": protocol, "eval.task_files": json.dumps(files)})
     keys = sorted({d["result"]["cache_key"] for d in done if d["result"]["cache_key"]})
+    curves, timings = _checkpoint_curves(ctx, task_names) if cfg.eval.checkpoints == "all" else ([], [])
     return StageOutput(metrics=metrics, outputs={"scored": [label for label, _ in targets], "shards": shards,
                                                  "protocol": protocol, "task_files": files, "answers": answered,
-                                                 "item_cache_keys": keys,
-                                                 "while_training": [e.record() for e in early.values()]},
+                                                 "item_cache_keys": keys, "checkpoints": curves,
+                                                 "while_training": [e.record() for e in early.values()] + timings},
                        ran_on={"shards": [{"node_id": d["node_id"], "device": d["device"], "hardware": d["hardware"]}
                                           for d in done]})

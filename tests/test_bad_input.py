@@ -175,6 +175,13 @@ CASES = [
                                    "stages": [{"name": "sft", "metrics": {"sft/grades/frozen_fraction": 0.5}}]}),
       "r/sft/grades_history.json": '{"q_proj": {"group": "language", "changes": [["x", 1]]}}'},
      "grades_history.json: not a vlmlab GradES history (q_proj.changes.0.0", "rerun the stage with GradES on"),
+    ("checkpoints-all-without-scoring-while-training", [*RUN, "eval.checkpoints=all", "eval.while_training=off"],
+     {}, "checkpoints=all scores each checkpoint while its stage trains", "set while_training to auto"),
+    ("report-bad-checkpoint-curve", ["report", "{d}/r"],
+     {"r/result.json": json.dumps({"run_id": "r", "pipeline": "sft", "config": {}, "metrics": {}, "manifest": {},
+                                   "stages": [{"name": "eval", "outputs": {"checkpoints": [{"step": "two"}]}}]})},
+     "the eval stage's outputs.checkpoints is not what vlmlab wrote (0.checkpoint: field required",
+     "rerun the eval"),
     # secrets: a token-shaped run name (it becomes paths and MLflow names), a secret-named key's value never echoed
     ("secret-run-name", [*RUN, "run_name=ghp_" + "a" * 36], {}, "run_name: looks like a secret", "pick another name"),
     ("secret-key-value", [*RUN, "sft.runtime_env.env_vars={HF_TOKEN: [hunter2]}"], {},

@@ -35,9 +35,16 @@ def _stage(name: str) -> dict:
             "outputs": {"model_dir": f"runs/{RUN}/{name}/model"}, "key": "0" * 64}
 
 
+def _eval_stage() -> dict:  # with a checkpoint scored while sft trained (eval.checkpoints=all): the report draws it
+    return _stage("eval") | {"outputs": {"scored": ["base", "sft"], "checkpoints": [
+        {"checkpoint": "sft-step2", "stage": "sft", "step": 2,
+         "metrics": {"vqa_accuracy": 0.1, "mean_accuracy": 0.1}}]}}
+
+
 VALID = {"schema_version": 2, "run_id": RUN, "pipeline": "sft", "config": load_config("tiny").model_dump(mode="json"),
          "metrics": {"eval/vqa_accuracy": 0.25, "eval/mean_accuracy": 0.3, "sft/steps": 4},
-         "manifest": {"git": {"sha": "0" * 40}, "seed": 0}, "stages": [_stage("sft")], "cost_usd": 0.0004,
+         "manifest": {"git": {"sha": "0" * 40}, "seed": 0}, "stages": [_stage("sft"), _eval_stage()],
+         "cost_usd": 0.0004,
          "accelerator_hours": 0.01, "wall_seconds": 30.0, "reused_stages": [], "mlflow_run_id": None}
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
@@ -225,3 +232,27 @@ def test_sync_reads_the_run_config_or_names_it(runs_dir, monkeypatch, body):
     assert len(lines) == 1, out.output
     if out.exit_code == 2:
         assert lines[0].startswith("error: ") and set(root.rglob("*")) == before, out.output
+
+
+def test_scored_checkpoints_are_billed_and_a_bad_or_missing_one_is_said(tmp_path):
+    """eval.checkpoints=all: after training, each checkpoint's scores (score_checkpoint's file) add the devices they
+    held to the training stage's meter; a damaged file and a step without one are each a warning, not an error."""
+    from runtime.cost import Meter
+    from stages.eval import bill_scored_checkpoints
+
+    scores = tmp_path / "checkpoint_scores"
+    scores.mkdir()
+    shard = {"node_id": "n1", "device": "CPU", "began": 1010.0, "ended": 1030.0, "phases": {"generation": 15.0},
+             "items": 32, "generated": 32}
+    record = {"stage": "sft", "step": 2, "settings": {}, "began": 1008.0, "ended": 1030.0, "items": [],
+              "metrics": {"mean_accuracy": 0.25}, "shards": [shard]}
+    (scores / "step-0000002.json").write_text(json.dumps(record))
+    (scores / "step-0000004.json").write_text('{"stage": "sft", "step": "four"')  # cut short
+    meter, said = Meter(devices=1.0, held_seconds=100.0, hold_began=1000.0), []
+    found = bill_scored_checkpoints("sft", tmp_path, meter, 1.0, 1040.0, [2, 4, 6], said.append)
+    assert [(f["step"], f["began_s"], f["ended_s"], f["training_ended_s"]) for f in found] == [(2, 8.0, 30.0, 40.0)]
+    assert meter.held_seconds == 122.0  # the training's 100 s and the scoring's 22 s, one device each
+    assert meter.spent == {"start": 2.0, "generation": 15.0}
+    assert said[0].startswith(f"warning: {scores / 'step-0000004.json'}: not valid JSON")
+    assert said[1] == "sft: scored 1 checkpoint(s) while training (mean accuracy step 2: 0.250)"
+    assert said[2].startswith("warning: sft's checkpoint(s) of step(s) 4, 6 were not scored")

@@ -16,7 +16,7 @@ from runtime.tracking import BackgroundStepLogger
 class StepTimer(TrainerCallback):
     """Seconds spent inside optimizer steps (forward, backward, update): the stage's busy time (``busy``), and in
     checkpoint saves between them (``saving``: from a step's end to the save's last callback, Ray's upload included
-    when this callback comes after RayTrainReportCallback).
+    when this callback comes after CheckpointReporter).
 
     ``instrument(trainer)`` also times the backward passes (``backward`` seconds); ``first_step_at`` is the
     wall-clock time (Unix seconds) the first step began, for time-to-first-step.
@@ -118,3 +118,37 @@ class ProgressReporter(TrainerCallback):
         batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
         write_progress(self.path, {"label": self.label, "step": state.global_step, "total": state.max_steps,
                                    "metric": self.metric, "global_batch": batch})
+
+
+class CheckpointReporter(TrainerCallback):
+    """Reports each checkpoint the trainer saves to Ray Train (with the metrics logged so far), as Ray's
+    RayTrainReportCallback does; with ``score`` (eval.checkpoints=all) each one before the last step also asks for
+    Ray Train's checkpoint validation, which scores it (stages/eval.py ``score_checkpoint``) while training goes on.
+    Ray's own callback reports without validation; its layout is kept (``<ray checkpoint>/checkpoint/``: the HF
+    checkpoint), so resuming reads either. The last step's save is the stage's final model, scored as such."""
+
+    def __init__(self, score: bool):
+        self.score = score
+
+    def on_save(self, args, state, control, **kwargs):
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        import ray.train
+        from ray.train import Checkpoint
+        from ray.train.v2.api.validation_config import ValidationTaskConfig
+        from transformers.trainer_utils import get_last_checkpoint
+
+        metrics = {}
+        for log in state.log_history:
+            metrics.update(log)
+        validation = ValidationTaskConfig(fn_kwargs={"step": state.global_step}) \
+            if self.score and state.global_step < state.max_steps else False
+        with tempfile.TemporaryDirectory() as tmp:
+            source = get_last_checkpoint(args.output_dir)
+            checkpoint = None
+            if source is not None:
+                shutil.copytree(source, Path(tmp, "checkpoint"))
+                checkpoint = Checkpoint.from_directory(tmp)
+            ray.train.report(metrics=metrics, checkpoint=checkpoint, validation=validation if checkpoint else False)

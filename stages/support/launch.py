@@ -15,9 +15,11 @@ from runtime.atomic import atomic_write
 from runtime.cost import device_model, gpu_alias
 from runtime.errors import ConfigError, UserError
 from stages import StageOutput
+from stages.eval import bill_scored_checkpoints
 from stages.model import check_weights
 from stages.support import smolvlm, tinyvlm
 from stages.support.settings import TrainSettings
+from stages.support.training import RELEASED
 
 
 def check_grades(cfg, stage: str) -> None:
@@ -103,6 +105,25 @@ def usable_checkpoints(storage: Path, say) -> None:
     say(f"warning: damaged checkpoint ({damaged}); resuming from {good[-1]['checkpoint_dir_name']}")
 
 
+def _released(stage_dir: Path, ended: float) -> float:
+    """When rank 0 handed in the final model (stages/support/training.py RELEASED), or ``ended`` (training's end)
+    where the file is missing or damaged."""
+    try:
+        return float(json.loads((stage_dir / RELEASED).read_text())["released"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ended
+
+
+def checkpoint_scorer(ctx, settings: TrainSettings):
+    """eval.checkpoints=all: Ray Train's validation of each checkpoint the stage saves (stages/eval.py), said on the
+    console."""
+    from stages.eval import checkpoint_scorer as scorer
+
+    ctx.say(f"eval: scoring each checkpoint {ctx.name} saves before its end (every {settings.stage.save_steps} "
+            "steps) on workers beyond its ranks, as they are free (at the latest once it has trained)")
+    return scorer(ctx.cfg, ctx.name, settings.tasks, settings.model_dir, ctx.stage_dir)
+
+
 def run_stage(ctx, loop, stage_cfg, inputs: dict[str, str] | None = None):
     """Shared driver side of every TRL stage: launch the Ray job, account for devices, return the model."""
 
@@ -112,28 +133,37 @@ def run_stage(ctx, loop, stage_cfg, inputs: dict[str, str] | None = None):
         stage=stage_cfg, prefix=ctx.name, seed=cfg.seed, resources=cfg.resources, model_dir=ctx.latest("model_dir"),
         tasks=ctx.latest("tasks"), trust_remote_code=cfg.model.trust_remote_code,
         stage_dir=str(ctx.stage_dir.resolve()), mlflow_uri=ctx.tracker.uri, mlflow_run_id=ctx.mlflow_run_id,
-        inputs=inputs or {})
+        inputs=inputs or {}, score_checkpoints=ctx.score_checkpoints and not raytrain.in_tune_trial())
     if isinstance(ctx.ray_storage, Path):  # in a bucket, objects are never torn and Ray lists only whole uploads
         usable_checkpoints(ctx.ray_storage / ctx.ray_name, ctx.say)
     devices = raytrain.devices_held(cfg.resources)
     raytrain.ensure_ray(cfg.ray.dashboard)  # starting Ray holds no device: the hold starts with the job
+    scorer = checkpoint_scorer(ctx, settings) if settings.score_checkpoints else None
     with ctx.meter.hold(devices, device_model(cfg.resources.use_gpu)):
         metrics = raytrain.fit(loop, settings, ctx.ray_storage, ctx.ray_name, model_out,
                                max_failures=cfg.failure.max_failures,
-                               runtime_env=raytrain.worker_runtime_env(stage_cfg))
+                               runtime_env=raytrain.worker_runtime_env(stage_cfg), validation=scorer)
     # rank 0's phases stand for every rank's (they step in lockstep); the hold's tail after training is saving
     phases = json.loads(metrics.pop("phases"))
     began, ended, loop_began = phases.pop("began"), phases.pop("ended"), phases.pop("loop_began")
     ctx.meter.add_worker(began, phases, devices)
-    ctx.meter.add("saving", (ctx.meter.hold_ended - ended) * devices)
+    copied = metrics.pop("model_copy_seconds")
+    released = _released(ctx.stage_dir, ended) if scorer is not None else ctx.meter.hold_ended - copied
+    # after the final model's handover, fit waited for checkpoint scoring only: idle (the copy is saving again)
+    ctx.meter.add("saving", (released - ended + copied) * devices)
     # start, in two: Ray Train placing the worker group and starting its processes, then the loop's imports, model
     # and data load and trainer build up to the first step (wall seconds; held device-seconds are these x devices)
     metrics[f"{ctx.name}/start_placement_seconds"] = loop_began - ctx.meter.hold_began
     metrics[f"{ctx.name}/start_load_seconds"] = began - loop_began
     ctx.meter.device = gpu_alias(metrics.pop("device", "CPU"))  # what the workers actually ran on
+    scored = None
+    if scorer is not None:  # after the training's own accounting: these held other devices, beside the ranks'
+        saved = list(range(stage_cfg.save_steps, int(metrics[f"{ctx.name}/steps"]), stage_cfg.save_steps))
+        scored = bill_scored_checkpoints(ctx.name, ctx.stage_dir, ctx.meter, devices, ended, saved, ctx.say)
     hardware = json.loads(metrics.pop("hardware", "null"))
     node_ids = json.loads(metrics.pop("node_ids", "[]"))
     shutil.rmtree(settings.scratch_root, ignore_errors=True)  # Ray holds the checkpoints that matter
     scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-    return StageOutput(metrics=scalars, outputs={"model_dir": str(model_out)},
+    outputs = {"model_dir": str(model_out)} | ({"checkpoint_scores": scored} if scored is not None else {})
+    return StageOutput(metrics=scalars, outputs=outputs,
                        ran_on={"rank_nodes": node_ids, "device": ctx.meter.device, "hardware": hardware})

@@ -24,6 +24,7 @@ class TrainSettings:
     mlflow_uri: str
     mlflow_run_id: str
     inputs: dict[str, str] = field(default_factory=dict)  # stage-specific files, e.g. DPO's pairs
+    score_checkpoints: bool = False  # eval.checkpoints=all: each save before the end goes to Ray's validation
 
     @property
     def scratch_root(self) -> Path:

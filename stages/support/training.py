@@ -66,6 +66,7 @@ def common_args(settings, output_dir: Path) -> dict:
     )
 
 
+RELEASED = "checkpoint_scores/released.json"  # eval.checkpoints=all: when rank 0 handed in the final model
 _loop_began: float | None = None  # time.time() this worker process entered its training loop (one loop a process)
 
 
@@ -252,9 +253,9 @@ def train_and_save(trainer, processor, settings, scratch: Path, summarize=None) 
     import ray.train
     import torch
     from ray.train import Checkpoint
-    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+    from ray.train.huggingface.transformers import prepare_trainer
 
-    from stages.support.callbacks import MlflowStepLogger, ProgressReporter, StepTimer
+    from stages.support.callbacks import CheckpointReporter, MlflowStepLogger, ProgressReporter, StepTimer
 
     assert Path(trainer.args.output_dir) == scratch, "a rank's HF output_dir must be its own scratch directory"
     prefix, rank = settings.prefix, ray.train.get_context().get_world_rank()
@@ -264,7 +265,7 @@ def train_and_save(trainer, processor, settings, scratch: Path, summarize=None) 
     timer = StepTimer()
     logger = MlflowStepLogger(settings.mlflow_uri, settings.mlflow_run_id, prefix, settings.mlflow_outbox) \
         if rank == 0 else None
-    callbacks = [RayTrainReportCallback(), timer] + ([logger] if logger else [])
+    callbacks = [CheckpointReporter(settings.score_checkpoints), timer] + ([logger] if logger else [])
     if rank == 0 and os.environ.get(PROGRESS_ENV):  # the driver's console shows this rank's progress
         callbacks.append(ProgressReporter(os.environ[PROGRESS_ENV], prefix))
     grades = grades_callback(settings.stage.grades, logger.log if logger else None)
@@ -314,3 +315,7 @@ def train_and_save(trainer, processor, settings, scratch: Path, summarize=None) 
         getattr(model, "module", model).save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+    if settings.score_checkpoints:  # Ray Train now waits for the checkpoints' scoring, no longer for the ranks
+        released = Path(settings.stage_dir) / RELEASED
+        released.parent.mkdir(parents=True, exist_ok=True)
+        released.write_text(json.dumps({"released": time.time()}))
