@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, RootModel, TypeAdapter, ValidationError, field_validator
 
 from runtime.config import SCHEMA_VERSION, load_yaml
+from runtime.cost import PHASES
 from runtime.errors import ConfigError, UserError
 
 MAX_BYTES = 64 * 2 ** 20  # the largest record read back (a five-task run's result.json: ~60 KB)
+
+
+WORK_PHASES = tuple(p for p in PHASES if p != "idle")  # what a worker reports (idle is what is left)
 
 
 class Record(BaseModel):
@@ -89,9 +93,19 @@ class ScoredShard(Record):
     device: str
     began: float
     ended: float
-    phases: dict[str, float] = Field(default_factory=dict)
+    phases: dict[Literal[WORK_PHASES], Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
     items: int = 0
     generated: int = 0
+
+
+class ScoredItem(Record):
+    """One item a checkpoint's scoring answered (stages/eval.py score_shard's items)."""
+    task: str
+    doc_id: int
+    question_type: str
+    subset: str
+    prediction: str
+    score: float
 
 
 class CheckpointScore(Record):
@@ -104,7 +118,14 @@ class CheckpointScore(Record):
     ended: float
     metrics: dict[str, float]
     shards: list[ScoredShard] = Field(min_length=1)
-    items: list[dict[str, Any]]
+    items: list[ScoredItem] = Field(min_length=1)
+
+    @field_validator("metrics")
+    @classmethod
+    def _has_the_mean(cls, value: dict[str, float]) -> dict[str, float]:
+        if "mean_accuracy" not in value:
+            raise ValueError("no mean_accuracy")
+        return value
 
 
 def _fix(hint: str) -> str:

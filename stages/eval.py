@@ -182,13 +182,17 @@ def score_checkpoint(checkpoint, *, step: int, stage: str, jobs: list[dict], res
     return {"eval/mean_accuracy": metrics["mean_accuracy"]}
 
 
-def bill_scored_checkpoints(stage: str, stage_dir: Path, meter, devices: float, trained_at: float,
+def bill_scored_checkpoints(stage: str, stage_dir: Path, meter, devices: float, trained_at: float, released: float,
                             expected: list[int], say) -> list[dict]:
-    """After training stage ``stage``'s fit (eval.checkpoints=all): the checkpoints scored while it trained, their
-    device time added to its meter (the devices they held beside the training ranks'), one line on the console, and
-    a warning for the ``expected`` steps without scores (their scoring failed: Ray Train logs why). Returns each
-    as {file, step, began_s, ended_s, training_ended_s} (seconds from the start of the stage's hold;
-    training_ended_s: when its last optimizer step ended)."""
+    """After training stage ``stage``'s fit (eval.checkpoints=all): the checkpoints scored while it trained, billed to
+    its meter, one line on the console, and a warning for the ``expected`` steps without scores (their scoring failed:
+    Ray Train logs why). Returns each as {file, step, began_s, ended_s, training_ended_s} (seconds from the start of
+    the stage's hold; training_ended_s: when its last optimizer step ended).
+
+    Billing: a shard's time before ``released`` (rank 0 handed in the final model) ran on devices beyond the ranks'
+    and adds a hold of its own; after it, the stage's hold (kept until fit returns) already covers the shard, whose
+    work fills that tail (otherwise idle): on one machine the freed devices are the ones it scores on. Files of an
+    earlier, interrupted attempt (scored before this hold) join the curve but are not billed again."""
     found = []
     for path in sorted((stage_dir / "checkpoint_scores").glob("step-*.json")):
         try:
@@ -197,9 +201,11 @@ def bill_scored_checkpoints(stage: str, stage_dir: Path, meter, devices: float, 
             say(f"warning: {exc}")
             continue
         shards = record["shards"]
-        meter.add_hold(record["began"], record["ended"], devices, gpu_alias(shards[0]["device"]))
-        for shard in shards:
-            meter.add_worker(shard["began"], shard["phases"], devices / len(shards), hold_began=record["began"])
+        if record["began"] >= meter.hold_began:
+            for shard in shards:
+                share = devices / len(shards)
+                meter.add_hold(shard["began"], min(shard["ended"], released), share, gpu_alias(shard["device"]))
+                meter.add_worker(shard["began"], shard["phases"], share, hold_began=shard["began"])
         found.append({"file": str(path.resolve()), "step": record["step"],
                       "mean_accuracy": record["metrics"]["mean_accuracy"],
                       "began_s": round(record["began"] - meter.hold_began, 3),
@@ -406,13 +412,17 @@ def _checkpoint_curves(ctx: StageContext, task_names: list[str]) -> tuple[list[d
                     f"is reused from one that did); --force reruns it")
             continue
         other = []
-        for entry in out.outputs["checkpoint_scores"]:
+        entries = out.outputs["checkpoint_scores"]
+        for entry in entries if isinstance(entries, list) else []:
             try:
+                if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+                    raise UserError(f"{stage}'s record lists a checkpoint score that is not one ({str(entry)[:80]}); "
+                                    f"--force reruns {stage}")
                 record = read_checkpoint_score(Path(entry["file"]))
             except UserError as exc:
                 ctx.say(f"warning: {exc}")
                 continue
-            if record["settings"] != expected:
+            if record["settings"] != expected or {i["task"] for i in record["items"]} != set(task_names):
                 other.append(record["step"])
                 continue
             label = f"{stage}-step{record['step']}"
@@ -424,8 +434,8 @@ def _checkpoint_curves(ctx: StageContext, task_names: list[str]) -> tuple[list[d
             ctx.tracker.log_metrics(ctx.mlflow_run_id, {f"eval/checkpoints/{stage}/{k}": v for k, v in main.items()},
                                     step=record["step"])
             rows.append({"checkpoint": label, "stage": stage, "step": record["step"], "metrics": main})
-            timings.append({"checkpoint": label, "during": stage, "began_s": entry["began_s"],
-                            "ended_s": entry["ended_s"], "training_ended_s": entry["training_ended_s"]})
+            timings.append({"checkpoint": label, "during": stage} | {
+                k: entry.get(k) for k in ("began_s", "ended_s", "training_ended_s")})
         if other:
             ctx.say(f"eval: {stage}'s checkpoints at step(s) {', '.join(map(str, other))} were scored under other eval "
                     f"settings and are left out; --force reruns {stage}")

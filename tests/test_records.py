@@ -235,24 +235,30 @@ def test_sync_reads_the_run_config_or_names_it(runs_dir, monkeypatch, body):
 
 
 def test_scored_checkpoints_are_billed_and_a_bad_or_missing_one_is_said(tmp_path):
-    """eval.checkpoints=all: after training, each checkpoint's scores (score_checkpoint's file) add the devices they
-    held to the training stage's meter; a damaged file and a step without one are each a warning, not an error."""
+    """eval.checkpoints=all: after training, each checkpoint's scores (score_checkpoint's file) bill the time its
+    shards ran before the final model's handover as a hold beside the training's (after it, the training's own hold
+    covers them); a damaged file (cut short, a phase no worker reports) and a step without one are each a warning."""
     from runtime.cost import Meter
     from stages.eval import bill_scored_checkpoints
 
     scores = tmp_path / "checkpoint_scores"
     scores.mkdir()
     shard = {"node_id": "n1", "device": "CPU", "began": 1010.0, "ended": 1030.0, "phases": {"generation": 15.0},
-             "items": 32, "generated": 32}
-    record = {"stage": "sft", "step": 2, "settings": {}, "began": 1008.0, "ended": 1030.0, "items": [],
+             "items": 1, "generated": 1}
+    item = {"task": "vqa", "doc_id": 0, "question_type": "count", "subset": "all", "prediction": "2", "score": 1.0}
+    record = {"stage": "sft", "step": 2, "settings": {}, "began": 1008.0, "ended": 1030.0, "items": [item],
               "metrics": {"mean_accuracy": 0.25}, "shards": [shard]}
     (scores / "step-0000002.json").write_text(json.dumps(record))
     (scores / "step-0000004.json").write_text('{"stage": "sft", "step": "four"')  # cut short
+    (scores / "step-0000006.json").write_text(json.dumps(record | {"step": 6, "shards": [
+        shard | {"phases": {"idle": 3.0}}]}))
     meter, said = Meter(devices=1.0, held_seconds=100.0, hold_began=1000.0), []
-    found = bill_scored_checkpoints("sft", tmp_path, meter, 1.0, 1040.0, [2, 4, 6], said.append)
-    assert [(f["step"], f["began_s"], f["ended_s"], f["training_ended_s"]) for f in found] == [(2, 8.0, 30.0, 40.0)]
-    assert meter.held_seconds == 122.0  # the training's 100 s and the scoring's 22 s, one device each
-    assert meter.spent == {"start": 2.0, "generation": 15.0}
+    found = bill_scored_checkpoints("sft", tmp_path, meter, 1.0, 1015.0, 1020.0, [2, 4, 6, 8], said.append)
+    assert [(f["step"], f["began_s"], f["ended_s"], f["training_ended_s"]) for f in found] == [(2, 8.0, 30.0, 15.0)]
+    assert meter.held_seconds == 110.0  # the training's 100 s and the shard's 10 s before the handover
+    assert meter.spent == {"start": 0.0, "generation": 15.0}
     assert said[0].startswith(f"warning: {scores / 'step-0000004.json'}: not valid JSON")
-    assert said[1] == "sft: scored 1 checkpoint(s) while training (mean accuracy step 2: 0.250)"
-    assert said[2].startswith("warning: sft's checkpoint(s) of step(s) 4, 6 were not scored")
+    assert said[1].startswith(f"warning: {scores / 'step-0000006.json'}: not a vlmlab checkpoint score "
+                              "(shards.0.phases")
+    assert said[2] == "sft: scored 1 checkpoint(s) while training (mean accuracy step 2: 0.250)"
+    assert said[3].startswith("warning: sft's checkpoint(s) of step(s) 4, 6, 8 were not scored")

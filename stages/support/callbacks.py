@@ -143,8 +143,8 @@ class CheckpointReporter(TrainerCallback):
         metrics = {}
         for log in state.log_history:
             metrics.update(log)
-        validation = ValidationTaskConfig(fn_kwargs={"step": state.global_step}) \
-            if self.score and state.global_step < state.max_steps else False
+        last = state.global_step >= state.max_steps or control.should_training_stop  # GradES may stop early
+        validation = ValidationTaskConfig(fn_kwargs={"step": state.global_step}) if self.score and not last else False
         with tempfile.TemporaryDirectory() as tmp:
             source = get_last_checkpoint(args.output_dir)
             checkpoint = None

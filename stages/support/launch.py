@@ -101,6 +101,12 @@ def usable_checkpoints(storage: Path, say) -> None:
     if len(indices) == len(results):
         state["checkpoint_report_indices"] = [i for i, r in zip(indices, results, strict=True) if r in good]
     state["checkpoint_results"], state["latest_checkpoint_result"] = good, good[-1]
+    pending = state.get("pending_training_results", [])  # checkpoints awaiting their scoring (eval.checkpoints=all)
+    specs = state.get("pending_validation_specs", [])
+    if len(pending) == len(specs):  # Ray looks each up among the results it keeps: a dropped one must go too
+        kept = [(r, v) for r, v in zip(pending, specs, strict=True) if r in good]
+        state["pending_training_results"] = [r for r, _ in kept]
+        state["pending_validation_specs"] = [v for _, v in kept]
     atomic_write(snapshot, json.dumps(state))
     say(f"warning: damaged checkpoint ({damaged}); resuming from {good[-1]['checkpoint_dir_name']}")
 
@@ -159,7 +165,8 @@ def run_stage(ctx, loop, stage_cfg, inputs: dict[str, str] | None = None):
     scored = None
     if scorer is not None:  # after the training's own accounting: these held other devices, beside the ranks'
         saved = list(range(stage_cfg.save_steps, int(metrics[f"{ctx.name}/steps"]), stage_cfg.save_steps))
-        scored = bill_scored_checkpoints(ctx.name, ctx.stage_dir, ctx.meter, devices, ended, saved, ctx.say)
+        scored = bill_scored_checkpoints(ctx.name, ctx.stage_dir, ctx.meter, devices, ended, released, saved,
+                                         ctx.say)
     hardware = json.loads(metrics.pop("hardware", "null"))
     node_ids = json.loads(metrics.pop("node_ids", "[]"))
     shutil.rmtree(settings.scratch_root, ignore_errors=True)  # Ray holds the checkpoints that matter
