@@ -171,7 +171,7 @@ def score_checkpoint(checkpoint, *, step: int, stage: str, jobs: list[dict], res
     jobs = [job | {"label": label, "checkpoint": checkpoint} for job in jobs]
     done = ray.get(raytrain.submit_shards(score_shard, jobs, resources, f"eval-{label}", logs=logs))
     items = [item for d in done for item in d["result"]["items"]]
-    metrics = task_metrics(items, [k for k in TASKS if k in jobs[0]["tasks"]], samples, seed)
+    metrics = main_metrics(items, [k for k in TASKS if k in jobs[0]["tasks"]], samples, seed)
     record = {"stage": stage, "step": step, "settings": checkpoint_settings(jobs[0]), "began": began,
               "ended": time.time(), "metrics": metrics, "items": items,
               "shards": [{"node_id": d["node_id"], "device": d["device"], "began": d["began"], "ended": d["ended"],
@@ -200,10 +200,9 @@ def bill_scored_checkpoints(stage: str, stage_dir: Path, meter, devices: float, 
         except UserError as exc:
             say(f"warning: {exc}")
             continue
-        shards = record["shards"]
+        shards, share = record["shards"], devices / len(record["shards"])
         if record["began"] >= meter.hold_began:
             for shard in shards:
-                share = devices / len(shards)
                 meter.add_hold(shard["began"], min(shard["ended"], released), share, gpu_alias(shard["device"]))
                 meter.add_worker(shard["began"], shard["phases"], share, hold_began=shard["began"])
         found.append({"file": str(path.resolve()), "step": record["step"],
@@ -426,11 +425,11 @@ def _checkpoint_curves(ctx: StageContext, task_names: list[str]) -> tuple[list[d
                 other.append(record["step"])
                 continue
             label = f"{stage}-step{record['step']}"
-            scores = task_metrics(record["items"], task_names, cfg.eval.bootstrap_samples, cfg.seed)
+            # each task's and the mean's scores; the per-question-type ones stay in the predictions
+            main = main_metrics(record["items"], task_names, cfg.eval.bootstrap_samples, cfg.seed)
             for task in task_names:
                 write_predictions([it for it in record["items"] if it["task"] == task],
                                   ctx.stage_dir / f"predictions_{label}_{task}.jsonl", TASKS[task].metric)
-            main = {k: v for k, v in scores.items() if "/" not in k}  # per-question-type scores stay in predictions
             ctx.tracker.log_metrics(ctx.mlflow_run_id, {f"eval/checkpoints/{stage}/{k}": v for k, v in main.items()},
                                     step=record["step"])
             rows.append({"checkpoint": label, "stage": stage, "step": record["step"], "metrics": main})

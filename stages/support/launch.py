@@ -15,7 +15,7 @@ from runtime.atomic import atomic_write
 from runtime.cost import device_model, gpu_alias
 from runtime.errors import ConfigError, UserError
 from stages import StageOutput
-from stages.eval import bill_scored_checkpoints
+from stages.eval import bill_scored_checkpoints, checkpoint_scorer
 from stages.model import check_weights
 from stages.support import smolvlm, tinyvlm
 from stages.support.settings import TrainSettings
@@ -120,14 +120,12 @@ def _released(stage_dir: Path, ended: float) -> float:
         return ended
 
 
-def checkpoint_scorer(ctx, settings: TrainSettings):
+def _checkpoint_scorer(ctx, settings: TrainSettings):
     """eval.checkpoints=all: Ray Train's validation of each checkpoint the stage saves (stages/eval.py), said on the
     console."""
-    from stages.eval import checkpoint_scorer as scorer
-
     ctx.say(f"eval: scoring each checkpoint {ctx.name} saves before its end (every {settings.stage.save_steps} "
             "steps) on workers beyond its ranks, as they are free (at the latest once it has trained)")
-    return scorer(ctx.cfg, ctx.name, settings.tasks, settings.model_dir, ctx.stage_dir)
+    return checkpoint_scorer(ctx.cfg, ctx.name, settings.tasks, settings.model_dir, ctx.stage_dir)
 
 
 def run_stage(ctx, loop, stage_cfg, inputs: dict[str, str] | None = None):
@@ -144,7 +142,7 @@ def run_stage(ctx, loop, stage_cfg, inputs: dict[str, str] | None = None):
         usable_checkpoints(ctx.ray_storage / ctx.ray_name, ctx.say)
     devices = raytrain.devices_held(cfg.resources)
     raytrain.ensure_ray(cfg.ray.dashboard)  # starting Ray holds no device: the hold starts with the job
-    scorer = checkpoint_scorer(ctx, settings) if settings.score_checkpoints else None
+    scorer = _checkpoint_scorer(ctx, settings) if settings.score_checkpoints else None
     with ctx.meter.hold(devices, device_model(cfg.resources.use_gpu)):
         metrics = raytrain.fit(loop, settings, ctx.ray_storage, ctx.ray_name, model_out,
                                max_failures=cfg.failure.max_failures,
