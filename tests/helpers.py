@@ -293,38 +293,52 @@ def run_without_tty(argv: list[str], cwd, env: dict, timeout: float = 3600) -> t
     return [(t, ln) for t, ln in lines if ln.strip()], code
 
 
-def check_default_sft_run(workdir, lines: list[tuple[float, str]], code: int, shown_workdir=None) -> None:
-    """#26's acceptance on the default `harness run sft` (full preset) without a TTY: at most 40 non-empty lines,
-    none of them a library's; the run's logs hold one file per stage and what the workers printed. Takes the run's
-    (arrival time, non-empty line) pairs, its exit code, its workdir and that workdir's path as the run saw it (in a
-    container: the volume's mount point). test_docker runs it on the README's container."""
+def check_default_run(workdir, lines: list[tuple[float, str]], code: int, shown_workdir=None) -> dict:
+    """#26's acceptance on the default `harness run dpo` (full preset) without a TTY: the sft pipeline's share of the
+    console (every line but the dpo stage's own) within #26's 40 non-empty lines, none of them a library's; each
+    training stage's progress at most one line per 10 % of its steps and per 30 s; the run's logs hold one file per
+    stage and what the workers printed. Takes the run's (arrival time, non-empty line) pairs, its exit code, its
+    workdir and that workdir's path as the run saw it (in a container: the volume's mount point); returns the run's
+    result.json. test_docker runs it on the README's container command."""
     from runtime.config import load_config
 
-    steps = load_config(None).sft.max_steps
+    cfg = load_config(None)
     text = "\n".join(ln for _, ln in lines)
     assert code == 0, text[-5000:]
-    assert len(lines) <= 40, text
     assert not [leak for leak in LEAKS if leak in text], text
-    for stage in ("data", "model", "sft", "eval"):
+    # the dpo stage's own lines: its progress, its done line and its row of the summary table (folded: the row's
+    # further lines have an empty stage cell)
+    own, in_row = 0, False
+    for _, ln in lines:
+        in_row = bool(re.match(r"│\s+dpo │", ln)) or (in_row and bool(re.match(r"│\s+│", ln)))
+        own += in_row or bool(re.match(r"(dpo +\d+/|stage dpo done in )", ln))
+    assert len(lines) - own <= 40, text
+    for stage in ("data", "model", "sft", "dpo", "eval"):
         assert sum(ln.startswith(f"stage {stage} done in ") for _, ln in lines) == 1, text
-    progress = [(t, ln) for t, ln in lines if re.match(rf"sft +\d+/{steps} ", ln)]
-    assert progress, text  # a stage of minutes shows its progress
-    assert all(re.search(r"loss \d+\.\d{3}  [\d.]+ samples/s  ETA \w+  \$\d\.\d{4}$", ln) for _, ln in progress[1:])
-    percents = [int(re.search(r"(\d+)%", ln).group(1)) // 10 for _, ln in progress]
-    assert percents == sorted(set(percents)), text  # at most one line per 10 % of the steps ...
-    assert all(b - a >= 29 for (a, _), (b, _) in zip(progress, progress[1:], strict=False)), text  # ... and per 30 s
+    for stage, steps in (("sft", cfg.sft.max_steps), ("dpo", cfg.dpo.max_steps)):
+        progress = [(t, ln) for t, ln in lines if re.match(rf"{stage} +\d+/{steps} ", ln)]
+        assert progress, text  # a stage of minutes shows its progress
+        percents = [int(re.search(r"(\d+)%", ln).group(1)) // 10 for _, ln in progress]
+        assert percents == sorted(set(percents)), text  # at most one line per 10 % of the steps ...
+        assert all(b - a >= 29 for (a, _), (b, _) in zip(progress, progress[1:], strict=False)), text  # ... and 30 s
+        if stage == "sft":  # the training loss, throughput, time left and dollars so far
+            assert all(re.search(r"loss \d+\.\d{3}  [\d.]+ samples/s  ETA \w+  \$\d\.\d{4}$", ln)
+                       for _, ln in progress[1:]), text
 
     run_dir = next((workdir / "runs").glob("*/result.json")).parent
     shown = run_dir if shown_workdir is None else shown_workdir / run_dir.relative_to(workdir)
     assert str(shown) in "".join(text.split()), text  # the summary names it (rich may fold a long path)
     logs = run_dir / "logs"
-    assert {p.name for p in logs.glob("*.log")} == {"run.log", "data.log", "model.log", "sft.log", "eval.log"}
+    assert {p.name for p in logs.glob("*.log")} == {f"{name}.log" for name in ("run", "data", "model", "sft", "dpo",
+                                                                               "eval")}
     workers = {p.name: p.read_text(errors="replace") for p in (logs / "ray").glob("*.log")}
-    assert "{'loss': " in workers["sft.rank0.log"]  # TRL's loss lines, from the training worker
+    assert "{'loss': " in workers["sft.rank0.log"]  # TRL's loss lines, from the training workers
+    assert "dpo.rank0.log" in workers
     assert any(name.startswith("eval.shard") for name in workers)  # and the eval shards' lm-eval output
     assert "Started a local Ray instance" in (logs / "sft.log").read_text()  # Ray's own lines, in the driver's log
     result = json.loads((run_dir / "result.json").read_text())
-    assert result["metrics"]["sft/steps"] == steps
+    assert (result["metrics"]["sft/steps"], result["metrics"]["dpo/steps"]) == (cfg.sft.max_steps, cfg.dpo.max_steps)
+    return result
 
 
 def reference_run(pipeline: str, manifest: dict) -> tuple[Path, dict]:
