@@ -17,8 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import platform
@@ -86,8 +84,7 @@ def plan_table() -> list[dict]:
 
 
 def measure_in_process(spec: dict) -> dict:
-    """Inside a fresh process (its peak RSS is this step's alone): the RSS before the model exists, the full-depth
-    step, the peak RSS."""
+    """Inside a fresh process: the full-depth step with real tensors, its tracker peak and its resident count."""
     import torch
 
     torch.set_num_threads(2)
@@ -95,15 +92,10 @@ def measure_in_process(spec: dict) -> dict:
     standin = fit.standin_rows(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         shell = fit.model_shell(cfg, standin, Path(tmp) / "model")
-        gc.collect()  # what the shell's build left is freed now, not during the step (RSS falling under the baseline)
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")  # the kernel's high-water mark (VmHWM) restarts from here
-        baseline = _status("VmRSS")
         measured = memory.measure_training(spec["stage"], getattr(cfg, spec["stage"]), shell, standin, spec["batch"],
-                                           timed=spec.get("timed", False))
-        peak = _status("VmHWM")
-    return {"tracker": measured["peak"], "rss": peak - baseline, "rss_baseline": baseline,
-            "bytes": measured["bytes"], "flops_measured": measured["flops"], "seconds_measured": measured["seconds"],
+                                           timed=spec.get("timed", False), resident=not spec.get("timed", False))
+    return {"tracker": measured["peak"], "rss": measured["resident"], "bytes": measured["bytes"],
+            "flops_measured": measured["flops"], "seconds_measured": measured["seconds"],
             "tokens": measured["tokens"]}
 
 
@@ -119,20 +111,13 @@ def predicted(spec: dict) -> dict:
             "seconds_predicted": plan.seconds_per_sample * spec["batch"]}
 
 
-def _status(field: str) -> int:
-    """A /proc/self/status memory field (VmRSS: resident now; VmHWM: its peak since the last reset), in bytes."""
-    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(field + ":"))
-    return int(line.split()[1]) * 1024
-
-
 def measure(spec: dict) -> dict:
     """The plan (here) and the real step (in a fresh process) of ``spec``."""
     plan = predicted(spec)
-    # glibc returns every allocation above 128 KiB to the system when freed (no dynamic threshold, no arena cache):
-    # the process's resident memory then follows the live tensors, an independent measure of the tracker's peak
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    # in a process of its own: its resident memory is the step's alone, and the resident count changes how glibc
+    # allocates for the rest of the process (stages/support/memory.py _glibc_counts_every_byte)
     done = subprocess.run([sys.executable, __file__, "--measure", json.dumps(spec)], cwd=ROOT, capture_output=True,
-                          text=True, env=env)
+                          text=True)
     if done.returncode != 0:
         raise SystemExit(f"measurement {spec} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1]) | plan | {"spec": spec}
@@ -181,17 +166,20 @@ def error(predicted: float, actual: float) -> float:
     return predicted / actual - 1 if actual else float("nan")
 
 
-def write(table: list[dict], checked: list[dict], timed: list[dict], command: str) -> None:
+def write(table: list[dict], checked: list[dict], timed: list[dict], command: str,
+          table_from: dict | None = None) -> None:
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(),
                "cpu": next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                             if ln.startswith("model name")), platform.processor())}
     record = {"benchmark": "memory plan", "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                        text=True).stdout.strip(), "machine": machine, "command": command,
-              "table": table, "checks": checked, "step_times": timed}
+              "table": table, "table_from": table_from, "checks": checked, "step_times": timed}
     (ROOT / "results" / "memory.json").write_text(json.dumps(record, indent=1, default=str))
     lines = ["# The memory plan: the model sizes users run, per device", "",
-             f"`{command}` on {machine['cpus']} cores ({machine['cpu']}), {record['date']}, commit {record['commit']}.",
+             f"`{command}` on {machine['cpus']} cores ({machine['cpu']}), {record['date']}, commit {record['commit']}"
+             + (f"; the per-device table from its run of {table_from['date']}, commit {table_from['commit']}."
+                if table_from else "."),
              "How the plan is made: `stages/support/memory.py` (each device stage's real trainer step, traced with "
              "real tensors at 1-2 layers under torch's MemTracker and FlopCounterMode, extrapolated in depth and "
              "batch); what fits: `stages/support/fit.py` (a device's memory less 0.6 GiB of CUDA context, x 0.92).",
@@ -215,10 +203,14 @@ def write(table: list[dict], checked: list[dict], timed: list[dict], command: st
     if checked:
         lines += ["## The plan against real steps on this CPU", "",
                   "Each in a fresh process: the plan (traced at 1-2 layers, batch 1) against the same step with every "
-                  "layer and the batch named, real tensors, fp32. Tracker: torch's MemTracker's peak (target 5 %); "
-                  "RSS: the kernel's high-water mark of the process's resident memory (VmHWM, reset just before) over "
-                  "its resident memory then, before the model is built; glibc told to return every allocation above "
-                  "128 KiB when freed (MALLOC_MMAP_THRESHOLD_) so that it follows the live tensors (target 15 %).",
+                  "layer and the batch named, real tensors, fp32. Tracker: torch's MemTracker's peak (target 5 %). "
+                  "RSS, counted without the tracker (target 15 %): the bytes of the tensors the step starts with "
+                  "(the model's, the optimizer state, the batch) plus what the process's resident memory grew by "
+                  "during the step (the kernel's high-water mark VmHWM, reset after an untraced step: what a first "
+                  "step initialises once is not the step's). glibc returns every allocation above 128 KiB when freed "
+                  "(M_MMAP_THRESHOLD) and writes every byte it allocates (M_PERTURB): Linux backs a page "
+                  "only once it is written, and the tiny default's sft step allocates 13.6 MB a sample (the tracker "
+                  "and torch's profiler agree) of which 7.0 MB get written; a GPU allocator holds them all.",
                   "",
                   "| step | predicted GiB | tracker GiB | error | RSS GiB | error | FLOPs error |",
                   "|---|---|---|---|---|---|---|"]
@@ -249,11 +241,14 @@ def main() -> int:
     if args.measure:
         print(json.dumps(measure_in_process(json.loads(args.measure)), default=str))
         return 0
-    command = "benchmarks/memory.py" + (" --skip-checks" if args.skip_checks else "")
-    table = json.loads(args.table.read_text())["table"] if args.table else plan_table()
+    command = "benchmarks/memory.py" + (" --skip-checks" if args.skip_checks else "") + \
+        (f" --table {args.table}" if args.table else "")
+    earlier = json.loads(args.table.read_text()) if args.table else None
+    table = earlier["table"] if earlier else plan_table()
+    table_from = earlier and (earlier.get("table_from") or {"date": earlier["date"], "commit": earlier["commit"]})
     checked = [] if args.skip_checks else checks()
     timed = [] if args.skip_checks else step_times()
-    write(table, checked, timed, command)
+    write(table, checked, timed, command, table_from)
     print("wrote results/memory.md and results/memory.json")
     return 0
 

@@ -24,6 +24,8 @@ size, a stand-in for hub data (recorded in the plan). The longest row is traced:
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import importlib
 import tempfile
 import time
@@ -141,8 +143,9 @@ def _traced(run) -> tuple[dict, float, float]:
 
 
 def _training_point(module, settings, section, model_dir: Path, row: dict, vision: int, text: int, seed: int,
-                    scratch: Path, timed: bool = False) -> dict:
-    """One traced optimizer step of the stage's trainer on the model shortened to ``vision``/``text`` layers."""
+                    scratch: Path, timed: bool = False, resident: bool = False) -> dict:
+    """One traced optimizer step of the stage's trainer on the model shortened to ``vision``/``text`` layers.
+    ``resident``: also the kernel's count of the step (see measure_training)."""
     import torch
     from datasets import Dataset
     from transformers import AutoProcessor
@@ -175,9 +178,22 @@ def _training_point(module, settings, section, model_dir: Path, row: dict, visio
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
 
+    before = None
+    if resident:
+        # an untraced step first: what the first step initialises once (kernels, thread pools, autograd's workers)
+        # is the process's, not the step's
+        trainer.training_step(trainer.model, batch)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        ctypes.CDLL(None).malloc_trim(0)  # what is free now goes back now, not during the step
+        before = _tensor_bytes(trainer.model, trainer.optimizer, batch)
+        Path("/proc/self/clear_refs").write_text("5")  # the kernel's high-water mark (VmHWM) restarts from here
+        resident_before = _status_bytes("VmRSS")
     memory, flops, seconds = _traced(forward_backward)
     gradients = sum(p.grad.numel() * p.grad.element_size() for p in trained if p.grad is not None)
     updated, _, update_seconds = _traced(update)
+    if resident:  # the tensors the step started with, counted, and what the kernel saw the step add
+        before += _status_bytes("VmHWM") - resident_before
     if timed:  # the trackers' bookkeeping out of the time: one plain step
         start = time.perf_counter()
         trainer.training_step(trainer.model, batch)
@@ -189,7 +205,34 @@ def _training_point(module, settings, section, model_dir: Path, row: dict, visio
             "bytes": {k: v / per if k in BATCH_CATEGORIES else v for k, v in memory.items()},
             "flops": flops / per, "seconds": (seconds + update_seconds) / per, "gradient_bytes": gradients,
             "update_bytes": updated["Total"], "update": updated, "tokens": int(batch["input_ids"].shape[1]),
-            "collate_seconds": collate_seconds / per, "timed": timed}
+            "collate_seconds": collate_seconds / per, "timed": timed, "resident": before}
+
+
+def _tensor_bytes(model, optimizer, batch: dict) -> int:
+    """Bytes of the distinct storages of a model's parameters and buffers, its optimizer's state and a batch."""
+    import torch
+
+    tensors = [*model.parameters(), *model.buffers(), *(v for v in batch.values() if isinstance(v, torch.Tensor)),
+               *(v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor))]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def _glibc_counts_every_byte() -> None:
+    """glibc from here on (for the rest of the process): every allocation above 128 KiB its own mapping, returned
+    when freed (no dynamic threshold, no arena cache: resident memory follows the live tensors), every byte it
+    allocates written (M_PERTURB: Linux backs a page only once it is written, and a step allocates memory it never
+    writes all of, which a GPU allocator holds all the same)."""
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_threshold, m_perturb = -1, -3, -6  # malloc.h
+    for option, value in ((m_trim_threshold, 128 << 10), (m_mmap_threshold, 128 << 10), (m_perturb, 0xA5)):
+        libc.mallopt(option, value)
+
+
+def _status_bytes(field: str) -> int:
+    """A /proc/self/status memory field (VmRSS: resident now; VmHWM: its peak since the last reset), in bytes."""
+    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
 
 
 def trace_training(stage: str, section, model_dir: Path, rows: list[dict], seed: int = 0,
@@ -264,9 +307,17 @@ def trace_generation(stage: str, model_dir: Path, rows: list[dict], max_new_toke
 
 
 def measure_training(stage: str, section, model_dir: Path, rows: list[dict], batch: int, seed: int = 0,
-                     precision: str = "fp32", gradient_checkpointing: bool = False, timed: bool = False) -> dict:
+                     precision: str = "fp32", gradient_checkpointing: bool = False, timed: bool = False,
+                     resident: bool = False) -> dict:
     """The same step at full depth and micro-batch ``batch`` with real tensors: what a plan is checked against
-    (bytes by category at the peak, FLOPs, seconds). Needs the memory it measures."""
+    (bytes by category at the peak, FLOPs, seconds). Needs the memory it measures.
+
+    ``resident`` (Linux): also an independent count of the peak, ``resident`` bytes: the tensors the step starts with
+    (the model's, the optimizer state, the batch: their storages' sizes) plus what the process's resident memory
+    grew by during the step (the kernel's high-water mark, after an untraced step). Linux backs a page only once it is
+    written, and a step allocates memory it never writes all of (the tiny default's sft: 13.6 MB a sample allocated,
+    by the tracker and by torch's profiler alike, 7.0 MB resident), so glibc is told to write every byte it allocates,
+    for the rest of the process (``_glibc_counts_every_byte``): measure in a process of its own."""
     module = importlib.import_module(f"stages.{stage}")
     row = max(rows, key=lambda r: len(r["question"]) + len(r["answer"]))
     row = dict(row, image=pil(row["image"]))
@@ -274,11 +325,14 @@ def measure_training(stage: str, section, model_dir: Path, rows: list[dict], bat
         "batch_size": batch, "gradient_accumulation_steps": 1, "max_steps": 2, "save_steps": 2, "warmup_steps": 0,
         "precision": "fp32", "gradient_checkpointing": gradient_checkpointing})
     vision, text = _depths(model_dir)
+    if resident:  # before the model exists: its memory too is allocated as the step's is
+        _glibc_counts_every_byte()
     with tempfile.TemporaryDirectory(prefix="vlmlab-measure-") as scratch:
         settings = TrainSettings(stage=section, prefix=stage, seed=seed, resources=ResourcesConfig(),
                                  model_dir=str(model_dir), tasks={}, trust_remote_code=False, stage_dir=scratch,
                                  mlflow_uri="", mlflow_run_id="")
-        point = _training_point(module, settings, section, model_dir, row, vision, text, seed, Path(scratch), timed)
+        point = _training_point(module, settings, section, model_dir, row, vision, text, seed, Path(scratch), timed,
+                                resident)
     per = section.batch_size  # the point is per sample: back to the whole micro-batch
     point["bytes"] = {k: v * per if k in BATCH_CATEGORIES else v for k, v in point["bytes"].items()}
     point["bytes"]["Total"] = sum(v for k, v in point["bytes"].items() if k != "Total")
