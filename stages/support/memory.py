@@ -43,6 +43,7 @@ TRACE_DEPTHS = ((1, 1), (2, 1), (1, 2))  # (vision layers, text layers)
 BATCH_CATEGORIES = ("Activation", "Temp", "Other")  # grow with the batch; the rest is the model and its optimizer
 HALF = ("fp16", "bf16")
 HALVED = ("Activation", "Temp")  # two-byte under autocast (the inputs, "Other", stay as the processor makes them)
+_LIBC = ctypes.CDLL(None)  # the C library this process runs on (glibc: mallopt, malloc_trim)
 
 
 @dataclass
@@ -178,22 +179,22 @@ def _training_point(module, settings, section, model_dir: Path, row: dict, visio
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
 
-    before = None
+    counted = None
     if resident:
         # an untraced step first: what the first step initialises once (kernels, thread pools, autograd's workers)
         # is the process's, not the step's
         trainer.training_step(trainer.model, batch)
         trainer.optimizer.zero_grad(set_to_none=True)
         gc.collect()
-        ctypes.CDLL(None).malloc_trim(0)  # what is free now goes back now, not during the step
-        before = _tensor_bytes(trainer.model, trainer.optimizer, batch)
+        _LIBC.malloc_trim(0)  # what is free now goes back now, not during the step
         Path("/proc/self/clear_refs").write_text("5")  # the kernel's high-water mark (VmHWM) restarts from here
         resident_before = _status_bytes("VmRSS")
     memory, flops, seconds = _traced(forward_backward)
     gradients = sum(p.grad.numel() * p.grad.element_size() for p in trained if p.grad is not None)
     updated, _, update_seconds = _traced(update)
     if resident:  # the tensors the step started with, counted, and what the kernel saw the step add
-        before += _status_bytes("VmHWM") - resident_before
+        counted = _tensor_bytes(trainer.model, trainer.optimizer, batch) \
+            + _status_bytes("VmHWM") - resident_before
     if timed:  # the trackers' bookkeeping out of the time: one plain step
         start = time.perf_counter()
         trainer.training_step(trainer.model, batch)
@@ -205,7 +206,7 @@ def _training_point(module, settings, section, model_dir: Path, row: dict, visio
             "bytes": {k: v / per if k in BATCH_CATEGORIES else v for k, v in memory.items()},
             "flops": flops / per, "seconds": (seconds + update_seconds) / per, "gradient_bytes": gradients,
             "update_bytes": updated["Total"], "update": updated, "tokens": int(batch["input_ids"].shape[1]),
-            "collate_seconds": collate_seconds / per, "timed": timed, "resident": before}
+            "collate_seconds": collate_seconds / per, "timed": timed, "resident": counted}
 
 
 def _tensor_bytes(model, optimizer, batch: dict) -> int:
@@ -223,10 +224,9 @@ def _glibc_counts_every_byte() -> None:
     when freed (no dynamic threshold, no arena cache: resident memory follows the live tensors), every byte it
     allocates written (M_PERTURB: Linux backs a page only once it is written, and a step allocates memory it never
     writes all of, which a GPU allocator holds all the same)."""
-    libc = ctypes.CDLL(None)
     m_trim_threshold, m_mmap_threshold, m_perturb = -1, -3, -6  # malloc.h
     for option, value in ((m_trim_threshold, 128 << 10), (m_mmap_threshold, 128 << 10), (m_perturb, 0xA5)):
-        libc.mallopt(option, value)
+        _LIBC.mallopt(option, value)
 
 
 def _status_bytes(field: str) -> int:
