@@ -128,6 +128,12 @@ class CheckpointScore(Record):
         return value
 
 
+class ScoredCheckpoint(Record):
+    """One entry of a training stage's ``outputs.checkpoint_scores`` (stages/eval.py bill_scored_checkpoints): where
+    its checkpoint's scores are; its timings are kept as written."""
+    file: str
+
+
 def _fix(hint: str) -> str:
     return f"; {hint}" if hint else ""
 
@@ -207,6 +213,15 @@ def checkpoint_rows(rows: Any, path: Path) -> list[dict]:
         where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].lower()}" for e in exc.errors()[:3])
         raise UserError(f"{path}: the eval stage's outputs.checkpoints is not what vlmlab wrote ({where}); rerun the "
                         "eval (harness run ... --force)") from None
+
+
+def scored_checkpoint(entry: Any, stage: str) -> dict:
+    """An entry of training stage ``stage``'s ``outputs.checkpoint_scores``, checked (a UserError naming it)."""
+    try:
+        return ScoredCheckpoint.model_validate(entry).model_dump()
+    except ValidationError:
+        raise UserError(f"{stage}'s record lists a checkpoint score that is not one ({str(entry)[:80]}); --force "
+                        f"reruns {stage}") from None
 
 
 def read_checkpoint_score(path: Path) -> dict:

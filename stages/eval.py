@@ -29,7 +29,7 @@ from runtime.cost import gpu_alias
 from runtime.errors import UserError
 from runtime.manifest import fingerprint_files
 from runtime.output import active_stage
-from runtime.records import read_checkpoint_score
+from runtime.records import read_checkpoint_score, scored_checkpoint
 from stages import StageContext, StageOutput
 
 CONFIG_KEYS = ("seed", "eval", "resources")
@@ -414,9 +414,7 @@ def _checkpoint_curves(ctx: StageContext, task_names: list[str]) -> tuple[list[d
         entries = out.outputs["checkpoint_scores"]
         for entry in entries if isinstance(entries, list) else []:
             try:
-                if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
-                    raise UserError(f"{stage}'s record lists a checkpoint score that is not one ({str(entry)[:80]}); "
-                                    f"--force reruns {stage}")
+                entry = scored_checkpoint(entry, stage)
                 record = read_checkpoint_score(Path(entry["file"]))
             except UserError as exc:
                 ctx.say(f"warning: {exc}")
